@@ -176,6 +176,7 @@ fn bench(c: &mut Criterion) {
     let (ts, tc) = prologue(b"\x03SELECT id, name, email, phone, created FROM customers");
     let (bs, bc) = prologue(&[0x17, 1, 0, 0, 0, 0, 1, 0, 0, 0]);
     assert_eq!(decode(&ts, &tc, &text, false), ROWS as u64);
+    assert_eq!(decode(&bs, &bc, &binary, false), ROWS as u64);
     let mut group = c.benchmark_group("mysql_decode");
     group.throughput(Throughput::Bytes(text.len() as u64));
     group.bench_function("text_100k_rows_x5", |b| {

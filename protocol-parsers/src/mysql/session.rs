@@ -21,7 +21,11 @@ pub struct Config {
     pub max_server_packet_bytes: usize,
     /// Prepared statements tracked per connection; the oldest is forgotten beyond it.
     pub max_statements: usize,
-    /// Column definitions kept per result set; further columns are counted only.
+    /// Approximate bytes (SQL text and column definitions) kept for tracked
+    /// prepared statements; the oldest are forgotten beyond it.
+    pub max_statement_bytes: usize,
+    /// Column definitions kept per result set; further columns are counted
+    /// only (their values are then not decoded in binary rows).
     pub max_columns: usize,
     /// Bytes kept of a name (user, database, schema, table, column, attribute key).
     pub max_name_bytes: usize,
@@ -43,13 +47,14 @@ impl Default for Config {
             max_query_bytes: 1 << 20,
             max_server_packet_bytes: 1 << 20,
             max_statements: 10_000,
-            max_columns: 4096,
+            max_statement_bytes: 32 << 20,
+            max_columns: 1024,
             max_name_bytes: 256,
             max_attributes: 64,
             max_attribute_value_bytes: 1024,
             max_error_message_bytes: 512,
             max_in_flight: 256,
-            max_result_sets: 16,
+            max_result_sets: 8,
         }
     }
 }
@@ -662,21 +667,43 @@ struct Statement {
 struct Statements {
     map: HashMap<u32, Statement>,
     order: VecDeque<u32>,
+    /// Approximate bytes held by the statements in `map`.
+    bytes: usize,
+}
+
+impl Statement {
+    /// Approximate heap bytes held by the statement.
+    fn weight(&self) -> usize {
+        let columns: usize = self
+            .columns
+            .iter()
+            .map(|c| {
+                std::mem::size_of::<ColumnDef>()
+                    + c.schema.len()
+                    + c.table.len()
+                    + c.org_table.len()
+                    + c.name.len()
+                    + c.org_name.len()
+            })
+            .sum();
+        64 + self.sql.as_deref().map_or(0, str::len) + columns
+    }
 }
 
 impl Statements {
-    fn insert(&mut self, id: u32, stmt: Statement, max: usize) {
-        if max == 0 {
+    fn insert(&mut self, id: u32, stmt: Statement, max: usize, max_bytes: usize) {
+        self.remove(id);
+        let weight = stmt.weight();
+        if max == 0 || weight > max_bytes {
             return;
         }
-        while self.map.len() >= max && !self.map.contains_key(&id) {
+        while self.map.len() >= max || self.bytes + weight > max_bytes {
             match self.order.pop_front() {
-                Some(old) => {
-                    self.map.remove(&old);
-                }
+                Some(old) => self.remove(old),
                 None => break,
             }
         }
+        self.bytes += weight;
         self.map.insert(id, stmt);
         self.order.push_back(id);
         if self.order.len() > max.saturating_mul(2).saturating_add(16) {
@@ -696,12 +723,15 @@ impl Statements {
     }
 
     fn remove(&mut self, id: u32) {
-        self.map.remove(&id);
+        if let Some(old) = self.map.remove(&id) {
+            self.bytes = self.bytes.saturating_sub(old.weight());
+        }
     }
 
     fn clear(&mut self) {
         self.map.clear();
         self.order.clear();
+        self.bytes = 0;
     }
 }
 
@@ -1418,6 +1448,7 @@ impl State {
                                 columns: Arc::from(columns),
                             },
                             self.config.max_statements,
+                            self.config.max_statement_bytes,
                         );
                         self.last_prepared = Some(id);
                     }

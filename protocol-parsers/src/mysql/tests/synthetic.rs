@@ -684,6 +684,15 @@ fn statements_are_bounded() {
     assert_eq!(session.statement_sql(2), None);
     assert_eq!(session.statement_sql(5), Some("SELECT 5"));
     assert_eq!(session.statement_sql(3), Some("SELECT 3"));
+    // The byte budget: each statement weighs 64 + 8 bytes of SQL here.
+    let config = Config {
+        max_statement_bytes: 2 * 72 + 10,
+        ..Config::default()
+    };
+    let (_, session) = check_with(config, &steps, &[]);
+    assert_eq!(session.statement_count(), 2);
+    assert_eq!(session.statement_sql(3), None);
+    assert_eq!(session.statement_sql(4), Some("SELECT 4"));
 }
 
 #[test]
