@@ -1,0 +1,3 @@
+//! PostgreSQL decode throughput (placeholder until the real bench lands).
+
+fn main() {}
