@@ -24,7 +24,8 @@ use super::{
 /// conn.client_data(&startup, |_| {}).unwrap();
 /// conn.client_data(b"Q\0\0\0\x0dSELECT 1\0", |_| {}).unwrap();
 /// let mut events = Vec::new();
-/// let server = b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I";
+/// // AuthenticationOk, ReadyForQuery, then the query's answer.
+/// let server = b"R\0\0\0\x08\0\0\0\0Z\0\0\0\x05IC\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I";
 /// conn.server_data(server, |_msg: &BackendMessage<'_>, event| events.extend(event))
 ///     .unwrap();
 /// assert_eq!(conn.session().user(), Some("alice"));

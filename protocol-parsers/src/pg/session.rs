@@ -167,6 +167,82 @@ pub struct SessionStats {
 
 type Columns = Arc<[Box<str>]>;
 
+/// Statements or portals by name. The unnamed one (empty name, by far the
+/// most used) lives in its own slot: no hashing, no key allocation.
+#[derive(Debug)]
+struct NameMap<V> {
+    unnamed: Option<V>,
+    named: HashMap<Box<[u8]>, V>,
+}
+
+impl<V> Default for NameMap<V> {
+    fn default() -> Self {
+        Self {
+            unnamed: None,
+            named: HashMap::new(),
+        }
+    }
+}
+
+impl<V> NameMap<V> {
+    fn get(&self, name: &[u8]) -> Option<&V> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.named.get(name)
+        }
+    }
+
+    fn get_mut(&mut self, name: &[u8]) -> Option<&mut V> {
+        if name.is_empty() {
+            self.unnamed.as_mut()
+        } else {
+            self.named.get_mut(name)
+        }
+    }
+
+    fn contains_key(&self, name: &[u8]) -> bool {
+        self.get(name).is_some()
+    }
+
+    fn insert(&mut self, name: &[u8], v: V) {
+        if name.is_empty() {
+            self.unnamed = Some(v);
+        } else {
+            self.named.insert(name.into(), v);
+        }
+    }
+
+    fn remove(&mut self, name: &[u8]) -> Option<V> {
+        if name.is_empty() {
+            self.unnamed.take()
+        } else {
+            self.named.remove(name)
+        }
+    }
+
+    /// Named entries only: the limits apply to them.
+    fn named_len(&self) -> usize {
+        self.named.len()
+    }
+
+    fn len(&self) -> usize {
+        self.named.len() + usize::from(self.unnamed.is_some())
+    }
+
+    fn clear(&mut self) {
+        self.unnamed = None;
+        self.named.clear();
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
+        if self.unnamed.as_ref().is_some_and(|v| !keep(v)) {
+            self.unnamed = None;
+        }
+        self.named.retain(|_, v| keep(v));
+    }
+}
+
 #[derive(Debug)]
 struct Statement {
     id: u64,
@@ -187,6 +263,8 @@ struct Portal {
 
 #[derive(Debug)]
 enum Op {
+    /// The `StartupMessage`: answered by the first `ReadyForQuery`.
+    Startup,
     Query {
         sql: Option<Arc<str>>,
         index: u32,
@@ -245,8 +323,8 @@ pub struct Session {
     authenticated: bool,
     backend_pid: Option<i32>,
     transaction_status: Option<TransactionStatus>,
-    statements: HashMap<Box<[u8]>, Statement>,
-    portals: HashMap<Box<[u8]>, Portal>,
+    statements: NameMap<Statement>,
+    portals: NameMap<Portal>,
     sql_bytes: usize,
     pending: VecDeque<Op>,
     acc: Acc,
@@ -299,8 +377,8 @@ impl Session {
             authenticated: false,
             backend_pid: None,
             transaction_status: None,
-            statements: HashMap::new(),
-            portals: HashMap::new(),
+            statements: NameMap::default(),
+            portals: NameMap::default(),
             sql_bytes: 0,
             pending: VecDeque::new(),
             acc: Acc::default(),
@@ -452,6 +530,8 @@ impl Session {
                     );
                 }
                 self.application_name = s.application_name().map(lossy);
+                self.sync_sent();
+                self.push(Op::Startup);
             }
             FrontendMessage::AuthResponse(a) => {
                 if self.sasl_mechanism.is_none()
@@ -575,13 +655,13 @@ impl Session {
             if name.is_empty() {
                 self.remove_statement(b"");
             }
-            if self.statements.len() < self.limits.max_statements
+            if (name.is_empty() || self.statements.named_len() < self.limits.max_statements)
                 && self.sql_bytes + len <= self.limits.max_sql_bytes
             {
                 let id = self.next_id();
                 self.sql_bytes += len;
                 self.statements.insert(
-                    name.into(),
+                    name,
                     Statement {
                         id,
                         sql: sql.clone(),
@@ -616,10 +696,10 @@ impl Session {
         if let Some(p) = portal {
             let exists = self.portals.contains_key(p);
             if p.is_empty() || !exists {
-                if p.is_empty() || self.portals.len() < self.limits.max_portals {
+                if p.is_empty() || self.portals.named_len() < self.limits.max_portals {
                     let id = self.next_id();
                     self.portals.insert(
-                        p.into(),
+                        p,
                         Portal {
                             id,
                             statement: statement.into(),
@@ -635,7 +715,7 @@ impl Session {
             }
         } else {
             // An unreadable Bind replaces the unnamed portal, probably.
-            self.portals.remove(&b""[..]);
+            self.portals.remove(b"");
         }
         self.push(Op::Bind {
             portal: portal.map(Into::into),
@@ -733,7 +813,7 @@ impl Session {
             ),
             Some(Op::Describe { .. } | Op::Close) => (None, extended_source(None, None), None),
             Some(Op::FunctionCall) => (None, QuerySource::FunctionCall, None),
-            Some(Op::Sync { .. }) | None => (None, QuerySource::Connection, None),
+            Some(Op::Sync { .. } | Op::Startup) | None => (None, QuerySource::Connection, None),
         };
         Some(QueryEvent {
             sql,
@@ -937,7 +1017,7 @@ impl Session {
     /// extended protocol the server skips everything up to the next `Sync`.
     fn after_error(&mut self) {
         match self.pending.front() {
-            Some(Op::Query { .. } | Op::Sync { .. } | Op::FunctionCall) | None => {}
+            Some(Op::Query { .. } | Op::Sync { .. } | Op::FunctionCall | Op::Startup) | None => {}
             Some(_) => {
                 while let Some(op) = self.pending.front() {
                     match op {
@@ -989,7 +1069,7 @@ impl Session {
                     epoch = Some(e);
                     break;
                 }
-                Op::FunctionCall => break,
+                Op::FunctionCall | Op::Startup => break,
                 _ => self.stats.unmatched_responses += 1,
             }
         }
@@ -997,20 +1077,20 @@ impl Session {
             && let Some(e) = epoch
         {
             // Portals end with their transaction.
-            self.portals.retain(|_, p| p.epoch > e);
+            self.portals.retain(|p| p.epoch > e);
         }
     }
 
     fn apply_command_side_effects(&mut self, command: &str) {
         match command {
             "DEALLOCATE ALL" => {
-                let unnamed = self.statements.remove(&b""[..]);
-                self.statements.clear();
-                self.sql_bytes = 0;
-                if let Some(u) = unnamed {
-                    self.sql_bytes = u.sql.as_deref().map_or(0, str::len);
-                    self.statements.insert(Box::default(), u);
-                }
+                self.statements.named.clear();
+                self.sql_bytes = self
+                    .statements
+                    .unnamed
+                    .as_ref()
+                    .and_then(|u| u.sql.as_deref())
+                    .map_or(0, str::len);
             }
             "DISCARD ALL" => {
                 self.statements.clear();

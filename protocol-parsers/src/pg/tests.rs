@@ -1087,6 +1087,8 @@ fn oversized_query_keeps_pairing() {
     conn.client_data(&query("SELECT 2"), |_| {}).unwrap();
     let mut events = Vec::new();
     let server = cat(&[
+        &msg(b'R', &be32(0)),
+        &ready(b'I'),
         &msg(b'D', &cat(&[&be16(1), &be32(100), &[b'x'; 100]])),
         &complete("SELECT 1"),
         &ready(b'I'),
