@@ -968,7 +968,8 @@ impl Session {
                     severity: e.severity().map(lossy).unwrap_or_default(),
                     sqlstate: e.code().map(lossy).unwrap_or_default(),
                 };
-                if self.lost && !self.pending.is_empty() {
+                if self.lost {
+                    // Out of step: the error cannot be tied to a request.
                     return None;
                 }
                 let ev = self.event(QueryOutcome::Failed, None, Some(error));
