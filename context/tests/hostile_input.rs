@@ -10,7 +10,7 @@ use proptest::prelude::*;
 fn verifier() -> Verifier {
     let mut keys = KeySet::new();
     keys.insert(SigningKey::from_seed("k", &[1; 32]).public_key())
-        .unwrap();
+        .expect("a valid key");
     Verifier::new(VerifierConfig::new("td"), keys)
 }
 
