@@ -6,3 +6,5 @@
 //! nothing and never panics on hostile input: a decoder returns what it
 //! understood plus an error, and the caller can always fall back to passing
 //! bytes through untouched.
+
+pub mod sql;

@@ -1,0 +1,2 @@
+//! Classification throughput.
+fn main() {}
