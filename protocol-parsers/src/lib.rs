@@ -8,3 +8,4 @@
 //! bytes through untouched.
 
 pub mod sql;
+pub mod sqlcommenter;
