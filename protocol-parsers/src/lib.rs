@@ -7,5 +7,6 @@
 //! understood plus an error, and the caller can always fall back to passing
 //! bytes through untouched.
 
+pub mod classify;
 pub mod sql;
 pub mod sqlcommenter;

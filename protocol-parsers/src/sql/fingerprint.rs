@@ -682,152 +682,154 @@ pub(crate) fn kind_of_keyword(k: &[u8]) -> StatementKind {
     }
 }
 
+/// Keywords the normalizer lowercases, sorted for binary search.
+pub(super) const KEYWORDS: &[&[u8]] = &[
+    b"abort",
+    b"add",
+    b"all",
+    b"alter",
+    b"analyze",
+    b"and",
+    b"any",
+    b"array",
+    b"as",
+    b"asc",
+    b"begin",
+    b"between",
+    b"by",
+    b"call",
+    b"cascade",
+    b"case",
+    b"cast",
+    b"check",
+    b"collate",
+    b"column",
+    b"comment",
+    b"commit",
+    b"conflict",
+    b"constraint",
+    b"copy",
+    b"create",
+    b"cross",
+    b"current_date",
+    b"current_time",
+    b"current_timestamp",
+    b"current_user",
+    b"deallocate",
+    b"default",
+    b"delete",
+    b"desc",
+    b"describe",
+    b"distinct",
+    b"div",
+    b"do",
+    b"drop",
+    b"duplicate",
+    b"else",
+    b"end",
+    b"escape",
+    b"except",
+    b"execute",
+    b"exists",
+    b"explain",
+    b"false",
+    b"fetch",
+    b"first",
+    b"for",
+    b"foreign",
+    b"from",
+    b"full",
+    b"grant",
+    b"group",
+    b"having",
+    b"if",
+    b"ignore",
+    b"ilike",
+    b"in",
+    b"index",
+    b"inner",
+    b"insert",
+    b"intersect",
+    b"interval",
+    b"into",
+    b"is",
+    b"join",
+    b"key",
+    b"lateral",
+    b"left",
+    b"like",
+    b"limit",
+    b"local",
+    b"lock",
+    b"locked",
+    b"matched",
+    b"merge",
+    b"mod",
+    b"natural",
+    b"next",
+    b"not",
+    b"nothing",
+    b"nowait",
+    b"null",
+    b"offset",
+    b"on",
+    b"only",
+    b"or",
+    b"order",
+    b"outer",
+    b"over",
+    b"partition",
+    b"prepare",
+    b"primary",
+    b"recursive",
+    b"references",
+    b"regexp",
+    b"release",
+    b"rename",
+    b"replace",
+    b"restrict",
+    b"returning",
+    b"revoke",
+    b"right",
+    b"rlike",
+    b"rollback",
+    b"row",
+    b"rows",
+    b"savepoint",
+    b"select",
+    b"session",
+    b"set",
+    b"share",
+    b"show",
+    b"similar",
+    b"skip",
+    b"some",
+    b"start",
+    b"straight_join",
+    b"table",
+    b"tables",
+    b"then",
+    b"to",
+    b"transaction",
+    b"true",
+    b"truncate",
+    b"union",
+    b"unique",
+    b"unlock",
+    b"update",
+    b"use",
+    b"using",
+    b"values",
+    b"view",
+    b"when",
+    b"where",
+    b"window",
+    b"with",
+    b"work",
+    b"xa",
+    b"xor",
+];
+
 fn is_keyword(l: &[u8]) -> bool {
-    matches!(
-        l,
-        b"abort"
-            | b"add"
-            | b"all"
-            | b"alter"
-            | b"analyze"
-            | b"and"
-            | b"any"
-            | b"array"
-            | b"as"
-            | b"asc"
-            | b"begin"
-            | b"between"
-            | b"by"
-            | b"call"
-            | b"cascade"
-            | b"case"
-            | b"cast"
-            | b"check"
-            | b"collate"
-            | b"column"
-            | b"comment"
-            | b"commit"
-            | b"conflict"
-            | b"constraint"
-            | b"copy"
-            | b"create"
-            | b"cross"
-            | b"current_date"
-            | b"current_time"
-            | b"current_timestamp"
-            | b"current_user"
-            | b"deallocate"
-            | b"default"
-            | b"delete"
-            | b"desc"
-            | b"describe"
-            | b"distinct"
-            | b"div"
-            | b"do"
-            | b"drop"
-            | b"duplicate"
-            | b"else"
-            | b"end"
-            | b"escape"
-            | b"except"
-            | b"execute"
-            | b"exists"
-            | b"explain"
-            | b"false"
-            | b"fetch"
-            | b"first"
-            | b"for"
-            | b"foreign"
-            | b"from"
-            | b"full"
-            | b"grant"
-            | b"group"
-            | b"having"
-            | b"if"
-            | b"ignore"
-            | b"ilike"
-            | b"in"
-            | b"index"
-            | b"inner"
-            | b"insert"
-            | b"intersect"
-            | b"interval"
-            | b"into"
-            | b"is"
-            | b"join"
-            | b"key"
-            | b"lateral"
-            | b"left"
-            | b"like"
-            | b"limit"
-            | b"local"
-            | b"lock"
-            | b"locked"
-            | b"matched"
-            | b"merge"
-            | b"mod"
-            | b"natural"
-            | b"next"
-            | b"not"
-            | b"nothing"
-            | b"nowait"
-            | b"null"
-            | b"offset"
-            | b"on"
-            | b"only"
-            | b"or"
-            | b"order"
-            | b"outer"
-            | b"over"
-            | b"partition"
-            | b"prepare"
-            | b"primary"
-            | b"recursive"
-            | b"references"
-            | b"regexp"
-            | b"release"
-            | b"rename"
-            | b"replace"
-            | b"restrict"
-            | b"returning"
-            | b"revoke"
-            | b"right"
-            | b"rlike"
-            | b"rollback"
-            | b"row"
-            | b"rows"
-            | b"savepoint"
-            | b"select"
-            | b"session"
-            | b"set"
-            | b"share"
-            | b"show"
-            | b"similar"
-            | b"skip"
-            | b"some"
-            | b"start"
-            | b"straight_join"
-            | b"table"
-            | b"tables"
-            | b"then"
-            | b"to"
-            | b"transaction"
-            | b"true"
-            | b"truncate"
-            | b"union"
-            | b"unique"
-            | b"unlock"
-            | b"update"
-            | b"use"
-            | b"using"
-            | b"values"
-            | b"view"
-            | b"when"
-            | b"where"
-            | b"window"
-            | b"with"
-            | b"work"
-            | b"xa"
-            | b"xor"
-    )
+    KEYWORDS.binary_search(&l).is_ok()
 }

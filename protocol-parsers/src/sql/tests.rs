@@ -590,3 +590,9 @@ fn analyzer_stays_bounded() {
     }
     assert!(analyzer.len() < 2_000);
 }
+
+#[test]
+fn keyword_table_is_sorted() {
+    // `is_keyword` binary-searches it.
+    assert!(fingerprint::KEYWORDS.windows(2).all(|w| w[0] < w[1]));
+}
