@@ -116,7 +116,22 @@ impl DataClass {
     }
 
     fn bit(&self) -> Option<u16> {
-        BUILTIN.iter().position(|c| c == self).map(|i| 1 << i)
+        let index = match self {
+            DataClass::Email => 0,
+            DataClass::Phone => 1,
+            DataClass::Ssn => 2,
+            DataClass::Name => 3,
+            DataClass::Address => 4,
+            DataClass::Dob => 5,
+            DataClass::Card => 6,
+            DataClass::Iban => 7,
+            DataClass::ApiKey => 8,
+            DataClass::Jwt => 9,
+            DataClass::PasswordHash => 10,
+            DataClass::Ip => 11,
+            DataClass::Custom(_) => return None,
+        };
+        Some(1 << index)
     }
 }
 
@@ -455,7 +470,7 @@ impl fmt::Debug for Accumulator<'_> {
 }
 
 /// Values longer than this are counted but not examined.
-const MAX_VALUE_EXAMINED: usize = 4096;
+const MAX_VALUE_EXAMINED: usize = 4095;
 
 impl Accumulator<'_> {
     /// Whether the sampling budget is spent (later rows are only counted).

@@ -22,23 +22,72 @@ struct Stats {
     other: usize,
 }
 
-fn stats(v: &[u8]) -> Stats {
-    let mut s = Stats::default();
-    for &b in v {
-        match b {
-            b'0'..=b'9' => s.digits += 1,
-            b'A'..=b'Z' => s.upper += 1,
-            b'a'..=b'z' => s.lower += 1,
-            b'@' => s.at += 1,
-            b'.' => s.dot += 1,
-            b'-' => s.dash += 1,
-            b':' => s.colon += 1,
-            b'$' => s.dollar += 1,
-            b' ' => s.space += 1,
-            _ => s.other += 1,
-        }
+/// Byte classes for [`stats`]: index into the counters.
+const DIGIT: u8 = 0;
+const UPPER: u8 = 1;
+const LOWER_C: u8 = 2;
+const AT: u8 = 3;
+const DOT: u8 = 4;
+const DASH: u8 = 5;
+const COLON: u8 = 6;
+const DOLLAR: u8 = 7;
+const SPACE: u8 = 8;
+const OTHER: u8 = 9;
+
+const BYTE_CLASS: [u8; 256] = {
+    let mut t = [OTHER; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = match b {
+            b'0'..=b'9' => DIGIT,
+            b'A'..=b'Z' => UPPER,
+            b'a'..=b'z' => LOWER_C,
+            b'@' => AT,
+            b'.' => DOT,
+            b'-' => DASH,
+            b':' => COLON,
+            b'$' => DOLLAR,
+            b' ' => SPACE,
+            _ => OTHER,
+        };
+        i += 1;
     }
-    s
+    t
+};
+
+/// Per byte, one added to its class's 12-bit field of a packed counter: the
+/// counters stay in registers (values are shorter than 4096 bytes, so no
+/// field overflows).
+const BYTE_INC: [u128; 256] = {
+    let mut t = [0u128; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = 1u128 << (12 * BYTE_CLASS[i] as u32);
+        i += 1;
+    }
+    t
+};
+
+fn stats(v: &[u8]) -> Stats {
+    debug_assert!(v.len() < 4096);
+    let mut acc = 0u128;
+    for &b in v {
+        acc += BYTE_INC[usize::from(b)];
+    }
+    let field = |class: u8| ((acc >> (12 * u32::from(class))) & 0xfff) as usize;
+    Stats {
+        digits: field(DIGIT),
+        upper: field(UPPER),
+        lower: field(LOWER_C),
+        at: field(AT),
+        dot: field(DOT),
+        dash: field(DASH),
+        colon: field(COLON),
+        dollar: field(DOLLAR),
+        space: field(SPACE),
+        other: field(OTHER),
+    }
 }
 
 /// The built-in classes `v` belongs to, given its column's name evidence.
@@ -46,7 +95,7 @@ pub(crate) fn detect(v: &[u8], ctx: &Evidence) -> ClassSet {
     let mut out = ClassSet::default();
     let v = v.trim_ascii();
     let len = v.len();
-    if !(3..=4096).contains(&len) {
+    if !(3..4096).contains(&len) {
         return out;
     }
     let s = stats(v);
@@ -156,20 +205,19 @@ fn email_token(t: &[u8]) -> bool {
     {
         return false;
     }
-    let labels: Vec<&[u8]> = domain.split(|&b| b == b'.').collect();
-    if labels.len() < 2 {
-        return false;
-    }
-    for l in &labels {
+    let mut labels = 0;
+    let mut tld: &[u8] = &[];
+    for l in domain.split(|&b| b == b'.') {
         if l.is_empty() || l.len() > 63 || l[0] == b'-' || l[l.len() - 1] == b'-' {
             return false;
         }
         if !l.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-') {
             return false;
         }
+        labels += 1;
+        tld = l;
     }
-    let tld = labels[labels.len() - 1];
-    tld.len() >= 2 && tld.iter().all(u8::is_ascii_alphabetic)
+    labels >= 2 && tld.len() >= 2 && tld.iter().all(u8::is_ascii_alphabetic)
 }
 
 // ---- cards ----
@@ -422,15 +470,18 @@ fn mod97(chars: impl Iterator<Item = u8>) -> bool {
 // ---- SSN and phone ----
 
 fn ssn(v: &[u8], named: bool) -> bool {
-    let d: Vec<u8> = match v.len() {
+    let mut d = [0u8; 9];
+    match v.len() {
         11 if (v[3] == b'-' && v[6] == b'-') || (v[3] == b' ' && v[6] == b' ') => {
-            v.iter().copied().filter(u8::is_ascii_digit).collect()
+            d[..3].copy_from_slice(&v[..3]);
+            d[3..5].copy_from_slice(&v[4..6]);
+            d[5..].copy_from_slice(&v[7..]);
         }
         // Bare digits only with a column name saying SSN.
-        9 if named => v.to_vec(),
+        9 if named => d.copy_from_slice(v),
         _ => return false,
-    };
-    if d.len() != 9 || !d.iter().all(u8::is_ascii_digit) {
+    }
+    if !d.iter().all(u8::is_ascii_digit) {
         return false;
     }
     let area = prefix_num(&d, 3);
@@ -456,7 +507,18 @@ fn phone(v: &[u8], named: bool) -> bool {
     {
         return false;
     }
-    let digits: Vec<u8> = v.iter().copied().filter(u8::is_ascii_digit).collect();
+    let mut buf = [0u8; 32];
+    let mut n = 0;
+    for &b in v {
+        if b.is_ascii_digit() {
+            if n == buf.len() {
+                return false;
+            }
+            buf[n] = b;
+            n += 1;
+        }
+    }
+    let digits = &buf[..n];
     if named {
         return (7..=15).contains(&digits.len()) && !digits.iter().all(|&x| x == digits[0]);
     }

@@ -11,6 +11,8 @@
 //! the leading keyword and the counts used to decide whether the text is safe
 //! to hand to `sqlparser`.
 
+use std::sync::OnceLock;
+
 use super::{Dialect, StatementKind};
 
 /// Statements beyond this count are fingerprinted but not described.
@@ -466,35 +468,19 @@ impl Normalizer<'_> {
             self.emit_value();
             return end;
         }
-        let mut lower = [0u8; 24];
-        let keyword = if word.len() <= lower.len() {
+        let mut lower = [0u8; 16];
+        let packed = if word.len() <= lower.len() {
             let l = &mut lower[..word.len()];
             l.copy_from_slice(word);
             l.make_ascii_lowercase();
-            is_keyword(l)
+            Some(pack(l))
         } else {
-            false
+            None
         };
+        let keyword = packed.is_some_and(is_keyword);
         if keyword {
             let l = &lower[..word.len()];
-            if matches!(
-                l,
-                b"and"
-                    | b"or"
-                    | b"not"
-                    | b"is"
-                    | b"like"
-                    | b"ilike"
-                    | b"between"
-                    | b"in"
-                    | b"collate"
-                    | b"similar"
-                    | b"regexp"
-                    | b"rlike"
-                    | b"xor"
-                    | b"div"
-                    | b"mod"
-            ) {
+            if packed.is_some_and(|p| operator_keywords().contains(&p)) {
                 self.operators += 1;
             }
             self.note_word(Some(l));
@@ -509,12 +495,10 @@ impl Normalizer<'_> {
             self.note_word(None);
             self.space_before(Tok::Ident);
             let text = self.sql.get(i..j).unwrap_or("");
+            let start = self.out.len();
+            self.out.push_str(text);
             if self.dialect == Dialect::Postgres {
-                for c in text.chars() {
-                    self.out.push(c.to_ascii_lowercase());
-                }
-            } else {
-                self.out.push_str(text);
+                self.out[start..].make_ascii_lowercase();
             }
             self.prev = Some(Tok::Ident);
             self.after_token(Tok::Ident);
@@ -713,7 +697,6 @@ pub(super) const KEYWORDS: &[&[u8]] = &[
     b"cross",
     b"current_date",
     b"current_time",
-    b"current_timestamp",
     b"current_user",
     b"deallocate",
     b"default",
@@ -830,6 +813,49 @@ pub(super) const KEYWORDS: &[&[u8]] = &[
     b"xor",
 ];
 
-fn is_keyword(l: &[u8]) -> bool {
-    KEYWORDS.binary_search(&l).is_ok()
+/// Packs a word of at most 16 bytes into an integer (words have no NUL
+/// bytes, so distinct words give distinct values).
+const fn pack(s: &[u8]) -> u128 {
+    let mut v = 0u128;
+    let mut i = 0;
+    while i < s.len() && i < 16 {
+        v = (v << 8) | s[i] as u128;
+        i += 1;
+    }
+    v
+}
+
+fn keyword_table() -> &'static [u128] {
+    static TABLE: OnceLock<Vec<u128>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t: Vec<u128> = KEYWORDS.iter().map(|k| pack(k)).collect();
+        t.sort_unstable();
+        t
+    })
+}
+
+/// Keywords that join operands, counted with the operators.
+fn operator_keywords() -> &'static [u128; 15] {
+    const OPS: [u128; 15] = [
+        pack(b"and"),
+        pack(b"or"),
+        pack(b"not"),
+        pack(b"is"),
+        pack(b"like"),
+        pack(b"ilike"),
+        pack(b"between"),
+        pack(b"in"),
+        pack(b"collate"),
+        pack(b"similar"),
+        pack(b"regexp"),
+        pack(b"rlike"),
+        pack(b"xor"),
+        pack(b"div"),
+        pack(b"mod"),
+    ];
+    &OPS
+}
+
+fn is_keyword(packed: u128) -> bool {
+    keyword_table().binary_search(&packed).is_ok()
 }
