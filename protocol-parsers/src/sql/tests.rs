@@ -596,3 +596,47 @@ fn keyword_table_is_sorted() {
     // `is_keyword` binary-searches it.
     assert!(fingerprint::KEYWORDS.windows(2).all(|w| w[0] < w[1]));
 }
+
+#[test]
+fn worst_accepted_inputs_fit_a_worker_stack() {
+    // Inputs just under the limits, analyzed on a thread with a 2 MiB stack
+    // (the default of Rust and tokio worker threads), in a debug build.
+    let inputs = [
+        format!(
+            "SELECT x{} FROM t",
+            " + x".repeat(MAX_PARSE_OPERATORS as usize - 2)
+        ),
+        format!("SELECT x FROM t WHERE {}", vec!["a = 1"; 300].join(" OR ")),
+        format!("SELECT {}x{} FROM t", "(".repeat(60), ")".repeat(60)),
+        format!(
+            "SELECT a FROM t WHERE id IN {}(1){}",
+            "(SELECT id FROM t WHERE id IN ".repeat(60),
+            ")".repeat(60)
+        ),
+        format!(
+            "SELECT {}",
+            "CASE WHEN a THEN ".repeat(100) + "1" + &" END".repeat(100)
+        ),
+        format!("SELECT {}1", "NOT ".repeat(500)),
+        format!("SELECT {}1", "- ".repeat(500)),
+        format!("SELECT x{} FROM t", "::int".repeat(900)),
+    ];
+    let handle = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            inputs
+                .iter()
+                .map(|sql| {
+                    let pg = analyze(sql, Dialect::Postgres);
+                    let my = analyze(sql, Dialect::MySql);
+                    (pg.parsed, my.parsed)
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let parsed = handle.join().expect("no stack overflow");
+    assert!(
+        parsed[0].0 && parsed[1].0 && parsed[2].0 && parsed[3].0,
+        "{parsed:?}"
+    );
+}

@@ -24,7 +24,7 @@ const MAX_WALK_DEPTH: u32 = 128;
 
 /// `sqlparser`'s own recursion limit, above what [`super::MAX_PARSE_DEPTH`]
 /// lets through (its default of 50 refuses legitimate nesting).
-const PARSER_RECURSION_LIMIT: usize = 4 * super::MAX_PARSE_DEPTH as usize;
+const PARSER_RECURSION_LIMIT: usize = 16 * super::MAX_PARSE_DEPTH as usize;
 
 /// Parses `sql` and analyzes each statement; `None` when it does not parse.
 pub(super) fn parse_and_walk(
