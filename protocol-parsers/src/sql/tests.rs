@@ -640,3 +640,77 @@ fn worst_accepted_inputs_fit_a_worker_stack() {
         "{parsed:?}"
     );
 }
+
+#[test]
+fn more_select_shapes() {
+    check(
+        "SELECT DISTINCT status, count(*) FROM orders GROUP BY status HAVING count(*) > 1 ORDER BY status",
+        "select read:orders cols:orders.status",
+    );
+    check(
+        "SELECT name AS n FROM users ORDER BY n",
+        "select read:users cols:users.name",
+    );
+    check(
+        "SELECT id, row_number() OVER (PARTITION BY team ORDER BY score DESC) FROM players",
+        "select read:players cols:players.id,players.score,players.team",
+    );
+    check(
+        "SELECT CASE WHEN age > 18 THEN 'adult' ELSE kind END FROM people WHERE email IS NOT NULL AND name LIKE 'A%'",
+        "select read:people cols:people.age,people.email,people.kind,people.name",
+    );
+    check(
+        "SELECT a FROM t1 INTERSECT SELECT a FROM t2 EXCEPT SELECT a FROM t3",
+        "select read:t1,t2,t3 cols:t1.a,t2.a,t3.a",
+    );
+    check(
+        "SELECT id FROM jobs WHERE state = 'ready' LIMIT 1 FOR UPDATE SKIP LOCKED",
+        "select read:jobs cols:jobs.id,jobs.state",
+    );
+    check(
+        "SELECT a.x, c.z FROM (a JOIN b ON a.id = b.id) JOIN c ON c.id = b.id",
+        "select read:a,b,c cols:a.id,a.x,b.id,c.id,c.z",
+    );
+    check_pg("SELECT g FROM generate_series(1, 10) AS g", "select cols:g");
+    check_pg(
+        "SELECT u.id, l.total FROM users u, LATERAL (SELECT sum(amount) AS total FROM payments p WHERE p.user_id = u.id) l",
+        "select read:payments,users cols:total,payments.amount,payments.user_id,users.id",
+    );
+    check_my(
+        "SELECT id FROM t ORDER BY id LIMIT ?, ?",
+        "select read:t cols:t.id",
+    );
+    check_pg(
+        "SELECT * INTO backup_users FROM users",
+        "select read:users write:backup_users star:users",
+    );
+    check_pg("TABLE accounts", "unparsed select");
+}
+
+#[test]
+fn more_dml_shapes() {
+    check(
+        "INSERT INTO t (a, b) VALUES (DEFAULT, 1)",
+        "insert write:t set:t.a,t.b",
+    );
+    check_pg(
+        "DELETE FROM sessions WHERE user_id IN (SELECT id FROM users WHERE banned) RETURNING *",
+        "delete read:users write:sessions cols:sessions.user_id,users.banned,users.id star:sessions",
+    );
+    check_pg(
+        "UPDATE accounts SET (a, b) = (1, 2) WHERE id = 3",
+        "update write:accounts cols:accounts.id set:accounts.a,accounts.b",
+    );
+    check_my(
+        "UPDATE t SET a = 1 ORDER BY id LIMIT 10",
+        "update write:t cols:t.id set:t.a",
+    );
+    check_my(
+        "DELETE FROM t WHERE created < NOW() ORDER BY created LIMIT 100",
+        "delete write:t cols:t.created",
+    );
+    check_pg(
+        "INSERT INTO events (payload) SELECT to_jsonb(o) FROM orders o",
+        "insert read:orders write:events set:events.payload star:orders",
+    );
+}

@@ -267,6 +267,30 @@ impl Walker {
         if self.dialect == Dialect::MySql && col.quote_style == Some('"') {
             return;
         }
+        // `VALUES (DEFAULT)` reaches here as an identifier.
+        if qualifier.is_empty()
+            && col.quote_style.is_none()
+            && col.value.eq_ignore_ascii_case("default")
+        {
+            return;
+        }
+        // A bare alias is a whole-row reference (`to_jsonb(o)`): all columns
+        // of its table are read. (A bare table name is left a column name,
+        // since PostgreSQL resolves columns first.)
+        if qualifier.is_empty() && col.quote_style.is_none() {
+            let key = self.ident(col);
+            let row = self.scopes.iter().rev().find_map(|s| {
+                s.entries
+                    .iter()
+                    .find(|e| e.aliased && e.table.is_some() && self.keys_match(&e.key, &key))
+            });
+            if let Some(entry) = row {
+                let table = entry.table.clone();
+                self.acc.wildcard = true;
+                self.acc.wildcard_tables.extend(table);
+                return;
+            }
+        }
         let c = self.resolve_column(qualifier, col);
         self.acc.cols_read.insert(c);
     }
