@@ -7,5 +7,8 @@
 //! understood plus an error, and the caller can always fall back to passing
 //! bytes through untouched.
 
+pub mod classify;
 pub mod mysql;
 pub mod pg;
+pub mod sql;
+pub mod sqlcommenter;
