@@ -107,7 +107,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         Ok(event) => {
                             sequence += 1;
                             let flow = flow::flow_event(&node, &kernel_policy, &event, unix_nanos(), sequence);
-                            writeln!(out, "{}", flow_json(&flow))?;
+                            // One write per record, so a reader never sees half a line.
+                            let mut line = flow_json(&flow).to_string().into_bytes();
+                            line.push(b'\n');
+                            out.write_all(&line)?;
                         }
                         Err(error) => tracing::warn!(%error, "undecodable connect event"),
                     }

@@ -31,9 +31,9 @@ impl Drop for Fixture {
 }
 
 fn listener() -> (TcpListener, u16) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    l.set_nonblocking(true).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
+    let port = l.local_addr().expect("bound address").port();
+    l.set_nonblocking(true).expect("non-blocking listener");
     (l, port)
 }
 
@@ -62,7 +62,10 @@ fn connect_in_cgroup(cgroup: &Path, port: u16) -> (bool, String) {
         "echo $$ > {}/cgroup.procs && exec 3<>/dev/tcp/127.0.0.1/{port} && {{ sleep 0.3; true; }}",
         cgroup.display()
     );
-    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .expect("bash runs");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -77,11 +80,12 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// The complete records written so far.
 fn flows(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| serde_json::from_str(l).expect("each record is one JSON object"))
         .collect()
 }
 
