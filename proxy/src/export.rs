@@ -79,8 +79,9 @@ impl HopSink {
 }
 
 impl HopQueue {
-    /// Runs the exporter until every sink is dropped or `stop` turns true,
-    /// flushing what is queued before returning.
+    /// Runs the exporter until every sink is dropped. Once `stop` turns true
+    /// (shutdown began), what is queued is written at once and every later
+    /// event (requests draining in the grace period) is written as it comes.
     pub async fn run(
         mut self,
         target: ExportTarget,
@@ -91,24 +92,26 @@ impl HopQueue {
         let mut writer = Writer::new(target);
         let mut batch = Vec::with_capacity(batch_size);
         let mut tick = tokio::time::interval(flush_interval);
+        let mut draining = false;
         loop {
             tokio::select! {
                 hop = self.rx.recv() => match hop {
                     Some(hop) => {
                         batch.push(hop);
-                        if batch.len() >= batch_size {
+                        if draining || batch.len() >= batch_size {
                             self.flush(&mut writer, &mut batch).await;
                         }
                     }
                     None => break,
                 },
                 _ = tick.tick() => self.flush(&mut writer, &mut batch).await,
-                changed = stop.changed() => {
+                changed = stop.changed(), if !draining => {
                     if changed.is_err() || *stop.borrow() {
+                        draining = true;
                         while let Ok(hop) = self.rx.try_recv() {
                             batch.push(hop);
                         }
-                        break;
+                        self.flush(&mut writer, &mut batch).await;
                     }
                 }
             }
@@ -255,3 +258,6 @@ pub fn hop_json(hop: &HopEvent) -> Value {
         "key_id": hop.key_id,
     })
 }
+
+#[cfg(test)]
+mod tests;

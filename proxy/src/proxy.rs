@@ -553,10 +553,12 @@ impl DirectionProxy {
                 .copied(),
             OutboundMode::Transparent => original_dst,
         };
+        // The port the application asked for: the authority's, else the one
+        // it dialled (transparent), else the cleartext HTTP default.
         let port = named
             .as_ref()
             .and_then(|(_, p)| *p)
-            .or(upstream.map(|u| u.port()))
+            .or(original_dst.map(|a| a.port()))
             .unwrap_or(80);
         let host = named.as_ref().map(|(h, _)| h.as_str());
         let ip = upstream.map(|u| u.ip());
