@@ -6,6 +6,7 @@
 //!   local stitching, `traceparent`, egress enforcement, hop events.
 //! - [`inflight`]: the pod's inbound requests in flight, for stitching.
 //! - [`policy_store`]: the policy in force, hot-swapped and persisted.
+//! - [`control`]: the control plane's policy and key stream.
 //! - [`export`]: the bounded hop queue and its exporter.
 //! - [`trust`]: the signing key and key-set files.
 //! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener.
@@ -13,6 +14,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod control;
 pub mod export;
 pub mod inflight;
 pub mod metrics;

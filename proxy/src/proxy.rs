@@ -49,6 +49,8 @@ pub struct Shared {
     pub issuer: Issuer,
     /// Verifies arriving tokens (cached).
     pub verifier: Verifier,
+    /// This sidecar's public key, always trusted.
+    pub own_key: custody_context::keys::PublicKey,
     /// The egress policy in force.
     pub policy: Arc<PolicyStore>,
     /// Inbound requests in flight, for stitching.

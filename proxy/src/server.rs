@@ -76,6 +76,13 @@ impl BackgroundService for Tasks {
                 shutdown.clone(),
             ))
         });
+        let subscription = config.policy.control_plane.clone().map(|address| {
+            tokio::spawn(crate::control::subscribe(
+                Arc::clone(&self.shared),
+                address,
+                shutdown.clone(),
+            ))
+        });
         if let Some(queue) = self.queue.lock().await.take() {
             queue
                 .run(
@@ -86,8 +93,8 @@ impl BackgroundService for Tasks {
                 )
                 .await;
         }
-        if let Some(watcher) = watcher {
-            watcher.abort();
+        for task in [watcher, subscription].into_iter().flatten() {
+            task.abort();
         }
     }
 }
@@ -111,7 +118,7 @@ impl Sidecar {
         };
         let own = signing.public_key().bound_to(&workload_uri);
         if keys.keys().all(|k| k.kid() != own.kid()) {
-            keys.insert(own)
+            keys.insert(own.clone())
                 .map_err(|e| BuildError::OwnKey(e.to_string()))?;
         }
         let audience = config.workload.trust_domain.clone();
@@ -152,6 +159,7 @@ impl Sidecar {
             workload_uri,
             issuer,
             verifier,
+            own_key: own,
             policy,
             inflight: InFlightTable::new(),
             metrics,

@@ -8,6 +8,7 @@
 mod support;
 
 mod chain;
+mod control;
 mod egress;
 mod grpc;
 mod refusal;
