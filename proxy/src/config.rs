@@ -167,6 +167,20 @@ pub enum IdentitySource {
         /// The header name, e.g. `x-custody-agent`.
         header: String,
     },
+    /// The agent named in an MCP `tools/call` JSON-RPC request, at
+    /// `params._meta.<agent_key>`; the tool name becomes the hop's operation.
+    /// Bodies up to 64 KiB with a `Content-Length` are read for it; when an
+    /// earlier source named someone else (a person at the edge), the agent
+    /// becomes the token's actor (`act`).
+    Mcp {
+        /// The `_meta` key naming the agent (default `agent`).
+        #[serde(default = "default_agent_key")]
+        agent_key: String,
+    },
+}
+
+fn default_agent_key() -> String {
+    "agent".into()
 }
 
 /// Outbound destination mode.
@@ -382,8 +396,19 @@ impl Config {
             }
         }
         for (i, source) in self.inbound.identity_sources.iter().enumerate() {
-            let (IdentitySource::EdgeHeader { header, .. }
-            | IdentitySource::AgentHeader { header }) = source;
+            let header = match source {
+                IdentitySource::EdgeHeader { header, .. }
+                | IdentitySource::AgentHeader { header } => header,
+                IdentitySource::Mcp { agent_key } => {
+                    if agent_key.is_empty() {
+                        return Err(ConfigError::field(
+                            format!("inbound.identity_sources[{i}].agent_key"),
+                            "must not be empty",
+                        ));
+                    }
+                    continue;
+                }
+            };
             if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
                 return Err(ConfigError::field(
                     format!("inbound.identity_sources[{i}].header"),

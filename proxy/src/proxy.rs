@@ -18,7 +18,7 @@ use custody_context::api::{SCHEMA_VERSION, v1};
 use custody_context::hop::HopEvent;
 use custody_context::issue::{Extension, Issuer, Mint, SignedToken};
 use custody_context::policy::{ChainFacts, Decision, DestinationFacts, Verdict};
-use custody_context::token::{HopAttribution, InitiatorKind, RequestContext, TOKEN_HEADER};
+use custody_context::token::{Actor, HopAttribution, InitiatorKind, RequestContext, TOKEN_HEADER};
 use custody_context::traceparent::{SpanId, TraceId, TraceParent};
 use custody_context::verify::{VerifiedToken, Verifier, VerifyError};
 use custody_context::workload::WorkloadId;
@@ -215,9 +215,15 @@ impl Shared {
             .inc();
     }
 
-    /// The initiator from the configured sources, in order.
-    fn initiator(&self, req: &RequestHeader) -> Option<(String, InitiatorKind)> {
-        self.config
+    /// The initiator from the configured sources, in order, and the MCP
+    /// agent acting for it when that is someone else.
+    fn initiator(
+        &self,
+        req: &RequestHeader,
+        mcp_agent: Option<&str>,
+    ) -> Option<(String, InitiatorKind, Option<Actor>)> {
+        let (sub, kind) = self
+            .config
             .inbound
             .identity_sources
             .iter()
@@ -228,14 +234,29 @@ impl Shared {
                 IdentitySource::AgentHeader { header } => {
                     header_str(req, header).map(|v| (v.to_owned(), InitiatorKind::Agent))
                 }
+                IdentitySource::Mcp { .. } => {
+                    mcp_agent.map(|a| (a.to_owned(), InitiatorKind::Agent))
+                }
+            })?;
+        let act = mcp_agent.filter(|agent| *agent != sub).map(Actor::new);
+        Some((sub, kind, act))
+    }
+
+    fn mcp_agent_key(&self) -> Option<&str> {
+        self.config
+            .inbound
+            .identity_sources
+            .iter()
+            .find_map(|source| match source {
+                IdentitySource::Mcp { agent_key } => Some(agent_key.as_str()),
+                _ => None,
             })
     }
 
     fn mint(
         &self,
         txn: TraceId,
-        sub: String,
-        kind: InitiatorKind,
+        (sub, kind, act): (String, InitiatorKind, Option<Actor>),
         peer_ip: Option<IpAddr>,
         authn: Option<&str>,
     ) -> Option<(Arc<VerifiedToken>, String)> {
@@ -248,7 +269,7 @@ impl Shared {
             sub,
             kind,
             scope: self.config.inbound.scope.clone(),
-            act: None,
+            act,
             tctx: None,
             rctx: Some(rctx),
             taint: vec![],
@@ -293,6 +314,54 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip())
+}
+
+/// Largest MCP request body read for its identity (pingora's replay buffer).
+const MCP_BODY_LIMIT: usize = 64 * 1024;
+
+/// An MCP `tools/call` request.
+#[derive(Debug)]
+struct McpCall {
+    tool: String,
+    agent: Option<String>,
+}
+
+/// Reads a JSON-RPC body of known, small length and returns the `tools/call`
+/// it carries. The body stays buffered and is replayed to the upstream.
+async fn read_mcp_call(session: &mut Session, agent_key: &str) -> pingora::Result<Option<McpCall>> {
+    let req = session.req_header();
+    let small = header_str(req, "content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > 0 && n <= MCP_BODY_LIMIT);
+    let json = header_str(req, "content-type").is_some_and(|ct| ct.contains("json"));
+    if req.method != http::Method::POST || !small || !json {
+        return Ok(None);
+    }
+    session.as_downstream_mut().enable_retry_buffering();
+    let mut body = Vec::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        body.extend_from_slice(&chunk);
+        if body.len() > MCP_BODY_LIMIT {
+            return Ok(None);
+        }
+    }
+    let Ok(message) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return Ok(None);
+    };
+    if message["method"] != "tools/call" {
+        return Ok(None);
+    }
+    let params = &message["params"];
+    let Some(tool) = params["name"].as_str() else {
+        return Ok(None);
+    };
+    Ok(Some(McpCall {
+        tool: tool.to_owned(),
+        agent: params["_meta"][agent_key]
+            .as_str()
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned),
+    }))
 }
 
 /// Writes a locally generated refusal: JSON for HTTP, trailers-only for gRPC.
@@ -356,6 +425,17 @@ impl DirectionProxy {
         for name in &shared.config.inbound.strip_headers {
             session.req_header_mut().remove_header(name.as_str());
         }
+        let mcp_agent = match shared.mcp_agent_key() {
+            Some(key) => {
+                let key = key.to_owned();
+                let call = read_mcp_call(session, &key).await?;
+                if let Some(call) = &call {
+                    ctx.operation.clone_from(&call.tool);
+                }
+                call.and_then(|c| c.agent)
+            }
+            None => None,
+        };
         let req = session.req_header();
         let incoming_tp = header_str(req, TRACEPARENT).and_then(|v| TraceParent::parse(v).ok());
         let token = header_str(req, TOKEN_HEADER).map(str::to_owned);
@@ -394,13 +474,14 @@ impl DirectionProxy {
             Some(pair) => pair,
             None => {
                 let txn = incoming_tp.map_or_else(TraceId::random, |tp| tp.trace_id);
-                let (sub, kind, authn) = match shared.initiator(session.req_header()) {
-                    Some((sub, kind)) => {
+                let found = shared.initiator(session.req_header(), mcp_agent.as_deref());
+                let (initiator, authn) = match found {
+                    Some(initiator) => {
                         if ctx.outcome != v1::ContextOutcome::Refused {
                             ctx.outcome = v1::ContextOutcome::Minted;
                             ctx.attribution = HopAttribution::MINTED;
                         }
-                        (sub, kind, "header")
+                        (initiator, "header")
                     }
                     None => {
                         if ctx.outcome != v1::ContextOutcome::Refused {
@@ -408,10 +489,10 @@ impl DirectionProxy {
                         }
                         let sub = peer_ip
                             .map_or_else(|| "peer:unknown".to_owned(), |ip| format!("peer:{ip}"));
-                        (sub, InitiatorKind::Service, "peer")
+                        ((sub, InitiatorKind::Service, None), "peer")
                     }
                 };
-                match shared.mint(txn, sub, kind, peer_ip, Some(authn)) {
+                match shared.mint(txn, initiator, peer_ip, Some(authn)) {
                     Some(pair) => pair,
                     None => return Ok(false),
                 }
@@ -513,8 +594,7 @@ impl DirectionProxy {
             let txn = incoming_tp.map_or_else(TraceId::random, |tp| tp.trace_id);
             chosen = shared.mint(
                 txn,
-                shared.workload_uri.clone(),
-                InitiatorKind::Service,
+                (shared.workload_uri.clone(), InitiatorKind::Service, None),
                 None,
                 Some("workload"),
             );

@@ -38,7 +38,8 @@ fn explicit_mode_with_sources() {
   upstream: "127.0.0.1:4"
   identity_sources:
     - { type: edge_header, header: x-custody-user, kind: human }
-    - { type: agent_header, header: x-custody-agent }"#,
+    - { type: agent_header, header: x-custody-agent }
+    - { type: mcp }"#,
     );
     let config = Config::from_yaml(&text).unwrap();
     match &config.outbound {
@@ -48,7 +49,11 @@ fn explicit_mode_with_sources() {
         }
         OutboundMode::Transparent => panic!("expected explicit"),
     }
-    assert_eq!(config.inbound.identity_sources.len(), 2);
+    assert_eq!(config.inbound.identity_sources.len(), 3);
+    assert!(matches!(
+        &config.inbound.identity_sources[2],
+        IdentitySource::Mcp { agent_key } if agent_key == "agent"
+    ));
 }
 
 #[test]

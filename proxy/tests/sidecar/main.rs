@@ -11,6 +11,7 @@ mod chain;
 mod control;
 mod egress;
 mod grpc;
+mod mcp;
 mod refusal;
 mod shutdown;
 mod traffic;

@@ -134,6 +134,7 @@ inbound:
   identity_sources:
     - {{ type: edge_header, header: x-custody-user, kind: human }}
     - {{ type: agent_header, header: x-custody-agent }}
+    - {{ type: mcp, agent_key: agent }}
 {extra_inbound}
 outbound: {{ mode: explicit, upstreams: {{ {upstreams} }} }}
 signing: {{ seed_file: "{seed}" }}
