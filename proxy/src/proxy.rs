@@ -116,7 +116,7 @@ pub struct HopCtx {
     grpc_status: Option<u32>,
     bytes_in: u64,
     bytes_out: u64,
-    _inflight: Option<InFlightGuard>,
+    inflight: Option<InFlightGuard>,
 }
 
 impl HopCtx {
@@ -142,7 +142,7 @@ impl HopCtx {
             grpc_status: None,
             bytes_in: 0,
             bytes_out: 0,
-            _inflight: None,
+            inflight: None,
         }
     }
 }
@@ -314,6 +314,14 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip())
+}
+
+/// SHA-256 (hex) of the credential in `Authorization` (after the scheme),
+/// as revocations name it.
+fn credential_hash(req: &RequestHeader) -> Option<String> {
+    let value = header_str(req, "authorization")?;
+    let credential = value.split_once(' ').map_or(value, |(_, c)| c.trim());
+    Some(hex::encode(Sha256::digest(credential.as_bytes())))
 }
 
 /// Largest MCP request body read for its identity (pingora's replay buffer).
@@ -503,7 +511,7 @@ impl DirectionProxy {
             return Ok(refused);
         }
         let (span, parent) = hop_span(incoming_tp, token.claims.txn);
-        ctx._inflight = Some(shared.inflight.register(InFlightRequest {
+        ctx.inflight = Some(shared.inflight.register(InFlightRequest {
             token: Arc::clone(&token),
             encoded: Arc::from(encoded.as_str()),
             span,
@@ -524,17 +532,25 @@ impl DirectionProxy {
         token: &VerifiedToken,
     ) -> pingora::Result<Option<bool>> {
         let bundle = self.shared.policy.current();
-        if !bundle.revocations.principals.contains(&token.claims.sub) {
+        let revoked = &bundle.revocations;
+        let (reason, error) = if revoked.principals.contains(&token.claims.sub) {
+            ("revoked_principal", "principal_revoked")
+        } else if !revoked.credential_hashes.is_empty()
+            && credential_hash(session.req_header())
+                .is_some_and(|h| revoked.credential_hashes.contains(&h))
+        {
+            ("revoked_credential", "credential_revoked")
+        } else {
             return Ok(None);
-        }
+        };
         ctx.outcome = v1::ContextOutcome::Refused;
-        ctx.reason = "revoked_principal";
+        ctx.reason = reason;
         ctx.token = None;
         let body = serde_json::json!({
-            "error": "principal_revoked",
+            "error": error,
             "chain": token.claims.txn.to_string(),
         });
-        refuse(session, ctx, 403, 7, body, "principal revoked").await?;
+        refuse(session, ctx, 403, 7, body, &error.replace('_', " ")).await?;
         Ok(Some(true))
     }
 
@@ -645,7 +661,7 @@ impl DirectionProxy {
         let host = named.as_ref().map(|(h, _)| h.as_str());
         let ip = upstream.map(|u| u.ip());
         let bundle = shared.policy.current();
-        let decision = bundle.evaluate(
+        let mut decision = bundle.evaluate(
             &DestinationFacts { host, ip, port },
             &ChainFacts {
                 initiator_kind: Some(token.claims.custody.ini),
@@ -654,6 +670,17 @@ impl DirectionProxy {
                 taint: Some(&token.claims.custody.taint),
             },
         );
+        let chain_id = token.claims.txn.to_string();
+        if decision.verdict == Verdict::Allow
+            && bundle.revocations.quarantined_chains.contains(&chain_id)
+        {
+            // Everything derived from a quarantined chain is flagged.
+            decision = Decision {
+                verdict: Verdict::Audit,
+                policy: Some("quarantine".into()),
+                rule: Some("quarantined-chain".into()),
+            };
+        }
         shared
             .metrics
             .egress_verdicts
@@ -868,11 +895,16 @@ impl ProxyHttp for DirectionProxy {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut HopCtx,
     ) -> pingora::Result<Option<std::time::Duration>> {
         if let Some(b) = body {
             ctx.bytes_out += b.len() as u64;
+        }
+        if end_of_stream {
+            // The request is over for stitching once its last byte is on the
+            // way out, before the caller can see it and call again.
+            ctx.inflight = None;
         }
         Ok(None)
     }

@@ -158,3 +158,127 @@ async fn revoked_principal_is_refused_on_its_next_request() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_keys_and_credentials_are_refused_and_quarantine_audits() {
+    use custody_context::issue::{Issuer, Mint};
+    use custody_context::token::InitiatorKind;
+    use custody_context::traceparent::TraceId;
+    use sha2::{Digest, Sha256};
+
+    let trust = Trust::new(&["svc", "edge"]);
+    let app = App::ok().await;
+    let quarantined = TraceId::random().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy_file,
+        format!(
+            r#"
+version: 1
+defaultVerdict: allow
+revocations:
+  keyIds: ["{kid}"]
+  credentialHashes: ["{cred}"]
+  quarantinedChains: ["{quarantined}"]
+policies: []
+"#,
+            kid = trust.key("edge").kid(),
+            cred = hex::encode(Sha256::digest(b"s3cr3t")),
+        ),
+    )
+    .unwrap();
+    let extra = format!("policy: {{ file: \"{}\" }}", policy_file.display());
+    let mut spec = Spec::new("svc", app.addr);
+    spec.upstreams = vec![("partner".into(), app.addr)];
+    spec.extra_inbound = "  refuse_invalid_tokens: true";
+    spec.extra = &extra;
+    let sc = start(spec, &trust).await;
+
+    let token = Issuer::new(trust.key("edge"), uri_of("edge"), TD, 300)
+        .mint(
+            Mint {
+                txn: TraceId::random(),
+                sub: "ivan".into(),
+                kind: InitiatorKind::Human,
+                scope: "s".into(),
+                act: None,
+                tctx: None,
+                rctx: None,
+                taint: vec![],
+            },
+            custody_context::unix_now(),
+        )
+        .unwrap()
+        .encoded;
+    let send = async |headers: &[(&str, &str)], addr: std::net::SocketAddr| {
+        let mut req = Request::get(format!("http://{addr}/x"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        body_string(client().request(req.body(full("")).unwrap()).await.unwrap()).await
+    };
+    let (status, body) = send(&[("txn-token", &token)], sc.inbound).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("revoked_key"), "{body}");
+
+    let (status, body) = send(
+        &[
+            ("x-custody-user", "judy"),
+            ("authorization", "Bearer s3cr3t"),
+        ],
+        sc.inbound,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("credential_revoked"), "{body}");
+    let (status, _) = send(
+        &[
+            ("x-custody-user", "judy"),
+            ("authorization", "Bearer other"),
+        ],
+        sc.inbound,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // A call in a quarantined chain passes, flagged.
+    let traceparent = format!("00-{quarantined}-00f067aa0ba902b7-01");
+    let (status, _) = send(
+        &[("host", "partner"), ("traceparent", &traceparent)],
+        sc.outbound,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let hop = sc
+        .wait_hop(|h| {
+            h["chain_id"] == quarantined.as_str() && h["direction"] == "DIRECTION_OUTBOUND"
+        })
+        .await;
+    assert_eq!(hop["egress"]["verdict"], "VERDICT_AUDIT");
+    assert_eq!(hop["egress"]["policy"], "quarantine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_headers_from_outside_the_edge_are_stripped() {
+    let trust = Trust::new(&["svc"]);
+    let app = App::ok().await;
+    let mut spec = Spec::new("svc", app.addr);
+    spec.extra_inbound = "  strip_headers: [x-custody-user]";
+    let sc = start(spec, &trust).await;
+    let resp = client()
+        .request(
+            Request::get(format!("http://{}/x", sc.inbound))
+                .header("x-custody-user", "root@example.com")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = &app.seen()[0];
+    assert!(seen.header("x-custody-user").is_none());
+    assert_eq!(seen.token().unwrap()["sub"], "peer:127.0.0.1");
+    let hop = &sc.hops(1).await[0];
+    assert_eq!(hop["context_outcome"], "CONTEXT_OUTCOME_MISSING");
+}
