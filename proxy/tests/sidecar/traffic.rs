@@ -155,3 +155,62 @@ async fn admin_serves_health_metrics_policy_and_keys() {
     assert_eq!(policy["version"], 0);
     assert_eq!(policy["defaultVerdict"], "allow");
 }
+
+/// An HTTP/1.1 upgrade (WebSocket handshake) passes through, and the
+/// upgraded stream carries bytes both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_pass_through() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let trust = Trust::new(&["svc"]);
+    let app = App::start(Arc::new(|mut req: Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            tokio::spawn(async move {
+                let upgraded = hyper::upgrade::on(&mut req).await.unwrap();
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                let mut buf = [0u8; 4];
+                io.read_exact(&mut buf).await.unwrap();
+                io.write_all(&buf).await.unwrap();
+                io.write_all(b"!").await.unwrap();
+                io.shutdown().await.unwrap();
+            });
+            Response::builder()
+                .status(101)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .body(full(""))
+                .unwrap()
+        })
+    }))
+    .await;
+    let sc = start(Spec::new("svc", app.addr), &trust).await;
+
+    let stream = tokio::net::TcpStream::connect(sc.inbound).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let resp = sender
+        .send_request(
+            Request::get("/ws")
+                .header("host", "svc")
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                .header("x-custody-user", "kim")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    let upgraded = hyper::upgrade::on(resp).await.unwrap();
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    io.write_all(b"ping").await.unwrap();
+    let mut back = Vec::new();
+    io.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"ping!");
+    assert_eq!(app.seen()[0].token().unwrap()["sub"], "kim");
+}
