@@ -15,3 +15,4 @@ mod mcp;
 mod refusal;
 mod shutdown;
 mod traffic;
+mod transparent;

@@ -1,0 +1,222 @@
+//! Transparent mode: the application dials the real destination, iptables
+//! redirects the connection to the sidecar, and the sidecar serves it at its
+//! original destination (`SO_ORIGINAL_DST`), enforcing egress by address.
+//!
+//! Runs inside a network namespace the test creates (root needed: CI runs
+//! as root); all traffic stays inside it.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Netns {
+    name: String,
+    children: Vec<Child>,
+}
+
+impl Netns {
+    fn exec(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(args);
+        cmd
+    }
+
+    fn spawn(&mut self, args: &[&str]) {
+        let child = self
+            .exec(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+    }
+
+    /// `curl` from a source port the redirect rule catches.
+    fn curl(&self, url: &str, host: &str) -> (String, String) {
+        let out = self
+            .exec(&[
+                "curl",
+                "-s",
+                "--max-time",
+                "10",
+                "--local-port",
+                "20000-20100",
+                "-H",
+                &format!("host: {host}"),
+                "-w",
+                "\n%{http_code}",
+                url,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_owned(), body.to_owned())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn transparent_mode_serves_the_original_destination() {
+    assert_eq!(
+        run(&["id", "-u"]).trim(),
+        "0",
+        "this test creates a network namespace and needs root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("custody-proxy-{}", std::process::id());
+    run(&["ip", "netns", "add", &name]);
+    let mut ns = Netns {
+        name: name.clone(),
+        children: vec![],
+    };
+    for args in [
+        vec!["ip", "link", "set", "lo", "up"],
+        vec!["ip", "addr", "add", "10.99.0.2/32", "dev", "lo"],
+        vec!["ip", "addr", "add", "10.99.0.3/32", "dev", "lo"],
+        // The app's connections (from ports 20000-20100) go to the sidecar;
+        // the sidecar's own connections use ephemeral ports and go out.
+        vec![
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "10.99.0.0/24",
+            "--sport",
+            "20000:20100",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+    ] {
+        let status = ns.exec(&args).status().unwrap();
+        assert!(status.success(), "{args:?}");
+    }
+
+    std::fs::write(dir.path().join("hello.txt"), "hello from 10.99.0.2\n").unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        r#"
+version: 1
+defaultVerdict: allow
+policies:
+  - apiVersion: custody.dev/v1
+    kind: EgressPolicy
+    metadata: { name: internal-only }
+    spec:
+      rules:
+        - name: no-10-99-0-3
+          destination: { cidrs: ["10.99.0.3/32"] }
+          verdict: block
+"#,
+    )
+    .unwrap();
+    let hops = dir.path().join("hops.jsonl");
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+workload: {{ trust_domain: td.test, namespace: test, service_account: client }}
+listeners: {{ inbound: "127.0.0.1:15006", outbound: "127.0.0.1:15001", admin: "127.0.0.1:15020" }}
+inbound: {{ upstream: "127.0.0.1:8080" }}
+outbound: {{ mode: transparent }}
+policy: {{ file: "{}" }}
+exporter: {{ jsonl_file: "{}", flush_interval_ms: 20 }}
+shutdown: {{ grace_period_secs: 0 }}
+"#,
+            policy.display(),
+            hops.display()
+        ),
+    )
+    .unwrap();
+    let served = dir.path().to_str().unwrap().to_owned();
+    ns.spawn(&[
+        "python3",
+        "-m",
+        "http.server",
+        "80",
+        "--bind",
+        "10.99.0.2",
+        "--directory",
+        &served,
+    ]);
+    ns.spawn(&[
+        env!("CARGO_BIN_EXE_custody-proxy"),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = ns
+            .exec(&["curl", "-sf", "http://127.0.0.1:15020/ready"])
+            .output()
+            .unwrap();
+        let app = ns
+            .exec(&["curl", "-sf", "http://10.99.0.2/hello.txt"])
+            .output()
+            .unwrap();
+        if ready.status.success() && app.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sidecar or app did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let (code, body) = ns.curl("http://10.99.0.2/hello.txt", "files.internal");
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("200", "hello from 10.99.0.2\n")
+    );
+    let (code, body) = ns.curl("http://10.99.0.3/anything", "elsewhere.internal");
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("internal-only"), "{body}");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let events: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&hops).unwrap_or_default();
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if events.len() >= 2 {
+            break events;
+        }
+        assert!(Instant::now() < deadline, "hop events missing: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let dest = &events[0]["egress"]["destination"];
+    assert_eq!(dest["ip"], "10.99.0.2");
+    assert_eq!(dest["port"], 80);
+    assert_eq!(dest["host"], "files.internal");
+    assert_eq!(events[0]["status"], 200);
+    assert_eq!(events[1]["egress"]["verdict"], "VERDICT_BLOCK");
+    assert_eq!(events[1]["egress"]["destination"]["ip"], "10.99.0.3");
+}
