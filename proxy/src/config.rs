@@ -92,6 +92,10 @@ pub struct Config {
     /// Worker threads per listener (default 1).
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// Destination ports whose protocol has the server speak first (MySQL
+    /// 3306, SMTP 25): passed through as TCP without waiting to sniff.
+    #[serde(default)]
+    pub tcp_ports: Vec<u16>,
 }
 
 fn default_threads() -> usize {

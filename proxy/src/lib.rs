@@ -4,6 +4,7 @@
 //! - [`proxy`]: the inbound and outbound HTTP/1.1, HTTP/2 and gRPC proxies
 //!   (the phase chart is there): token verification, minting and extension,
 //!   local stitching, `traceparent`, egress enforcement, hop events.
+//! - [`tcp`]: connections that are not HTTP, passed through as TCP.
 //! - [`inflight`]: the pod's inbound requests in flight, for stitching.
 //! - [`policy_store`]: the policy in force, hot-swapped and persisted.
 //! - [`control`]: the control plane's policy and key stream.
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod policy_store;
 pub mod proxy;
 pub mod server;
+pub mod tcp;
 pub mod trust;
 
 pub use config::Config;

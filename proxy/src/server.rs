@@ -25,6 +25,7 @@ use crate::inflight::InFlightTable;
 use crate::metrics::Metrics;
 use crate::policy_store::{self, PolicyLoadError, PolicyStore};
 use crate::proxy::{Direction, DirectionProxy, Shared};
+use crate::tcp::Sniffing;
 use crate::trust::{self, KeySetFile, TrustError};
 
 /// Why the sidecar could not be built.
@@ -172,16 +173,17 @@ impl Sidecar {
             ("custody inbound", Direction::Inbound, listeners.inbound),
             ("custody outbound", Direction::Outbound, listeners.outbound),
         ] {
-            let mut service = pingora::proxy::http_proxy_service_with_name(
+            let mut http = pingora::proxy::http_proxy(
                 &server.configuration,
                 DirectionProxy::new(Arc::clone(&shared), direction),
-                name,
             );
             let mut options = HttpServerOptions::default();
             options.h2c = true;
-            if let Some(app) = service.app_logic_mut() {
-                app.server_options = Some(options);
-            }
+            http.server_options = Some(options);
+            let mut service = Service::new(
+                name.to_owned(),
+                Sniffing::new(http, Arc::clone(&shared), direction),
+            );
             service.add_tcp(&addr.to_string());
             server.add_service(service);
         }

@@ -150,6 +150,7 @@ outbound: {{ mode: transparent }}
 policy: {{ file: "{}" }}
 exporter: {{ jsonl_file: "{}", flush_interval_ms: 20 }}
 shutdown: {{ grace_period_secs: 0 }}
+tcp_ports: [3306]
 "#,
             policy.display(),
             hops.display()
@@ -172,6 +173,11 @@ shutdown: {{ grace_period_secs: 0 }}
         "--config",
         config.to_str().unwrap(),
     ]);
+    let tcp_server = dir.path().join("tcp_server.py");
+    std::fs::write(&tcp_server, TCP_SERVER).unwrap();
+    ns.spawn(&["python3", tcp_server.to_str().unwrap()]);
+    let tcp_client = dir.path().join("tcp_client.py");
+    std::fs::write(&tcp_client, TCP_CLIENT).unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -199,6 +205,44 @@ shutdown: {{ grace_period_secs: 0 }}
     assert_eq!(code, "403", "{body}");
     assert!(body.contains("internal-only"), "{body}");
 
+    // Not HTTP: passed through as TCP, client-first (sniffed) and
+    // server-first (a `tcp_ports` port); blocked by address.
+    let tcp = |host: &str, port: &str, sport: &str, greet: &str| {
+        let out = ns
+            .exec(&[
+                "python3",
+                tcp_client.to_str().unwrap(),
+                host,
+                port,
+                sport,
+                greet,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ns
+        .exec(&[
+            "python3",
+            "-c",
+            "import socket; socket.create_connection(('10.99.0.2', 3306), 1)",
+        ])
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        assert!(Instant::now() < deadline, "tcp server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tcp("10.99.0.2", "7000", "20060", "0"), "ping\n");
+    assert_eq!(tcp("10.99.0.2", "3306", "20061", "1"), "greeting\nping\n");
+    assert_eq!(tcp("10.99.0.3", "7000", "20062", "0"), "");
+
     let deadline = Instant::now() + Duration::from_secs(20);
     let events: Vec<serde_json::Value> = loop {
         let text = std::fs::read_to_string(&hops).unwrap_or_default();
@@ -206,7 +250,7 @@ shutdown: {{ grace_period_secs: 0 }}
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        if events.len() >= 2 {
+        if events.len() >= 5 {
             break events;
         }
         assert!(Instant::now() < deadline, "hop events missing: {text}");
@@ -219,4 +263,78 @@ shutdown: {{ grace_period_secs: 0 }}
     assert_eq!(events[0]["status"], 200);
     assert_eq!(events[1]["egress"]["verdict"], "VERDICT_BLOCK");
     assert_eq!(events[1]["egress"]["destination"]["ip"], "10.99.0.3");
+
+    let tcp_hops: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["protocol"] == "PROTOCOL_TCP")
+        .collect();
+    assert_eq!(tcp_hops.len(), 3, "{events:#?}");
+    let to = |port: u64, ip: &str| {
+        tcp_hops
+            .iter()
+            .find(|h| {
+                h["egress"]["destination"]["port"] == port && h["egress"]["destination"]["ip"] == ip
+            })
+            .unwrap_or_else(|| panic!("no tcp hop to {ip}:{port}: {tcp_hops:#?}"))
+    };
+    assert_eq!(to(7000, "10.99.0.2")["bytes_in"], 5);
+    assert_eq!(to(7000, "10.99.0.2")["bytes_out"], 5);
+    assert_eq!(to(3306, "10.99.0.2")["bytes_out"], 14);
+    assert_eq!(to(7000, "10.99.0.3")["egress"]["verdict"], "VERDICT_BLOCK");
+    assert_eq!(to(7000, "10.99.0.3")["bytes_out"], 0);
 }
+
+const TCP_SERVER: &str = r#"
+import socket, threading
+
+def serve(port, greet):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("10.99.0.2", port))
+    s.listen()
+    while True:
+        c, _ = s.accept()
+        def handle(c):
+            if greet:
+                c.sendall(b"greeting\n")
+            while True:
+                d = c.recv(65536)
+                if not d:
+                    break
+                c.sendall(d)
+            c.close()
+        threading.Thread(target=handle, args=(c,), daemon=True).start()
+
+threading.Thread(target=serve, args=(7000, False), daemon=True).start()
+serve(3306, True)
+"#;
+
+const TCP_CLIENT: &str = r#"
+import socket, sys
+host, port, sport, greet = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+c = socket.socket()
+c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+c.bind(("0.0.0.0", sport))
+c.settimeout(10)
+c.connect((host, port))
+out = b""
+if greet:
+    while len(out) < 9:
+        d = c.recv(100)
+        if not d:
+            break
+        out += d
+try:
+    c.sendall(b"ping\n")
+    data = b""
+    while len(data) < 5:
+        d = c.recv(100)
+        if not d:
+            break
+        data += d
+    out += data
+except OSError:
+    pass
+c.close()
+sys.stdout.write(out.decode())
+"#;
