@@ -46,8 +46,8 @@ echo '{"keys":[]}' > "$work/keys.json"
 sidecar server 127.0.0.1:18010 127.0.0.1:18011 127.0.0.1:18012 ""
 sidecar client 127.0.0.1:18020 127.0.0.1:18021 127.0.0.1:18022 '"svc": "127.0.0.1:18010"'
 # Learn each sidecar's public key from its admin /keys, then trust both.
-"$bin/bench_backend" "$BACKEND" & pids+=($!)
-"$bin/bare_pingora" "$BARE" "$BACKEND" >/dev/null 2>&1 & pids+=($!)
+"$bin/examples/bench_backend" "$BACKEND" & pids+=($!)
+"$bin/examples/bare_pingora" "$BARE" "$BACKEND" >/dev/null 2>&1 & pids+=($!)
 start_sidecar() { RUST_LOG=warn "$bin/custody-proxy" --config "$work/$1.yaml" >/dev/null 2>&1 & echo $!; }
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 spid=$(start_sidecar server); cpid=$(start_sidecar client); pids+=("$spid" "$cpid")
