@@ -28,7 +28,16 @@ impl Echo for EchoService {
             .get("txn-token")
             .map(|v| v.to_str().unwrap_or_default().to_owned())
             .unwrap_or_default();
+        let deadline = request
+            .metadata()
+            .get("grpc-timeout")
+            .map(|v| v.to_str().unwrap_or_default().to_owned());
         let text = request.into_inner().text;
+        if text == "deadline" {
+            return Ok(Response::new(Msg {
+                text: deadline.unwrap_or_default(),
+            }));
+        }
         if text == "missing" {
             return Err(Status::not_found("no such thing"));
         }
@@ -115,6 +124,14 @@ async fn grpc_unary_and_bidi_streaming_through_the_sidecar() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 
+    // The caller's deadline reaches the service.
+    let mut req = Request::new(Msg {
+        text: "deadline".into(),
+    });
+    req.set_timeout(std::time::Duration::from_secs(7));
+    let resp = client.unary(req).await.unwrap();
+    assert!(resp.into_inner().text.starts_with('7'));
+
     let outgoing = tokio_stream::iter(["a", "b", "c"].map(|t| Msg { text: t.into() }));
     let mut replies = client.chat(outgoing).await.unwrap().into_inner();
     let mut texts = vec![];
@@ -123,14 +140,14 @@ async fn grpc_unary_and_bidi_streaming_through_the_sidecar() {
     }
     assert_eq!(texts, ["echo a", "echo b", "echo c"]);
 
-    let hops = sc.hops(3).await;
+    let hops = sc.hops(4).await;
     assert!(hops.iter().all(|h| h["protocol"] == "PROTOCOL_GRPC"));
     assert_eq!(hops[0]["operation"], "/echo.Echo/Unary");
     assert_eq!(hops[0]["status"], 0);
     assert_eq!(hops[0]["initiator"]["subject"], "grace");
     assert_eq!(hops[1]["status"], 5);
-    assert_eq!(hops[2]["operation"], "/echo.Echo/Chat");
-    assert_eq!(hops[2]["status"], 0);
+    assert_eq!(hops[3]["operation"], "/echo.Echo/Chat");
+    assert_eq!(hops[3]["status"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,3 +90,27 @@ async fn sigterm_drains_in_flight_requests_and_exits() {
     // No longer listening.
     assert!(tokio::net::TcpStream::connect(ports[0]).await.is_err());
 }
+
+#[test]
+fn an_invalid_configuration_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        r#"
+workload: { trust_domain: td, namespace: shop, service_account: web }
+listeners: { inbound: "127.0.0.1:1", outbound: "127.0.0.1:2", admin: "127.0.0.1:3" }
+inbound: { upstream: "not an address" }
+outbound: { mode: transparent }
+"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_custody-proxy"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("inbound.upstream"), "{stderr}");
+}
