@@ -159,6 +159,20 @@ fn default_scope() -> String {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum IdentitySource {
+    /// A verified bearer JWT (`Authorization: Bearer`) from an issuer whose
+    /// keys are in a JWKS file; its `sub` is the initiator.
+    BearerJwt {
+        /// The expected `iss`.
+        issuer: String,
+        /// The issuer's JWKS file.
+        jwks_file: PathBuf,
+        /// The expected `aud`, when checked.
+        #[serde(default)]
+        audience: Option<String>,
+        /// The initiator kind of its subjects (default `human`).
+        #[serde(default = "default_human")]
+        kind: InitiatorKind,
+    },
     /// A header set by a trusted edge (ingress gateway, auth proxy).
     EdgeHeader {
         /// The header name, e.g. `x-custody-user`.
@@ -181,6 +195,10 @@ pub enum IdentitySource {
         #[serde(default = "default_agent_key")]
         agent_key: String,
     },
+}
+
+fn default_human() -> InitiatorKind {
+    InitiatorKind::Human
 }
 
 fn default_agent_key() -> String {
@@ -403,6 +421,15 @@ impl Config {
             let header = match source {
                 IdentitySource::EdgeHeader { header, .. }
                 | IdentitySource::AgentHeader { header } => header,
+                IdentitySource::BearerJwt { issuer, .. } => {
+                    if issuer.is_empty() {
+                        return Err(ConfigError::field(
+                            format!("inbound.identity_sources[{i}].issuer"),
+                            "must not be empty",
+                        ));
+                    }
+                    continue;
+                }
                 IdentitySource::Mcp { agent_key } => {
                     if agent_key.is_empty() {
                         return Err(ConfigError::field(

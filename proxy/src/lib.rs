@@ -1,6 +1,7 @@
 //! `custody-proxy`: the Custody sidecar on pingora.
 //!
 //! - [`config`]: the typed YAML configuration.
+//! - [`bearer`]: verified bearer JWTs (issuer and JWKS) as an identity source.
 //! - [`proxy`]: the inbound and outbound HTTP/1.1, HTTP/2 and gRPC proxies
 //!   (the phase chart is there): token verification, minting and extension,
 //!   local stitching, `traceparent`, egress enforcement, hop events.
@@ -14,6 +15,7 @@
 //! - [`server`]: wiring into a pingora server, graceful shutdown.
 
 pub mod admin;
+pub mod bearer;
 pub mod config;
 pub mod control;
 pub mod export;

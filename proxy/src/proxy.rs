@@ -59,6 +59,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Hop export queue.
     pub hops: HopSink,
+    /// Bearer-JWT verifiers, by index in `inbound.identity_sources`.
+    pub bearer: Vec<Option<crate::bearer::BearerVerifier>>,
 }
 
 /// Which side of the application a proxy serves.
@@ -227,7 +229,19 @@ impl Shared {
             .inbound
             .identity_sources
             .iter()
-            .find_map(|source| match source {
+            .enumerate()
+            .find_map(|(i, source)| match source {
+                IdentitySource::BearerJwt { .. } => {
+                    let verifier = self.bearer.get(i)?.as_ref()?;
+                    let value = header_str(req, "authorization")?;
+                    let (scheme, token) = value.split_once(' ')?;
+                    if !scheme.eq_ignore_ascii_case("bearer") {
+                        return None;
+                    }
+                    verifier
+                        .verify(token.trim())
+                        .map(|sub| (sub, verifier.kind()))
+                }
                 IdentitySource::EdgeHeader { header, kind } => {
                     header_str(req, header).map(|v| (v.to_owned(), *kind))
                 }

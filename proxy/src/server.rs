@@ -19,7 +19,8 @@ use pingora::services::listening::Service;
 use tokio::sync::Mutex;
 
 use crate::admin::Admin;
-use crate::config::{Config, ConfigError};
+use crate::bearer::BearerVerifier;
+use crate::config::{Config, ConfigError, IdentitySource};
 use crate::export::{self, ExportTarget, HopQueue};
 use crate::inflight::InFlightTable;
 use crate::metrics::Metrics;
@@ -40,6 +41,9 @@ pub enum BuildError {
     /// The policy file could not be loaded.
     #[error(transparent)]
     Policy(#[from] PolicyLoadError),
+    /// A bearer-JWT issuer's JWKS could not be loaded.
+    #[error(transparent)]
+    Bearer(#[from] crate::bearer::BearerError),
     /// The own key could not join the key set.
     #[error("signing key: {0}")]
     OwnKey(String),
@@ -155,7 +159,22 @@ impl Sidecar {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
+        let bearer = config
+            .inbound
+            .identity_sources
+            .iter()
+            .map(|source| match source {
+                IdentitySource::BearerJwt {
+                    issuer,
+                    jwks_file,
+                    audience,
+                    kind,
+                } => BearerVerifier::load(issuer, audience.as_deref(), *kind, jwks_file).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let shared = Arc::new(Shared {
+            bearer,
             workload,
             workload_uri,
             issuer,

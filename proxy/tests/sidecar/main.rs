@@ -7,6 +7,7 @@
 
 mod support;
 
+mod bearer;
 mod chain;
 mod control;
 mod egress;
