@@ -7,7 +7,9 @@
 //! a hop with protocol `TCP`. Protocols where the server speaks first
 //! (MySQL, SMTP) send nothing to sniff: their ports are listed in
 //! `tcp_ports` and skip sniffing. Outbound TCP is subject to egress policy by
-//! address and port, with the chain of the inbound request in flight.
+//! address and port, with the chain of the inbound request in flight. TLS is
+//! recognised by its ClientHello, whose server name (SNI) is the host the
+//! egress policy matches; the hop's protocol is then `TLS_OPAQUE`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +42,64 @@ fn looks_like_http(head: &[u8; 4]) -> bool {
     STARTS.contains(&head)
 }
 
+/// Longest TLS ClientHello record read for its server name.
+const MAX_HELLO: usize = 16 * 1024 + 5;
+
+/// The server name (SNI) of a TLS ClientHello record, lowercased; `None`
+/// when the record is not a ClientHello or names no server.
+pub fn client_hello_sni(record: &[u8]) -> Option<String> {
+    fn take<'a>(buf: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if buf.len() < n {
+            return None;
+        }
+        let (head, rest) = buf.split_at(n);
+        *buf = rest;
+        Some(head)
+    }
+    fn u16_at(b: &[u8]) -> usize {
+        usize::from(u16::from_be_bytes([b[0], b[1]]))
+    }
+    let mut buf = record;
+    let header = take(&mut buf, 5)?;
+    if header[0] != 0x16 {
+        return None;
+    }
+    let mut hs = take(&mut buf, u16_at(&header[3..5]))?;
+    let hs_header = take(&mut hs, 4)?;
+    if hs_header[0] != 0x01 {
+        return None;
+    }
+    take(&mut hs, 2 + 32)?; // version, random
+    let n = usize::from(take(&mut hs, 1)?[0]);
+    take(&mut hs, n)?; // session id
+    let n = u16_at(take(&mut hs, 2)?);
+    take(&mut hs, n)?; // cipher suites
+    let n = usize::from(take(&mut hs, 1)?[0]);
+    take(&mut hs, n)?; // compression methods
+    let n = u16_at(take(&mut hs, 2)?);
+    let mut exts = take(&mut hs, n)?;
+    while !exts.is_empty() {
+        let kind = u16_at(take(&mut exts, 2)?);
+        let n = u16_at(take(&mut exts, 2)?);
+        let mut data = take(&mut exts, n)?;
+        if kind != 0 {
+            continue;
+        }
+        let n = u16_at(take(&mut data, 2)?);
+        let mut list = take(&mut data, n)?;
+        while !list.is_empty() {
+            let name_type = take(&mut list, 1)?[0];
+            let n = u16_at(take(&mut list, 2)?);
+            let name = take(&mut list, n)?;
+            if name_type == 0 {
+                let name = std::str::from_utf8(name).ok()?;
+                return Some(name.to_ascii_lowercase());
+            }
+        }
+    }
+    None
+}
+
 /// A listener app: HTTP to the proxy, everything else through as TCP.
 pub struct Sniffing {
     http: Arc<HttpProxy<DirectionProxy>>,
@@ -65,6 +125,25 @@ impl Sniffing {
         }
     }
 
+    /// Peeks a whole TLS ClientHello record (left in the stream) for its SNI.
+    async fn peek_sni(stream: &mut Stream) -> Option<String> {
+        let mut header = [0u8; 5];
+        tokio::time::timeout(IDLE, stream.try_peek(&mut header))
+            .await
+            .ok()?
+            .ok()?;
+        let len = 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if len > MAX_HELLO {
+            return None;
+        }
+        let mut record = vec![0u8; len];
+        tokio::time::timeout(IDLE, stream.try_peek(&mut record))
+            .await
+            .ok()?
+            .ok()?;
+        client_hello_sni(&record)
+    }
+
     fn original_dst(stream: &Stream) -> Option<SocketAddr> {
         stream
             .get_socket_digest()
@@ -81,7 +160,12 @@ impl Sniffing {
         }
     }
 
-    async fn pass_through(&self, mut stream: Stream, dest: Option<SocketAddr>) {
+    async fn pass_through(
+        &self,
+        mut stream: Stream,
+        dest: Option<SocketAddr>,
+        sni: Option<String>,
+    ) {
         let shared = &self.shared;
         let started = Instant::now();
         let start_unix_nanos = std::time::SystemTime::now()
@@ -101,7 +185,7 @@ impl Sniffing {
         if let (Direction::Outbound, Some(dest)) = (self.direction, dest) {
             let decision = shared.policy.current().evaluate(
                 &DestinationFacts {
-                    host: None,
+                    host: sni.as_deref(),
                     ip: Some(dest.ip()),
                     port: dest.port(),
                 },
@@ -148,7 +232,7 @@ impl Sniffing {
                     Direction::Inbound => "inbound",
                     Direction::Outbound => "outbound",
                 },
-                protocol: "tcp",
+                protocol: if sni.is_some() { "tls" } else { "tcp" },
                 status_class: "none",
             })
             .inc();
@@ -166,8 +250,12 @@ impl Sniffing {
                 Direction::Inbound => v1::Direction::Inbound,
                 Direction::Outbound => v1::Direction::Outbound,
             } as i32,
-            protocol: v1::Protocol::Tcp as i32,
-            operation: "tcp".into(),
+            protocol: if sni.is_some() {
+                v1::Protocol::TlsOpaque
+            } else {
+                v1::Protocol::Tcp
+            } as i32,
+            operation: if sni.is_some() { "tls" } else { "tcp" }.into(),
             initiator: claims.map(|c| v1::Initiator {
                 subject: c.sub.clone(),
                 kind: v1::InitiatorKind::from(c.custody.ini) as i32,
@@ -193,7 +281,7 @@ impl Sniffing {
             duration_nanos: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
             egress: egress.map(|d| v1::EgressDecision {
                 destination: dest.map(|a| v1::Destination {
-                    host: String::new(),
+                    host: sni.clone().unwrap_or_default(),
                     ip: a.ip().to_string(),
                     port: u32::from(a.port()),
                 }),
@@ -229,11 +317,15 @@ impl ServerApp for Sniffing {
     ) -> Option<Stream> {
         let dest = self.destination(&stream);
         let server_first = dest.is_some_and(|d| self.shared.config.tcp_ports.contains(&d.port()));
+        let mut sni = None;
         if !server_first {
             let mut head = [0u8; 4];
             match tokio::time::timeout(IDLE, stream.try_peek(&mut head)).await {
                 Ok(Ok(true)) if looks_like_http(&head) => {
                     return ServerApp::process_new(&self.http, stream, shutdown).await;
+                }
+                Ok(Ok(true)) if head[0] == 0x16 && head[1] == 0x03 => {
+                    sni = Self::peek_sni(&mut stream).await;
                 }
                 Ok(Ok(true)) => {}
                 // Not peekable: leave it to the HTTP proxy.
@@ -241,7 +333,7 @@ impl ServerApp for Sniffing {
                 Ok(Err(_)) | Err(_) => return None,
             }
         }
-        self.pass_through(stream, dest).await;
+        self.pass_through(stream, dest, sni).await;
         None
     }
 
@@ -249,3 +341,6 @@ impl ServerApp for Sniffing {
         ServerApp::cleanup(&*self.http).await;
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -134,6 +134,9 @@ policies:
         - name: no-10-99-0-3
           destination: { cidrs: ["10.99.0.3/32"] }
           verdict: block
+        - name: no-partner-tls
+          destination: { hosts: ["*.partner.example"] }
+          verdict: block
 "#,
     )
     .unwrap();
@@ -178,6 +181,35 @@ tcp_ports: [3306]
     ns.spawn(&["python3", tcp_server.to_str().unwrap()]);
     let tcp_client = dir.path().join("tcp_client.py");
     std::fs::write(&tcp_client, TCP_CLIENT).unwrap();
+    // A TLS server on 10.99.0.2:443 with a self-signed certificate.
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    run(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=files.internal",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]);
+    let tls_server = dir.path().join("tls_server.py");
+    std::fs::write(&tls_server, TLS_SERVER).unwrap();
+    ns.spawn(&[
+        "python3",
+        tls_server.to_str().unwrap(),
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+        &served,
+    ]);
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -243,6 +275,46 @@ tcp_ports: [3306]
     assert_eq!(tcp("10.99.0.2", "3306", "20061", "1"), "greeting\nping\n");
     assert_eq!(tcp("10.99.0.3", "7000", "20062", "0"), "");
 
+    // TLS: the server name decides; the bytes pass through untouched.
+    let https = |name: &str, sport: &str| {
+        ns.exec(&[
+            "curl",
+            "-sk",
+            "--max-time",
+            "10",
+            "--local-port",
+            sport,
+            "--resolve",
+            &format!("{name}:443:10.99.0.2"),
+            &format!("https://{name}/hello.txt"),
+        ])
+        .output()
+        .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ns
+        .exec(&[
+            "curl",
+            "-sk",
+            "--max-time",
+            "2",
+            "https://10.99.0.2/hello.txt",
+        ])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(Instant::now() < deadline, "tls server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let allowed = https("files.internal", "20070");
+    assert_eq!(
+        String::from_utf8_lossy(&allowed.stdout),
+        "hello from 10.99.0.2\n"
+    );
+    let blocked = https("api.partner.example", "20071");
+    assert!(!blocked.status.success());
+
     let deadline = Instant::now() + Duration::from_secs(20);
     let events: Vec<serde_json::Value> = loop {
         let text = std::fs::read_to_string(&hops).unwrap_or_default();
@@ -250,7 +322,7 @@ tcp_ports: [3306]
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        if events.len() >= 5 {
+        if events.len() >= 7 {
             break events;
         }
         assert!(Instant::now() < deadline, "hop events missing: {text}");
@@ -282,7 +354,43 @@ tcp_ports: [3306]
     assert_eq!(to(3306, "10.99.0.2")["bytes_out"], 14);
     assert_eq!(to(7000, "10.99.0.3")["egress"]["verdict"], "VERDICT_BLOCK");
     assert_eq!(to(7000, "10.99.0.3")["bytes_out"], 0);
+
+    let tls_hops: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["protocol"] == "PROTOCOL_TLS_OPAQUE")
+        .collect();
+    assert_eq!(tls_hops.len(), 2, "{events:#?}");
+    let by_host = |host: &str| {
+        tls_hops
+            .iter()
+            .find(|h| h["egress"]["destination"]["host"] == host)
+            .unwrap_or_else(|| panic!("no tls hop for {host}: {tls_hops:#?}"))
+    };
+    assert_eq!(
+        by_host("files.internal")["egress"]["verdict"],
+        "VERDICT_ALLOW"
+    );
+    assert!(by_host("files.internal")["bytes_out"].as_u64().unwrap() > 0);
+    assert_eq!(
+        by_host("api.partner.example")["egress"]["verdict"],
+        "VERDICT_BLOCK"
+    );
+    assert_eq!(
+        by_host("api.partner.example")["egress"]["policy"],
+        "internal-only"
+    );
 }
+
+const TLS_SERVER: &str = r#"
+import functools, http.server, ssl, sys
+cert, key, directory = sys.argv[1:4]
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
+server = http.server.ThreadingHTTPServer(("10.99.0.2", 443), handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
 
 const TCP_SERVER: &str = r#"
 import socket, threading
