@@ -241,13 +241,39 @@ pub struct SigningConfig {
 }
 
 /// The keys trusted to verify tokens.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustConfig {
     /// A key-set file (standalone mode): see [`crate::trust::KeySetFile`].
     /// The sidecar's own key is always trusted.
     #[serde(default)]
     pub key_set_file: Option<PathBuf>,
+    /// Verified tokens remembered, so a token presented again (retries,
+    /// several calls of one hop) costs a hash, not a signature check
+    /// (default 1024).
+    #[serde(default = "default_verify_cache")]
+    pub verify_cache_size: usize,
+    /// Clock leeway when checking `iat` and `exp`, in seconds (default 30).
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+}
+
+fn default_verify_cache() -> usize {
+    1024
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        TrustConfig {
+            key_set_file: None,
+            verify_cache_size: default_verify_cache(),
+            leeway_secs: default_leeway(),
+        }
+    }
 }
 
 /// Egress policy sources.

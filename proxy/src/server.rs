@@ -133,7 +133,10 @@ impl Sidecar {
             audience.clone(),
             config.signing.token_ttl_secs.unwrap_or(300),
         );
-        let verifier = Verifier::new(VerifierConfig::new(audience), keys);
+        let mut verifier_config = VerifierConfig::new(audience);
+        verifier_config.cache_capacity = config.trust.verify_cache_size.max(1);
+        verifier_config.leeway_secs = config.trust.leeway_secs;
+        let verifier = Verifier::new(verifier_config, keys);
         let metrics = Arc::new(Metrics::default());
         let policy = Arc::new(PolicyStore::open(
             config.policy.state_dir.clone(),
