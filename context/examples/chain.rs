@@ -38,7 +38,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (ns, sa) in workloads {
         let id = WorkloadId::new(td, ns, sa)?;
         let key = SigningKey::generate();
-        keys.insert(key.public_key().bound_to(id.uri()).valid_between(now - 60, now + 3600))?;
+        keys.insert(
+            key.public_key()
+                .bound_to(id.uri())
+                .valid_between(now - 60, now + 3600),
+        )?;
         issuers.push(Issuer::new(key, id.uri(), td, 300));
     }
     let verifier = Verifier::new(VerifierConfig::new(td), keys);
@@ -59,7 +63,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let hops = [
         (HopAttribution::PROPAGATED, vec![], Some("agent:researcher")),
-        (HopAttribution::stitched(0.5), vec!["pii.ssn", "pii.email"], None),
+        (
+            HopAttribution::stitched(0.5),
+            vec!["pii.ssn", "pii.email"],
+            None,
+        ),
     ];
     for (issuer, (attribution, taint, delegate)) in issuers[1..].iter().zip(hops) {
         let prior = verifier.verify(&token.encoded, now)?;
@@ -71,11 +79,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let end = verifier.verify(&token.encoded, now)?;
     let c = &end.claims;
-    println!("chain {} ({} bytes, signed by key {})", c.txn, token.encoded.len(), end.kid);
+    println!(
+        "chain {} ({} bytes, signed by key {})",
+        c.txn,
+        token.encoded.len(),
+        end.kid
+    );
     println!("  initiator  {} ({})", c.sub, c.custody.ini.as_str());
     println!("  actors     {}", c.actors().join(" <- "));
     for (wl, att) in c.req_wl.iter().zip(&c.custody.att) {
-        println!("  hop        {wl}  [{} {:.2}]", att.method.as_str(), att.confidence);
+        println!(
+            "  hop        {wl}  [{} {:.2}]",
+            att.method.as_str(),
+            att.confidence
+        );
     }
     let taint: Vec<_> = c.custody.taint.iter().map(String::as_str).collect();
     println!("  taint      {}", taint.join(", "));
@@ -89,8 +106,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let clean = BTreeSet::new();
     for (label, taint) in [("this chain", &c.custody.taint), ("a clean chain", &clean)] {
         let decision = bundle.evaluate(
-            &DestinationFacts { host: Some("api.partner.example"), ip: None, port: 443 },
-            &ChainFacts { taint: Some(taint), ..Default::default() },
+            &DestinationFacts {
+                host: Some("api.partner.example"),
+                ip: None,
+                port: 443,
+            },
+            &ChainFacts {
+                taint: Some(taint),
+                ..Default::default()
+            },
         );
         println!(
             "  egress     {label} -> api.partner.example: {} ({})",

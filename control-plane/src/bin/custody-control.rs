@@ -1,0 +1,3 @@
+//! `custody-control`: the control-plane server.
+
+fn main() {}

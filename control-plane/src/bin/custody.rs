@@ -1,0 +1,3 @@
+//! `custody`: the command-line client of the control plane.
+
+fn main() {}
