@@ -4,3 +4,4 @@
 //! - [`store`]: the storage trait and its embedded SQLite implementation.
 
 pub mod assembly;
+pub mod store;
