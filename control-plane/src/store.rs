@@ -47,6 +47,8 @@ pub struct PutOutcome {
     pub duplicates: u32,
     /// Distinct chain ids of the accepted events.
     pub chains: Vec<String>,
+    /// For each event of the batch, in order: whether it was new.
+    pub fresh: Vec<bool>,
 }
 
 /// Filters for listing chains; unset fields match everything.

@@ -219,6 +219,7 @@ impl Store for SqliteStore {
                     i64_of(end),
                     hop.encode_to_vec(),
                 ])?;
+                out.fresh.push(n == 1);
                 if n == 1 {
                     out.accepted += 1;
                     chains.insert(hop.chain_id.clone());
@@ -246,6 +247,7 @@ impl Store for SqliteStore {
                     i64_of(flow.unix_nanos),
                     flow.encode_to_vec()
                 ])?;
+                out.fresh.push(n == 1);
                 if n == 1 {
                     out.accepted += 1;
                 } else {
