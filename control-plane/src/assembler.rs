@@ -7,6 +7,10 @@
 //! adopted by them) and the node-agent flows of that window, runs
 //! [`assembly::assemble`], and stores the trees that involve a dirty chain.
 //! Chains joined into another are deleted as chains of their own.
+//!
+//! The dirty set is mirrored durably by the store's pending chains (written
+//! with the hops, cleared with the trees), so a restart resumes assembly of
+//! everything acknowledged before a crash.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -110,8 +114,19 @@ impl Assembler {
         if ids.is_empty() {
             return Ok(0);
         }
+        match self.assemble(&ids) {
+            Ok(()) => Ok(ids.len()),
+            Err(e) => {
+                // Still pending in the store; try again on the next pass.
+                self.dirty.mark(ids);
+                Err(e)
+            }
+        }
+    }
+
+    fn assemble(&self, ids: &[String]) -> Result<(), StoreError> {
         let dirty: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
-        let mut hops = self.store.hops_of_chains(&ids)?;
+        let mut hops = self.store.hops_of_chains(ids)?;
         let mut loaded: BTreeSet<String> = ids.iter().cloned().collect();
         // Two rounds: neighbours of the dirty chains, then the rest of the
         // neighbours' own chains, so every stored tree is whole.
@@ -162,7 +177,7 @@ impl Assembler {
             .iter()
             .flat_map(|t| t.summary.joined_chains.iter().cloned())
             .collect();
-        self.store.put_chains(&trees, &superseded)?;
+        self.store.put_chains(&trees, &superseded, ids)?;
         let mut classes = self
             .classes
             .lock()
@@ -183,7 +198,7 @@ impl Assembler {
             // Nobody listening is fine.
             let _ = self.updates.send(Arc::new(s.clone()));
         }
-        Ok(ids.len())
+        Ok(())
     }
 }
 

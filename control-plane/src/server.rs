@@ -142,6 +142,15 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let policy = PolicyCenter::load(store.clone(), keys)?;
     let metrics = Arc::new(Metrics::new());
     let dirty = Arc::new(Dirty::default());
+    // Resume the assembly of what was acknowledged before a stop or crash.
+    let s = store.clone();
+    let pending = tokio::task::spawn_blocking(move || s.pending_chains(u32::MAX))
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+    if !pending.is_empty() {
+        tracing::info!(chains = pending.len(), "resuming assembly");
+        dirty.mark(pending);
+    }
     let (chain_updates, _) = broadcast::channel(1024);
     let shared = Arc::new(Shared {
         store: store.clone(),

@@ -178,7 +178,9 @@ pub struct RetentionOutcome {
 
 /// Everything the control plane keeps.
 pub trait Store: Send + Sync {
-    /// Stores hop events, ignoring those whose event id is already stored.
+    /// Stores hop events, ignoring those whose event id is already stored,
+    /// and marks the chains of new ones as pending assembly (durably, in the
+    /// same transaction).
     fn put_hops(&self, hops: &[HopEvent]) -> Result<PutOutcome, StoreError>;
     /// Stores flow events, ignoring those whose event id is already stored.
     fn put_flows(&self, flows: &[FlowEvent]) -> Result<PutOutcome, StoreError>;
@@ -193,9 +195,17 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<HopEvent>, StoreError>;
     /// Flows seen in `[from, to]`.
     fn flows_in_window(&self, from: u64, to: u64) -> Result<Vec<FlowEvent>, StoreError>;
-    /// Replaces the assembled chains (by chain id) and deletes `superseded`
-    /// ones (joined into another chain since).
-    fn put_chains(&self, trees: &[ChainTree], superseded: &[String]) -> Result<(), StoreError>;
+    /// Replaces the assembled chains (by chain id), deletes `superseded`
+    /// ones (joined into another chain since), and clears `assembled` from
+    /// the chains pending assembly.
+    fn put_chains(
+        &self,
+        trees: &[ChainTree],
+        superseded: &[String],
+        assembled: &[String],
+    ) -> Result<(), StoreError>;
+    /// Chains with hops stored since their last assembly (at most `limit`).
+    fn pending_chains(&self, limit: u32) -> Result<Vec<String>, StoreError>;
     /// Chain summaries matching the query, newest first.
     fn chains(&self, query: &ChainQuery) -> Result<Vec<ChainSummary>, StoreError>;
     /// One chain with every hop, by its id or by an id joined into it.

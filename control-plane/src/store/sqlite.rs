@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS hops (
 CREATE INDEX IF NOT EXISTS hops_chain ON hops (chain_id);
 CREATE INDEX IF NOT EXISTS hops_workload_time ON hops (workload, start_ns);
 CREATE INDEX IF NOT EXISTS hops_time ON hops (start_ns);
+CREATE TABLE IF NOT EXISTS pending (
+    chain_id TEXT PRIMARY KEY
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS flows (
     event_id TEXT PRIMARY KEY,
     at_ns INTEGER NOT NULL,
@@ -227,6 +230,11 @@ impl Store for SqliteStore {
                     out.duplicates += 1;
                 }
             }
+            let mut pending =
+                tx.prepare_cached("INSERT OR IGNORE INTO pending (chain_id) VALUES (?1)")?;
+            for c in &chains {
+                pending.execute([c])?;
+            }
         }
         tx.commit()?;
         out.chains = chains.into_iter().collect();
@@ -314,10 +322,19 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    fn put_chains(&self, trees: &[ChainTree], superseded: &[String]) -> Result<(), StoreError> {
+    fn put_chains(
+        &self,
+        trees: &[ChainTree],
+        superseded: &[String],
+        assembled: &[String],
+    ) -> Result<(), StoreError> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction()?;
         {
+            let mut done = tx.prepare_cached("DELETE FROM pending WHERE chain_id = ?1")?;
+            for id in assembled {
+                done.execute([id])?;
+            }
             let mut del_chain = tx.prepare_cached("DELETE FROM chains WHERE chain_id = ?1")?;
             let mut del_facts = tx.prepare_cached("DELETE FROM chain_facts WHERE chain_id = ?1")?;
             for id in superseded {
@@ -353,6 +370,15 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn pending_chains(&self, limit: u32) -> Result<Vec<String>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached("SELECT chain_id FROM pending LIMIT ?1")?;
+        let rows = stmt
+            .query_map([i64::from(limit)], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
     }
 
     fn chains(&self, q: &ChainQuery) -> Result<Vec<ChainSummary>, StoreError> {

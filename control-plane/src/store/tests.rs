@@ -56,9 +56,16 @@ fn put_idempotent(store: &dyn Store) {
     let out = store.put_hops(&a).unwrap();
     assert_eq!((out.accepted, out.duplicates), (2, 0));
     assert_eq!(out.chains, vec![C1.to_owned()]);
+    assert_eq!(out.fresh, vec![true, true]);
     let again = [a[1].clone(), hop("c", C2, "3333333333333333", "", 5_000)];
     let out = store.put_hops(&again).unwrap();
     assert_eq!((out.accepted, out.duplicates), (1, 1));
+    assert_eq!(out.fresh, vec![false, true]);
+    let mut pending = store.pending_chains(10).unwrap();
+    pending.sort();
+    assert_eq!(pending, vec![C1.to_owned(), C2.to_owned()]);
+    store.put_chains(&[], &[], &[C1.to_owned()]).unwrap();
+    assert_eq!(store.pending_chains(10).unwrap(), vec![C2.to_owned()]);
     assert_eq!(store.hop_count().unwrap(), 3);
     let mut got = store.hops_of_chains(&[C1.to_owned()]).unwrap();
     got.sort_by(|x, y| x.event_id.cmp(&y.event_id));
@@ -102,7 +109,7 @@ fn chains_are_found_by_every_filter() {
     });
     hops[2].initiator.as_mut().unwrap().subject = "bob".into();
     store.put_hops(&hops).unwrap();
-    store.put_chains(&assemble(&hops, &[]), &[]).unwrap();
+    store.put_chains(&assemble(&hops, &[]), &[], &[]).unwrap();
 
     let ids = |q: ChainQuery| -> Vec<String> {
         store
@@ -260,7 +267,7 @@ fn retention_deletes_by_age_then_by_size() {
         hops.push(h);
     }
     store.put_hops(&hops).unwrap();
-    store.put_chains(&assemble(&hops, &[]), &[]).unwrap();
+    store.put_chains(&assemble(&hops, &[]), &[], &[]).unwrap();
     // 2,000 hops spread over 20 hours: keeping 10 hours drops about half.
     let out = store
         .retain(
