@@ -8,11 +8,12 @@ use crate::assembly::{ChainSummary, ChainTree, Evidence, HopNode};
 use crate::http::BlastRadius;
 use crate::store::PolicyState;
 
-fn short_workload(uri: &str) -> &str {
+fn short_workload(uri: &str) -> String {
     // spiffe://td/ns/NS/sa/SA -> NS/SA
     uri.strip_prefix("spiffe://")
         .and_then(|rest| rest.split_once("/ns/"))
-        .map_or(uri, |(_, rest)| rest)
+        .and_then(|(_, rest)| rest.split_once("/sa/"))
+        .map_or_else(|| uri.to_owned(), |(ns, sa)| format!("{ns}/{sa}"))
 }
 
 fn when(nanos: u64) -> String {
@@ -50,7 +51,7 @@ pub fn chains(list: &[ChainSummary]) -> String {
             .initiator
             .as_ref()
             .map_or_else(|| "-".to_owned(), |i| format!("{} ({})", i.subject, i.kind));
-        let services: Vec<&str> = c.services.iter().map(|s| short_workload(s)).collect();
+        let services: Vec<String> = c.services.iter().map(|s| short_workload(s)).collect();
         let _ = writeln!(
             out,
             "{:<32}  {:<10}  {:>4}  {:<20}  {:<24}  {}",
@@ -197,7 +198,7 @@ pub fn chain(tree: &ChainTree) -> String {
 /// A blast radius.
 pub fn blast_radius(b: &BlastRadius) -> String {
     let mut out = format!("blast radius of {}: {} chains\n", b.subject, b.chains.len());
-    let services: Vec<&str> = b.services.iter().map(|s| short_workload(s)).collect();
+    let services: Vec<String> = b.services.iter().map(|s| short_workload(s)).collect();
     let _ = writeln!(
         out,
         "services: {}",
