@@ -2,10 +2,15 @@
 //! with their neighbours in time, and stores the trees.
 //!
 //! Ingest marks chain ids dirty; every `interval` the assembler takes them
-//! (at most [`BATCH`] at a time), loads their hops, the hops of the same
-//! workloads in the same time window (whose chains may adopt them or be
-//! adopted by them) and the node-agent flows of that window, runs
-//! [`assembly::assemble`], and stores the trees that involve a dirty chain.
+//! (at most [`BATCH`] at a time) and loads their hops, then the neighbours
+//! that evidence may join: contextless hops in the same time window (which
+//! a loaded chain may adopt), and for each contextless group the hops that
+//! may be its parent (an inbound hop of the same workload around it, an
+//! outbound hop with the same connection, a hop of the caller a node-agent
+//! flow names), each with its whole chain. It runs [`assembly::assemble`]
+//! and stores the trees that involve a dirty chain. The common case (every
+//! hop carried context) costs one indexed query for the window's few
+//! contextless hops.
 //! Chains joined into another are deleted as chains of their own.
 //!
 //! The dirty set is mirrored durably by the store's pending chains (written
@@ -16,6 +21,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, broadcast};
+
+use custody_context::api::v1::HopEvent;
 
 use crate::assembly::{self, ChainSummary, ChainTree, Coverage, workload_uri};
 use crate::metrics::{CoverageLabel, Metrics};
@@ -128,23 +135,67 @@ impl Assembler {
         let dirty: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
         let mut hops = self.store.hops_of_chains(ids)?;
         let mut loaded: BTreeSet<String> = ids.iter().cloned().collect();
-        // Two rounds: neighbours of the dirty chains, then the rest of the
-        // neighbours' own chains, so every stored tree is whole.
-        for _ in 0..2 {
-            let Some((from, to)) = window(&hops) else {
-                break;
-            };
-            if to - from > MAX_WINDOW_NANOS {
-                break;
+        let mut searched: BTreeSet<String> = BTreeSet::new();
+        let mut flows = Vec::new();
+        // A few rounds: neighbours of the dirty chains, then the neighbours'
+        // whole chains (and their own adopted hops), so every stored tree is whole.
+        for _ in 0..3 {
+            let mut found = Vec::new();
+            // Contextless hops a loaded chain may adopt.
+            if let Some((from, to)) = window(&hops)
+                && to - from <= MAX_WINDOW_NANOS
+            {
+                found.extend(self.store.contextless_in_window(from, to)?);
             }
-            let workloads: Vec<String> = hops
-                .iter()
-                .map(|h| workload_uri(h.workload.as_ref()))
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let near = self.store.hops_in_window(&workloads, from, to)?;
-            let new: Vec<String> = near
+            // Parents for contextless groups: same workload in time, same
+            // connection, or the caller a node-agent flow names.
+            let mut by_chain: HashMap<&str, Vec<&HopEvent>> = HashMap::new();
+            for h in &hops {
+                by_chain.entry(h.chain_id.as_str()).or_default().push(h);
+            }
+            let mut keys = Vec::new();
+            let mut roots = Vec::new();
+            for (chain, members) in &by_chain {
+                if searched.contains(*chain) || members.iter().any(|h| assembly::has_context(h)) {
+                    continue;
+                }
+                searched.insert((*chain).to_owned());
+                for h in members.iter().filter(|h| h.parent_span_id.is_empty()) {
+                    let end = h.start_unix_nanos.saturating_add(h.duration_nanos);
+                    found.extend(self.store.hops_in_window(
+                        &[workload_uri(h.workload.as_ref())],
+                        h.start_unix_nanos,
+                        end,
+                    )?);
+                    if let Some(c) = &h.connection {
+                        let key = assembly::connection_key(c);
+                        if !key.is_empty() {
+                            keys.push(key.clone());
+                            roots.push((key, h.start_unix_nanos, end));
+                        }
+                    }
+                }
+            }
+            if !keys.is_empty() {
+                found.extend(self.store.hops_by_connection(&keys)?);
+                let seen = self.store.flows_by_connection(&keys)?;
+                for (key, start, end) in &roots {
+                    let callers: Vec<String> = seen
+                        .iter()
+                        .filter(|f| {
+                            f.connection.as_ref().map(assembly::connection_key).as_ref()
+                                == Some(key)
+                        })
+                        .map(|f| workload_uri(f.workload.as_ref()))
+                        .filter(|w| !w.is_empty())
+                        .collect();
+                    if !callers.is_empty() {
+                        found.extend(self.store.hops_in_window(&callers, *start, *end)?);
+                    }
+                }
+                flows.extend(seen);
+            }
+            let new: Vec<String> = found
                 .iter()
                 .map(|h| h.chain_id.clone())
                 .filter(|c| !loaded.contains(c))
@@ -157,12 +208,6 @@ impl Assembler {
             hops.extend(self.store.hops_of_chains(&new)?);
             loaded.extend(new);
         }
-        let flows = match window(&hops) {
-            Some((from, to)) if to - from <= MAX_WINDOW_NANOS => {
-                self.store.flows_in_window(from, to)?
-            }
-            _ => Vec::new(),
-        };
         let trees: Vec<ChainTree> = assembly::assemble(&hops, &flows)
             .into_iter()
             .filter(|t| {
@@ -202,7 +247,7 @@ impl Assembler {
     }
 }
 
-fn window(hops: &[custody_context::api::v1::HopEvent]) -> Option<(u64, u64)> {
+fn window(hops: &[HopEvent]) -> Option<(u64, u64)> {
     let from = hops.iter().map(|h| h.start_unix_nanos).min()?;
     let to = hops
         .iter()

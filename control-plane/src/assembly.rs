@@ -279,6 +279,17 @@ pub fn workload_uri(id: Option<&v1::WorkloadId>) -> String {
     }
 }
 
+/// The key a connection is stored and joined by.
+pub fn connection_key(t: &v1::FiveTuple) -> String {
+    if t.src_ip.is_empty() && t.dst_ip.is_empty() {
+        return String::new();
+    }
+    format!(
+        "{}:{}>{}:{}/{}",
+        t.src_ip, t.src_port, t.dst_ip, t.dst_port, t.transport
+    )
+}
+
 fn method(hop: &HopEvent) -> v1::AttributionMethod {
     hop.attribution
         .as_ref()
@@ -313,16 +324,119 @@ fn pod_compatible(a: Option<&v1::WorkloadId>, b: Option<&v1::WorkloadId>) -> boo
     }
 }
 
-fn same_tuple(a: &v1::FiveTuple, b: &v1::FiveTuple) -> bool {
-    a.src_ip == b.src_ip
-        && a.src_port == b.src_port
-        && a.dst_ip == b.dst_ip
-        && a.dst_port == b.dst_port
-        && a.transport == b.transport
+type TupleKey<'a> = (&'a str, u32, &'a str, u32, &'a str);
+
+fn tuple_key(t: &v1::FiveTuple) -> TupleKey<'_> {
+    (
+        t.src_ip.as_str(),
+        t.src_port,
+        t.dst_ip.as_str(),
+        t.dst_port,
+        t.transport.as_str(),
+    )
 }
 
 /// A chosen evidence join: parent hop index, evidence, confidence.
 type Link = (usize, Evidence, f32);
+
+/// Lookups over the contextful hops, built once per assembly.
+struct Index<'a> {
+    /// Workload URI of every hop.
+    workloads: Vec<String>,
+    /// Contextful inbound hops.
+    inbound: Vec<usize>,
+    /// Contextful outbound hops by connection.
+    outbound: HashMap<TupleKey<'a>, Vec<usize>>,
+    /// Workloads named by node-agent flows, by connection.
+    flows: HashMap<TupleKey<'a>, BTreeSet<String>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(hops: &[&'a HopEvent], flows: &'a [FlowEvent], contextful: &BTreeSet<&str>) -> Self {
+        let workloads: Vec<String> = hops
+            .iter()
+            .map(|h| workload_uri(h.workload.as_ref()))
+            .collect();
+        let mut inbound = Vec::new();
+        let mut outbound: HashMap<TupleKey<'a>, Vec<usize>> = HashMap::new();
+        for (i, h) in hops.iter().enumerate() {
+            if !contextful.contains(h.chain_id.as_str()) {
+                continue;
+            }
+            match direction(h) {
+                v1::Direction::Inbound => inbound.push(i),
+                v1::Direction::Outbound => {
+                    if let Some(c) = &h.connection {
+                        outbound.entry(tuple_key(c)).or_default().push(i);
+                    }
+                }
+                v1::Direction::Unspecified => {}
+            }
+        }
+        let mut flow_map: HashMap<TupleKey<'a>, BTreeSet<String>> = HashMap::new();
+        for f in flows {
+            if let Some(c) = &f.connection {
+                let w = workload_uri(f.workload.as_ref());
+                if !w.is_empty() {
+                    flow_map.entry(tuple_key(c)).or_default().insert(w);
+                }
+            }
+        }
+        Index {
+            workloads,
+            inbound,
+            outbound,
+            flows: flow_map,
+        }
+    }
+}
+
+fn find_link(
+    hops: &[&HopEvent],
+    index: &Index<'_>,
+    by_workload: &HashMap<&str, Vec<usize>>,
+    root: usize,
+) -> Option<Link> {
+    let h = hops[root];
+    let contains =
+        |outer: &HopEvent| outer.start_unix_nanos <= h.start_unix_nanos && end(outer) >= end(h);
+    if let Some(conn) = &h.connection {
+        let key = tuple_key(conn);
+        if let Some(c) = index.outbound.get(&key)
+            && let Some(link) = choose(hops, c, Evidence::FiveTuple, FIVE_TUPLE_CONFIDENCE)
+        {
+            return Some(link);
+        }
+        if direction(h) == v1::Direction::Inbound
+            && let Some(callers) = index.flows.get(&key)
+        {
+            let c: Vec<usize> = callers
+                .iter()
+                .filter_map(|w| by_workload.get(w.as_str()))
+                .flatten()
+                .copied()
+                .filter(|&j| contains(hops[j]))
+                .collect();
+            if let Some(link) = choose(hops, &c, Evidence::FlowContainment, FLOW_CONFIDENCE) {
+                return Some(link);
+            }
+        }
+    }
+    if direction(h) == v1::Direction::Outbound {
+        let me = index.workloads[root].as_str();
+        let c: Vec<usize> = by_workload
+            .get(me)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&j| {
+                pod_compatible(hops[j].workload.as_ref(), h.workload.as_ref()) && contains(hops[j])
+            })
+            .collect();
+        return choose(hops, &c, Evidence::TimeContainment, CONTAINMENT_CONFIDENCE);
+    }
+    None
+}
 
 /// Assembles every chain the hops and flows describe.
 ///
@@ -348,13 +462,23 @@ pub fn assemble(hops: &[HopEvent], flows: &[FlowEvent]) -> Vec<ChainTree> {
 
     // Join each contextless group under a contextful hop, by evidence.
     let mut joined: BTreeMap<&str, Link> = BTreeMap::new();
-    for (id, members) in &groups {
-        if contextful.contains(id) {
-            continue;
+    if groups.len() > contextful.len() {
+        let index = Index::new(&hops, flows, &contextful);
+        let mut by_workload: HashMap<&str, Vec<usize>> = HashMap::new();
+        for &i in &index.inbound {
+            by_workload
+                .entry(index.workloads[i].as_str())
+                .or_default()
+                .push(i);
         }
-        let root = group_root(&hops, members);
-        if let Some(link) = find_link(&hops, flows, root, &contextful) {
-            joined.insert(id, link);
+        for (id, members) in &groups {
+            if contextful.contains(id) {
+                continue;
+            }
+            let root = group_root(&hops, members);
+            if let Some(link) = find_link(&hops, &index, &by_workload, root) {
+                joined.insert(id, link);
+            }
         }
     }
 
@@ -399,59 +523,6 @@ fn group_root(hops: &[&HopEvent], members: &[usize]) -> usize {
         .min_by_key(key)
         .copied()
         .unwrap_or(members[0])
-}
-
-fn find_link(
-    hops: &[&HopEvent],
-    flows: &[FlowEvent],
-    root: usize,
-    contextful: &BTreeSet<&str>,
-) -> Option<Link> {
-    let h = hops[root];
-    let candidates = |pred: &dyn Fn(&HopEvent) -> bool| -> Vec<usize> {
-        (0..hops.len())
-            .filter(|&j| contextful.contains(hops[j].chain_id.as_str()) && pred(hops[j]))
-            .collect()
-    };
-    let contains =
-        |outer: &HopEvent| outer.start_unix_nanos <= h.start_unix_nanos && end(outer) >= end(h);
-
-    if let Some(conn) = &h.connection {
-        let c = candidates(&|o| {
-            direction(o) == v1::Direction::Outbound
-                && o.connection.as_ref().is_some_and(|oc| same_tuple(oc, conn))
-        });
-        if let Some(link) = choose(hops, &c, Evidence::FiveTuple, FIVE_TUPLE_CONFIDENCE) {
-            return Some(link);
-        }
-        if direction(h) == v1::Direction::Inbound {
-            let callers: BTreeSet<String> = flows
-                .iter()
-                .filter(|f| f.connection.as_ref().is_some_and(|fc| same_tuple(fc, conn)))
-                .map(|f| workload_uri(f.workload.as_ref()))
-                .filter(|w| !w.is_empty())
-                .collect();
-            let c = candidates(&|o| {
-                direction(o) == v1::Direction::Inbound
-                    && callers.contains(&workload_uri(o.workload.as_ref()))
-                    && contains(o)
-            });
-            if let Some(link) = choose(hops, &c, Evidence::FlowContainment, FLOW_CONFIDENCE) {
-                return Some(link);
-            }
-        }
-    }
-    if direction(h) == v1::Direction::Outbound {
-        let me = workload_uri(h.workload.as_ref());
-        let c = candidates(&|o| {
-            direction(o) == v1::Direction::Inbound
-                && workload_uri(o.workload.as_ref()) == me
-                && pod_compatible(o.workload.as_ref(), h.workload.as_ref())
-                && contains(o)
-        });
-        return choose(hops, &c, Evidence::TimeContainment, CONTAINMENT_CONFIDENCE);
-    }
-    None
 }
 
 /// Picks the tightest candidate; several candidates divide the confidence.

@@ -193,6 +193,12 @@ pub trait Store: Send + Sync {
         from: u64,
         to: u64,
     ) -> Result<Vec<HopEvent>, StoreError>;
+    /// Hops without identity context that started in `[from, to]`.
+    fn contextless_in_window(&self, from: u64, to: u64) -> Result<Vec<HopEvent>, StoreError>;
+    /// Hops whose connection has one of these keys ([`crate::assembly::connection_key`]).
+    fn hops_by_connection(&self, keys: &[String]) -> Result<Vec<HopEvent>, StoreError>;
+    /// Flows whose connection has one of these keys.
+    fn flows_by_connection(&self, keys: &[String]) -> Result<Vec<FlowEvent>, StoreError>;
     /// Flows seen in `[from, to]`.
     fn flows_in_window(&self, from: u64, to: u64) -> Result<Vec<FlowEvent>, StoreError>;
     /// Replaces the assembled chains (by chain id), deletes `superseded`

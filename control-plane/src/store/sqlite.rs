@@ -15,7 +15,7 @@ use super::{
     AuditEntry, ChainQuery, ClientVersion, IssuedKey, PolicyState, PutOutcome, Retention,
     RetentionOutcome, Store, StoreError,
 };
-use crate::assembly::{ChainSummary, ChainTree, workload_uri};
+use crate::assembly::{ChainSummary, ChainTree, connection_key, has_context, workload_uri};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS hops (
@@ -24,9 +24,13 @@ CREATE TABLE IF NOT EXISTS hops (
     workload TEXT NOT NULL,
     start_ns INTEGER NOT NULL,
     end_ns INTEGER NOT NULL,
+    context INTEGER NOT NULL,
+    conn TEXT NOT NULL,
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS hops_chain ON hops (chain_id);
+CREATE INDEX IF NOT EXISTS hops_contextless ON hops (start_ns) WHERE context = 0;
+CREATE INDEX IF NOT EXISTS hops_conn ON hops (conn) WHERE conn != '';
 CREATE INDEX IF NOT EXISTS hops_workload_time ON hops (workload, start_ns);
 CREATE INDEX IF NOT EXISTS hops_time ON hops (start_ns);
 CREATE TABLE IF NOT EXISTS pending (
@@ -35,8 +39,10 @@ CREATE TABLE IF NOT EXISTS pending (
 CREATE TABLE IF NOT EXISTS flows (
     event_id TEXT PRIMARY KEY,
     at_ns INTEGER NOT NULL,
+    conn TEXT NOT NULL,
     body BLOB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS flows_conn ON flows (conn) WHERE conn != '';
 CREATE INDEX IF NOT EXISTS flows_time ON flows (at_ns);
 CREATE TABLE IF NOT EXISTS chains (
     chain_id TEXT PRIMARY KEY,
@@ -209,8 +215,8 @@ impl Store for SqliteStore {
         let mut chains = BTreeSet::new();
         {
             let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO hops (event_id, chain_id, workload, start_ns, end_ns, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR IGNORE INTO hops (event_id, chain_id, workload, start_ns, end_ns, context, conn, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             for hop in hops {
                 let end = hop.start_unix_nanos.saturating_add(hop.duration_nanos);
@@ -220,6 +226,11 @@ impl Store for SqliteStore {
                     workload_uri(hop.workload.as_ref()),
                     i64_of(hop.start_unix_nanos),
                     i64_of(end),
+                    has_context(hop),
+                    hop.connection
+                        .as_ref()
+                        .map(connection_key)
+                        .unwrap_or_default(),
                     hop.encode_to_vec(),
                 ])?;
                 out.fresh.push(n == 1);
@@ -247,12 +258,16 @@ impl Store for SqliteStore {
         let mut out = PutOutcome::default();
         {
             let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO flows (event_id, at_ns, body) VALUES (?1, ?2, ?3)",
+                "INSERT OR IGNORE INTO flows (event_id, at_ns, conn, body) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for flow in flows {
                 let n = stmt.execute(params![
                     flow.event_id,
                     i64_of(flow.unix_nanos),
+                    flow.connection
+                        .as_ref()
+                        .map(connection_key)
+                        .unwrap_or_default(),
                     flow.encode_to_vec()
                 ])?;
                 out.fresh.push(n == 1);
@@ -306,6 +321,45 @@ impl Store for SqliteStore {
             }
         }
         decode_hops(rows)
+    }
+
+    fn contextless_in_window(&self, from: u64, to: u64) -> Result<Vec<HopEvent>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached(
+            "SELECT body FROM hops WHERE context = 0 AND start_ns BETWEEN ?1 AND ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![i64_of(from), i64_of(to)], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        decode_hops(rows)
+    }
+
+    fn hops_by_connection(&self, keys: &[String]) -> Result<Vec<HopEvent>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt =
+            conn.prepare_cached("SELECT body FROM hops WHERE conn = ?1 AND conn != ''")?;
+        let mut rows = Vec::new();
+        for k in keys {
+            for body in stmt.query_map([k], |r| r.get::<_, Vec<u8>>(0))? {
+                rows.push(body?);
+            }
+        }
+        decode_hops(rows)
+    }
+
+    fn flows_by_connection(&self, keys: &[String]) -> Result<Vec<FlowEvent>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt =
+            conn.prepare_cached("SELECT body FROM flows WHERE conn = ?1 AND conn != ''")?;
+        let mut out = Vec::new();
+        for k in keys {
+            for body in stmt.query_map([k], |r| r.get::<_, Vec<u8>>(0))? {
+                out.push(FlowEvent::decode(body?.as_slice())?);
+            }
+        }
+        Ok(out)
     }
 
     fn flows_in_window(&self, from: u64, to: u64) -> Result<Vec<FlowEvent>, StoreError> {

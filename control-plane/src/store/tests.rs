@@ -304,3 +304,57 @@ fn retention_deletes_by_age_then_by_size() {
         1
     );
 }
+
+#[test]
+fn neighbours_are_found_by_context_and_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: &dyn Store = &open(dir.path());
+    let conn = v1::FiveTuple {
+        src_ip: "10.0.0.1".into(),
+        src_port: 4000,
+        dst_ip: "10.0.0.2".into(),
+        dst_port: 80,
+        transport: "tcp".into(),
+    };
+    let mut with_context = hop("a", C1, "1111111111111111", "", 100);
+    with_context.connection = Some(conn.clone());
+    let mut without = hop("b", C2, "2222222222222222", "", 150);
+    without.attribution.as_mut().unwrap().method = v1::AttributionMethod::PeerOnly as i32;
+    without.context_outcome = v1::ContextOutcome::Missing as i32;
+    store
+        .put_hops(&[with_context.clone(), without.clone()])
+        .unwrap();
+    assert_eq!(
+        store.contextless_in_window(0, 1_000).unwrap(),
+        vec![without]
+    );
+    assert!(store.contextless_in_window(200, 1_000).unwrap().is_empty());
+    let key = crate::assembly::connection_key(&conn);
+    assert_eq!(
+        store
+            .hops_by_connection(std::slice::from_ref(&key))
+            .unwrap(),
+        vec![with_context]
+    );
+    let flow = FlowEvent {
+        schema_version: 1,
+        event_id: "f".into(),
+        connection: Some(conn),
+        unix_nanos: 120,
+        ..Default::default()
+    };
+    let out = store.put_flows(&[flow.clone(), flow.clone()]).unwrap();
+    assert_eq!((out.accepted, out.duplicates), (1, 1));
+    assert_eq!(
+        store.flows_by_connection(&[key]).unwrap(),
+        vec![flow.clone()]
+    );
+    assert_eq!(store.flows_in_window(100, 200).unwrap(), vec![flow]);
+    assert!(
+        store
+            .hops_in_window(&["spiffe://td/ns/shop/sa/web".into()], 105, 106)
+            .unwrap()
+            .len()
+            == 1
+    );
+}
