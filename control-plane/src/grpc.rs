@@ -146,7 +146,22 @@ impl Ingest for IngestService {
             }
         }
         let store = self.0.store.clone();
-        let out = blocking(move || store.put_flows(&valid).map_err(internal)).await?;
+        let (out, touched) = blocking(move || {
+            let out = store.put_flows(&valid).map_err(internal)?;
+            // A flow is evidence for hops already stored on the same connection:
+            // their chains are assembled again.
+            let keys: Vec<String> = valid
+                .iter()
+                .filter_map(|f| f.connection.as_ref())
+                .map(crate::assembly::connection_key)
+                .filter(|k| !k.is_empty())
+                .collect();
+            let hops = store.hops_by_connection(&keys).map_err(internal)?;
+            let chains: Vec<String> = hops.into_iter().map(|h| h.chain_id).collect();
+            Ok((out, chains))
+        })
+        .await?;
+        self.0.dirty.mark(touched);
         Ok(Response::new(BatchAck {
             accepted: out.accepted,
             duplicates: out.duplicates,
