@@ -504,3 +504,6 @@ async fn contain_quarantine(
     let req: Quarantine = parse_json(&body)?;
     change(shared, Change::Quarantine { chain: req.chain }, caller).await
 }
+
+#[cfg(test)]
+mod tests;
