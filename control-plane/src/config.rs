@@ -163,7 +163,7 @@ fn default_assembly_interval() -> u64 {
 /// Disk synchronization of commits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Sync {
+pub enum SyncMode {
     /// Every commit reaches the disk before it is acknowledged.
     #[default]
     Full,
@@ -183,7 +183,7 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Commit synchronization.
     #[serde(default)]
-    pub sync: Sync,
+    pub sync: SyncMode,
     /// Accepted bearer tokens.
     pub tokens: Vec<TokenConfig>,
     /// Retention.

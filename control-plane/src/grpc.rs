@@ -12,7 +12,7 @@ use custody_context::api::v1::{
     trust_server::{Trust as TrustApi, TrustServer},
 };
 use custody_context::hop;
-use tokio_stream::{Stream, StreamExt as _};
+use tokio_stream::Stream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
@@ -224,13 +224,27 @@ impl PolicyDistribution for DistributionService {
             }
             self.0.remember_client(client, kind);
         }
-        let rx = self.0.policy.subscribe();
-        let stream = tokio_stream::wrappers::WatchStream::new(rx).map(move |update| {
-            let _held = &guard;
-            let mut update = (*update).clone();
-            update.sent_unix_nanos = unix_nanos();
-            Ok(update)
+        // One task per subscriber: the current state first, then every
+        // change, until the client goes away or the server stops.
+        let mut rx = self.0.policy.subscribe();
+        let mut stopping = self.0.stopping.clone();
+        let (tx, out) = tokio::sync::mpsc::channel::<Result<PolicyUpdate, Status>>(4);
+        tokio::spawn(async move {
+            let _held = guard;
+            loop {
+                let mut update = (**rx.borrow_and_update()).clone();
+                update.sent_unix_nanos = unix_nanos();
+                if tx.send(Ok(update)).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { break },
+                    _ = stopping.wait_for(|s| *s) => break,
+                    () = tx.closed() => break,
+                }
+            }
         });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(out);
         Ok(Response::new(Box::pin(stream)))
     }
 

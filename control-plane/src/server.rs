@@ -44,6 +44,8 @@ pub struct Shared {
     pub dirty: Arc<Dirty>,
     /// Newly assembled chains, for streaming.
     pub chain_updates: broadcast::Sender<Arc<ChainSummary>>,
+    /// Becomes `true` when the server stops: long streams end.
+    pub stopping: watch::Receiver<bool>,
     clients: Mutex<HashMap<String, &'static str>>,
 }
 
@@ -125,7 +127,7 @@ impl Running {
 pub async fn start(config: &Config) -> Result<Running, StartError> {
     let tokens = config.tokens()?;
     let data_dir = config.data_dir.clone();
-    let sync_full = config.sync == config::Sync::Full;
+    let sync_full = config.sync == config::SyncMode::Full;
     let store: Arc<dyn Store> = Arc::new(
         tokio::task::spawn_blocking(move || {
             SqliteStore::open(&SqliteOptions {
@@ -152,6 +154,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         dirty.mark(pending);
     }
     let (chain_updates, _) = broadcast::channel(1024);
+    let (shutdown, stop) = watch::channel(false);
     let shared = Arc::new(Shared {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -160,6 +163,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         trust,
         dirty: dirty.clone(),
         chain_updates: chain_updates.clone(),
+        stopping: stop.clone(),
         clients: Mutex::new(HashMap::new()),
     });
     tracing::info!(root_key = shared.trust.root_kid(), "trust root loaded");
@@ -183,7 +187,6 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             addr: config.http_listen,
             source,
         })?;
-    let (shutdown, stop) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };

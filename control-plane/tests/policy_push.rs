@@ -252,5 +252,19 @@ async fn invalid_policies_are_refused_with_the_field_and_nothing_is_pushed() {
     .await
     .unwrap();
     assert_eq!(server.shared.policy.current().version, 0);
-    server.shutdown().await;
+    // A connected subscriber does not hold the server up when it stops.
+    let mut dist = distribution(server.grpc_addr, Some(NODE)).await;
+    let mut stream = dist
+        .subscribe(v1::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    next(&mut stream).await;
+    tokio::time::timeout(Duration::from_secs(30), server.shutdown())
+        .await
+        .expect("the server stops with a subscriber connected");
+    assert!(
+        stream.next().await.is_none_or(|r| r.is_err()),
+        "the stream ended"
+    );
 }

@@ -11,7 +11,7 @@ tokens:
 #[test]
 fn reads_a_minimal_config_with_defaults() {
     let c = Config::parse(GOOD).unwrap();
-    assert_eq!(c.sync, Sync::Full);
+    assert_eq!(c.sync, SyncMode::Full);
     assert_eq!(c.retention.max_age_secs, 7 * 24 * 3600);
     assert_eq!(c.trust.signing_key_ttl_secs, 3600);
     assert_eq!(c.tokens().unwrap()[0].role, Role::Admin);
