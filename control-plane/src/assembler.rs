@@ -90,6 +90,7 @@ pub struct Assembler {
     dirty: Arc<Dirty>,
     classes: Mutex<HashMap<String, Coverage>>,
     updates: broadcast::Sender<Arc<ChainSummary>>,
+    max_request_nanos: u64,
 }
 
 impl std::fmt::Debug for Assembler {
@@ -99,12 +100,15 @@ impl std::fmt::Debug for Assembler {
 }
 
 impl Assembler {
-    /// An assembler reading `dirty` and announcing chains on `updates`.
+    /// An assembler reading `dirty` and announcing chains on `updates`; a
+    /// contextless hop is searched a parent among requests that started at
+    /// most `max_request_secs` before it.
     pub fn new(
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         dirty: Arc<Dirty>,
         updates: broadcast::Sender<Arc<ChainSummary>>,
+        max_request_secs: u64,
     ) -> Self {
         Assembler {
             store,
@@ -112,6 +116,7 @@ impl Assembler {
             dirty,
             classes: Mutex::new(HashMap::new()),
             updates,
+            max_request_nanos: max_request_secs.saturating_mul(1_000_000_000),
         }
     }
 
@@ -153,25 +158,30 @@ impl Assembler {
             for h in &hops {
                 by_chain.entry(h.chain_id.as_str()).or_default().push(h);
             }
+            // Roots of unsearched contextless groups, by the workload whose
+            // inbound hops may contain them.
+            let mut roots: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
             let mut keys = Vec::new();
-            let mut roots = Vec::new();
+            let mut keyed = Vec::new();
             for (chain, members) in &by_chain {
                 if searched.contains(*chain) || members.iter().any(|h| assembly::has_context(h)) {
                     continue;
                 }
                 searched.insert((*chain).to_owned());
                 for h in members.iter().filter(|h| h.parent_span_id.is_empty()) {
-                    let end = h.start_unix_nanos.saturating_add(h.duration_nanos);
-                    found.extend(self.store.hops_in_window(
-                        &[workload_uri(h.workload.as_ref())],
+                    let span = (
                         h.start_unix_nanos,
-                        end,
-                    )?);
+                        h.start_unix_nanos.saturating_add(h.duration_nanos),
+                    );
+                    roots
+                        .entry(workload_uri(h.workload.as_ref()))
+                        .or_default()
+                        .push(span);
                     if let Some(c) = &h.connection {
                         let key = assembly::connection_key(c);
                         if !key.is_empty() {
                             keys.push(key.clone());
-                            roots.push((key, h.start_unix_nanos, end));
+                            keyed.push((key, span));
                         }
                     }
                 }
@@ -179,21 +189,36 @@ impl Assembler {
             if !keys.is_empty() {
                 found.extend(self.store.hops_by_connection(&keys)?);
                 let seen = self.store.flows_by_connection(&keys)?;
-                for (key, start, end) in &roots {
-                    let callers: Vec<String> = seen
-                        .iter()
-                        .filter(|f| {
-                            f.connection.as_ref().map(assembly::connection_key).as_ref()
-                                == Some(key)
-                        })
-                        .map(|f| workload_uri(f.workload.as_ref()))
-                        .filter(|w| !w.is_empty())
-                        .collect();
-                    if !callers.is_empty() {
-                        found.extend(self.store.hops_in_window(&callers, *start, *end)?);
+                for (key, span) in &keyed {
+                    for f in &seen {
+                        if f.connection.as_ref().map(assembly::connection_key).as_ref() == Some(key)
+                        {
+                            let w = workload_uri(f.workload.as_ref());
+                            if !w.is_empty() {
+                                roots.entry(w).or_default().push(*span);
+                            }
+                        }
                     }
                 }
                 flows.extend(seen);
+            }
+            for (workload, spans) in &roots {
+                let earliest = spans.iter().map(|s| s.0).min().unwrap_or(0);
+                let latest = spans.iter().map(|s| s.0).max().unwrap_or(0);
+                let ended_by = spans.iter().map(|s| s.1).min().unwrap_or(0);
+                let candidates = self.store.hops_in_window(
+                    std::slice::from_ref(workload),
+                    earliest.saturating_sub(self.max_request_nanos),
+                    latest,
+                    ended_by,
+                )?;
+                // Keep only the hops that contain one of the roots.
+                found.extend(candidates.into_iter().filter(|c| {
+                    let end = c.start_unix_nanos.saturating_add(c.duration_nanos);
+                    spans
+                        .iter()
+                        .any(|(s, e)| c.start_unix_nanos <= *s && end >= *e)
+                }));
             }
             let new: Vec<String> = found
                 .iter()

@@ -10,7 +10,7 @@
 //!   - { name: nodes, role: node, secret_file: /etc/custody/node-token }
 //! retention: { max_age_secs: 604800, max_bytes: 10737418240, interval_secs: 60 }
 //! trust: { signing_key_ttl_secs: 3600 }
-//! assembly: { interval_millis: 200 }
+//! assembly: { interval_millis: 200, max_request_secs: 10 }
 //! ```
 //!
 //! Every error names the field at fault.
@@ -146,14 +146,24 @@ pub struct AssemblyConfig {
     /// How often newly ingested chains are assembled (default 200 ms).
     #[serde(default = "default_assembly_interval")]
     pub interval_millis: u64,
+    /// The longest request a contextless hop may have been made for: its
+    /// parent is searched among requests started at most this long before
+    /// it (default 10 s).
+    #[serde(default = "default_max_request")]
+    pub max_request_secs: u64,
 }
 
 impl Default for AssemblyConfig {
     fn default() -> Self {
         AssemblyConfig {
             interval_millis: default_assembly_interval(),
+            max_request_secs: default_max_request(),
         }
     }
+}
+
+fn default_max_request() -> u64 {
+    10
 }
 
 fn default_assembly_interval() -> u64 {

@@ -223,6 +223,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         metrics.clone(),
         dirty.clone(),
         chain_updates,
+        config.assembly.max_request_secs,
     ));
     let interval = Duration::from_millis(config.assembly.interval_millis);
     let mut stop_rx = stop.clone();

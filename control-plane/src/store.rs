@@ -186,12 +186,15 @@ pub trait Store: Send + Sync {
     fn put_flows(&self, flows: &[FlowEvent]) -> Result<PutOutcome, StoreError>;
     /// Every hop reported under these chain ids.
     fn hops_of_chains(&self, chain_ids: &[String]) -> Result<Vec<HopEvent>, StoreError>;
-    /// Hops of these workloads overlapping `[from, to]` (Unix nanoseconds).
+    /// Hops with identity context of these workloads that started in
+    /// `[earliest, latest]` and ended at or after `ended_by` (Unix
+    /// nanoseconds): the candidate parents of contextless hops.
     fn hops_in_window(
         &self,
         workloads: &[String],
-        from: u64,
-        to: u64,
+        earliest: u64,
+        latest: u64,
+        ended_by: u64,
     ) -> Result<Vec<HopEvent>, StoreError>;
     /// Hops without identity context that started in `[from, to]`.
     fn contextless_in_window(&self, from: u64, to: u64) -> Result<Vec<HopEvent>, StoreError>;

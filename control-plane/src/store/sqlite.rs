@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS hops (
 CREATE INDEX IF NOT EXISTS hops_chain ON hops (chain_id);
 CREATE INDEX IF NOT EXISTS hops_contextless ON hops (start_ns) WHERE context = 0;
 CREATE INDEX IF NOT EXISTS hops_conn ON hops (conn) WHERE conn != '';
-CREATE INDEX IF NOT EXISTS hops_workload_time ON hops (workload, start_ns);
+CREATE INDEX IF NOT EXISTS hops_workload_time ON hops (workload, start_ns, end_ns, context);
 CREATE INDEX IF NOT EXISTS hops_time ON hops (start_ns);
 CREATE TABLE IF NOT EXISTS pending (
     chain_id TEXT PRIMARY KEY
@@ -297,24 +297,19 @@ impl Store for SqliteStore {
     fn hops_in_window(
         &self,
         workloads: &[String],
-        from: u64,
-        to: u64,
+        earliest: u64,
+        latest: u64,
+        ended_by: u64,
     ) -> Result<Vec<HopEvent>, StoreError> {
         let conn = lock(&self.reader);
-        // Hops are short; look back a bounded while for long ones that overlap.
         let mut stmt = conn.prepare_cached(
-            "SELECT body FROM hops WHERE workload = ?1 AND start_ns BETWEEN ?2 AND ?3 AND end_ns >= ?4",
+            "SELECT body FROM hops WHERE workload = ?1 AND start_ns BETWEEN ?2 AND ?3
+             AND end_ns >= ?4 AND context = 1",
         )?;
-        let lookback = 60_000_000_000;
         let mut rows = Vec::new();
         for w in workloads {
             for body in stmt.query_map(
-                params![
-                    w,
-                    i64_of(from.saturating_sub(lookback)),
-                    i64_of(to),
-                    i64_of(from)
-                ],
+                params![w, i64_of(earliest), i64_of(latest), i64_of(ended_by)],
                 |r| r.get::<_, Vec<u8>>(0),
             )? {
                 rows.push(body?);

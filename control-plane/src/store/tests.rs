@@ -352,7 +352,7 @@ fn neighbours_are_found_by_context_and_connection() {
     assert_eq!(store.flows_in_window(100, 200).unwrap(), vec![flow]);
     assert!(
         store
-            .hops_in_window(&["spiffe://td/ns/shop/sa/web".into()], 105, 106)
+            .hops_in_window(&["spiffe://td/ns/shop/sa/web".into()], 0, 105, 106)
             .unwrap()
             .len()
             == 1
