@@ -161,6 +161,17 @@ impl PolicyCenter {
         self.tx.subscribe()
     }
 
+    /// Publishes `keys` if its key ids differ from the set in force (keys
+    /// expired or were added); returns whether it did.
+    pub fn refresh_keys(&self, keys: v1::KeySet) -> bool {
+        let ids = |k: &v1::KeySet| k.keys.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>();
+        let changed = ids(&lock(&self.keys)) != ids(&keys);
+        if changed {
+            self.set_keys(keys);
+        }
+        changed
+    }
+
     /// Publishes a new key set with the policy in force.
     pub fn set_keys(&self, keys: v1::KeySet) {
         let state = lock(&self.state);

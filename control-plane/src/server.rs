@@ -251,18 +251,29 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         }
     }));
 
-    // Retention and store size.
+    // Retention, store size, and expiry of signing keys.
     let retention = Retention {
         max_age_secs: config.retention.max_age_secs,
         max_bytes: config.retention.max_bytes,
     };
     let every = Duration::from_secs(config.retention.interval_secs);
     let mut stop_rx = stop.clone();
+    let keys_of = shared.clone();
     tasks.push(tokio::spawn(async move {
         loop {
             let s = store.clone();
             let m = metrics.clone();
+            let k = keys_of.clone();
             let result = tokio::task::spawn_blocking(move || {
+                // Expired signing keys leave the published key set.
+                match k.trust.key_set(custody_context::unix_now()) {
+                    Ok(keys) => {
+                        if k.policy.refresh_keys(keys) {
+                            tracing::info!("key set refreshed");
+                        }
+                    }
+                    Err(error) => tracing::error!(%error, "key set refresh failed"),
+                }
                 let out = s.retain(retention, unix_nanos())?;
                 let size = s.size_bytes()?;
                 m.store_bytes.set(i64::try_from(size).unwrap_or(i64::MAX));

@@ -268,3 +268,58 @@ async fn invalid_policies_are_refused_with_the_field_and_nothing_is_pushed() {
         "the stream ended"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_signing_keys_leave_the_published_key_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{}trust: {{ signing_key_ttl_secs: 1 }}\nretention: {{ interval_secs: 1 }}\n",
+        config_text(dir.path())
+    );
+    let config = custody_control::config::Config::parse(&text).unwrap();
+    let server = custody_control::server::start(&config).await.unwrap();
+    let mut dist = distribution(server.grpc_addr, Some(NODE)).await;
+    let mut stream = dist
+        .subscribe(v1::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    next(&mut stream).await;
+    let key = custody_context::keys::SigningKey::generate();
+    let grant = trust(server.grpc_addr, Some(NODE))
+        .await
+        .issue_signing_key(v1::SigningKeyRequest {
+            workload: Some(workload("web")),
+            ed25519: key.public_key().bytes().to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grant.not_after_unix, grant.not_before_unix + 1);
+    let has = |u: &v1::PolicyUpdate| {
+        u.keys
+            .as_ref()
+            .unwrap()
+            .keys
+            .iter()
+            .any(|k| k.key_id == grant.key_id)
+    };
+    assert!(has(&next(&mut stream).await), "published when issued");
+    // Then withdrawn once expired (updates arrive until one lacks the key).
+    loop {
+        let update = next(&mut stream).await;
+        if !has(&update) {
+            assert!(
+                update
+                    .keys
+                    .unwrap()
+                    .keys
+                    .iter()
+                    .any(|k| k.key_id.starts_with("root-"))
+            );
+            break;
+        }
+    }
+    drop(stream);
+    server.shutdown().await;
+}
