@@ -164,3 +164,82 @@ impl Trust {
         Ok(wire)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+    use crate::store::{SqliteOptions, SqliteStore};
+
+    #[test]
+    fn the_root_key_is_created_private_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_root(dir.path()).unwrap();
+        let mode = std::fs::metadata(dir.path().join(ROOT_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = load_or_create_root(dir.path()).unwrap();
+        assert_eq!(first.kid(), again.kid());
+        assert_eq!(first.public_key(), again.public_key());
+        std::fs::write(dir.path().join(ROOT_KEY_FILE), "not hex").unwrap();
+        assert!(matches!(
+            load_or_create_root(dir.path()),
+            Err(TrustError::RootKey { .. })
+        ));
+    }
+
+    #[test]
+    fn issued_keys_are_bound_to_their_workload_for_their_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&SqliteOptions {
+                data_dir: dir.path().to_path_buf(),
+                sync_full: false,
+            })
+            .unwrap(),
+        );
+        let trust = Trust::new(load_or_create_root(dir.path()).unwrap(), store, 3600);
+        let w = v1::WorkloadId {
+            trust_domain: "td".into(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            pod: "web-1".into(),
+        };
+        let key = SigningKey::generate();
+        let issued = trust
+            .issue(Some(&w), key.public_key().bytes(), 1_000)
+            .unwrap();
+        assert_eq!(issued.workload, "spiffe://td/ns/shop/sa/web");
+        assert_eq!(
+            (issued.not_before_unix, issued.not_after_unix),
+            (1_000, 4_600)
+        );
+        let set = KeySet::try_from(&trust.key_set(2_000).unwrap()).unwrap();
+        let public = set.keys().find(|k| k.kid() == issued.key_id).unwrap();
+        assert_eq!(
+            public.workload.as_deref(),
+            Some("spiffe://td/ns/shop/sa/web")
+        );
+        assert!(
+            set.keys()
+                .any(|k| k.kid() == trust.root_kid() && k.workload.is_none())
+        );
+        // Expired keys are not published; versions only grow.
+        let v1 = trust.key_set(2_000).unwrap().version;
+        let later = trust.key_set(4_601).unwrap();
+        assert!(later.keys.iter().all(|k| k.key_id != issued.key_id));
+        assert!(later.version > v1);
+        // Refusals.
+        assert!(matches!(
+            trust.issue(None, &[1; 32], 0),
+            Err(TrustError::Workload(_))
+        ));
+        assert!(matches!(
+            trust.issue(Some(&w), &[1; 31], 0),
+            Err(TrustError::PublicKey)
+        ));
+    }
+}
