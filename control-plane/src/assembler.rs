@@ -138,6 +138,8 @@ impl Assembler {
 
     fn assemble(&self, ids: &[String]) -> Result<(), StoreError> {
         let dirty: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+        // The generations first: hops stored after this read keep their chain pending.
+        let generations = self.store.pending_generations(ids)?;
         let mut hops = self.store.hops_of_chains(ids)?;
         let mut loaded: BTreeSet<String> = ids.iter().cloned().collect();
         let mut searched: BTreeSet<String> = BTreeSet::new();
@@ -247,7 +249,7 @@ impl Assembler {
             .iter()
             .flat_map(|t| t.summary.joined_chains.iter().cloned())
             .collect();
-        self.store.put_chains(&trees, &superseded, ids)?;
+        self.store.put_chains(&trees, &superseded, &generations)?;
         let mut classes = self
             .classes
             .lock()

@@ -206,15 +206,20 @@ pub trait Store: Send + Sync {
     fn flows_in_window(&self, from: u64, to: u64) -> Result<Vec<FlowEvent>, StoreError>;
     /// Replaces the assembled chains (by chain id), deletes `superseded`
     /// ones (joined into another chain since), and clears `assembled` from
-    /// the chains pending assembly.
+    /// the chains pending assembly, each only if its pending generation is
+    /// still the one given (no hop arrived since it was read).
     fn put_chains(
         &self,
         trees: &[ChainTree],
         superseded: &[String],
-        assembled: &[String],
+        assembled: &[(String, u64)],
     ) -> Result<(), StoreError>;
     /// Chains with hops stored since their last assembly (at most `limit`).
     fn pending_chains(&self, limit: u32) -> Result<Vec<String>, StoreError>;
+    /// The pending generation of these chains (it grows with every batch
+    /// that adds hops to a chain); chains not pending are left out. Read it
+    /// before the chain's hops.
+    fn pending_generations(&self, chain_ids: &[String]) -> Result<Vec<(String, u64)>, StoreError>;
     /// Chain summaries matching the query, newest first.
     fn chains(&self, query: &ChainQuery) -> Result<Vec<ChainSummary>, StoreError>;
     /// One chain with every hop, by its id or by an id joined into it.

@@ -34,7 +34,8 @@ CREATE INDEX IF NOT EXISTS hops_conn ON hops (conn) WHERE conn != '';
 CREATE INDEX IF NOT EXISTS hops_workload_time ON hops (workload, start_ns, end_ns, context);
 CREATE INDEX IF NOT EXISTS hops_time ON hops (start_ns);
 CREATE TABLE IF NOT EXISTS pending (
-    chain_id TEXT PRIMARY KEY
+    chain_id TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS flows (
     event_id TEXT PRIMARY KEY,
@@ -241,8 +242,10 @@ impl Store for SqliteStore {
                     out.duplicates += 1;
                 }
             }
-            let mut pending =
-                tx.prepare_cached("INSERT OR IGNORE INTO pending (chain_id) VALUES (?1)")?;
+            let mut pending = tx.prepare_cached(
+                "INSERT INTO pending (chain_id, generation) VALUES (?1, 1)
+                     ON CONFLICT (chain_id) DO UPDATE SET generation = generation + 1",
+            )?;
             for c in &chains {
                 pending.execute([c])?;
             }
@@ -375,14 +378,15 @@ impl Store for SqliteStore {
         &self,
         trees: &[ChainTree],
         superseded: &[String],
-        assembled: &[String],
+        assembled: &[(String, u64)],
     ) -> Result<(), StoreError> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction()?;
         {
-            let mut done = tx.prepare_cached("DELETE FROM pending WHERE chain_id = ?1")?;
-            for id in assembled {
-                done.execute([id])?;
+            let mut done =
+                tx.prepare_cached("DELETE FROM pending WHERE chain_id = ?1 AND generation = ?2")?;
+            for (id, generation) in assembled {
+                done.execute(params![id, i64_of(*generation)])?;
             }
             let mut del_chain = tx.prepare_cached("DELETE FROM chains WHERE chain_id = ?1")?;
             let mut del_facts = tx.prepare_cached("DELETE FROM chain_facts WHERE chain_id = ?1")?;
@@ -419,6 +423,18 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn pending_generations(&self, chain_ids: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached("SELECT generation FROM pending WHERE chain_id = ?1")?;
+        let mut out = Vec::new();
+        for id in chain_ids {
+            if let Some(g) = stmt.query_row([id], |r| r.get::<_, i64>(0)).optional()? {
+                out.push((id.clone(), u64_of(g)));
+            }
+        }
+        Ok(out)
     }
 
     fn pending_chains(&self, limit: u32) -> Result<Vec<String>, StoreError> {
