@@ -8,7 +8,7 @@
 //!
 //! Chains of 5 hops (one in 10 with a call that lost its context, joined by
 //! time containment), batches of 1,000 hops from 4 concurrent clients,
-//! `sync: full`. Prints ingest-only and ingest-with-assembly rates, then
+//! `sync: full` (`CUSTODY_BENCH_SYNC=normal` to compare). Prints ingest-only and ingest-with-assembly rates, then
 //! p50/p99 of `GET /v1/chains/{id}` and of a filtered `GET /v1/chains`.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)] // a benchmark's report; failures abort it
@@ -129,12 +129,14 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let chains = hops / HOPS_PER_CHAIN;
+    let sync = std::env::var("CUSTODY_BENCH_SYNC").unwrap_or_else(|_| "full".into());
     let dir = tempfile::tempdir().unwrap();
     let config = Config::parse(&format!(
-        "data_dir: {}\ngrpc_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\nsync: full\n\
+        "data_dir: {}\ngrpc_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\nsync: {}\n\
          tokens:\n  - {{ name: bench, role: admin, secret: {ADMIN} }}\n  - {{ name: nodes, role: node, secret: {NODE} }}\n\
          assembly: {{ interval_millis: 50 }}\n",
-        dir.path().display()
+        dir.path().display(),
+        sync
     ))
     .unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()

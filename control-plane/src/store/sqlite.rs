@@ -153,9 +153,12 @@ impl SqliteStore {
             if options.sync_full { "FULL" } else { "NORMAL" },
         )?;
         writer.busy_timeout(std::time::Duration::from_secs(10))?;
+        // 64 MiB of page cache per connection: indexes stay in memory.
+        writer.pragma_update(None, "cache_size", -65_536)?;
         writer.execute_batch(SCHEMA)?;
         let reader = Connection::open(&path)?;
         reader.busy_timeout(std::time::Duration::from_secs(10))?;
+        reader.pragma_update(None, "cache_size", -65_536)?;
         Ok(SqliteStore {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
