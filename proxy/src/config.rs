@@ -80,6 +80,9 @@ pub struct Config {
     /// The keys it trusts.
     #[serde(default)]
     pub trust: TrustConfig,
+    /// How this sidecar authenticates to the control plane.
+    #[serde(default)]
+    pub control_plane: ControlPlaneConfig,
     /// Where egress policy comes from and is kept.
     #[serde(default)]
     pub policy: PolicyConfig,
@@ -238,6 +241,16 @@ pub struct SigningConfig {
     /// Lifetime of the tokens this sidecar issues (default 300 s).
     #[serde(default)]
     pub token_ttl_secs: Option<u64>,
+}
+
+/// Credentials for the control plane (used by the policy stream, the hop
+/// exporter and key registration).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// A file holding the bearer token to present (a mounted secret).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// The keys trusted to verify tokens.

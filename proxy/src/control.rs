@@ -3,7 +3,8 @@
 //! The sidecar subscribes with the version it holds; each `PolicyUpdate`
 //! (the first is the current state) is validated and applied (the bundle to
 //! the [`PolicyStore`](crate::policy_store::PolicyStore), which persists it;
-//! the key set to the verifier, keeping this sidecar's own key), then
+//! the key set to the verifier, on top of the anchor keys: this sidecar's own
+//! and the key-set file's), then
 //! acknowledged with the time it took or the reason it was refused. A broken
 //! stream is re-established with a capped backoff; meanwhile the last policy
 //! stays in force.
@@ -31,10 +32,17 @@ pub fn apply_update(shared: &Shared, update: &v1::PolicyUpdate) -> Result<u64, S
         .as_ref()
         .map(|wire| KeySet::try_from(wire).map_err(|e| format!("keys: {e}")))
         .transpose()?;
-    if let Some(mut keys) = keys {
-        if keys.keys().all(|k| k.kid() != shared.own_key.kid()) {
-            keys.insert(shared.own_key.clone())
-                .map_err(|e| format!("keys: own key: {e}"))?;
+    if let Some(pushed) = keys {
+        // The pushed set joins the anchors (own key, key-set file); it never
+        // removes them, so a control plane that does not know a key from the
+        // file cannot break chains signed with it.
+        let mut keys = shared.anchor_keys.clone();
+        keys.set_version(pushed.version());
+        for key in pushed.keys() {
+            if keys.keys().all(|k| k.kid() != key.kid()) {
+                keys.insert(key.clone())
+                    .map_err(|e| format!("keys: {}: {e}", key.kid()))?;
+            }
         }
         shared.verifier.set_keys(keys);
     }
@@ -53,6 +61,7 @@ pub fn apply_update(shared: &Shared, update: &v1::PolicyUpdate) -> Result<u64, S
 pub async fn subscribe(
     shared: Arc<Shared>,
     address: String,
+    auth: crate::control_auth::ControlPlaneAuth,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let endpoint = match tonic::transport::Endpoint::from_shared(address.clone()) {
@@ -62,7 +71,7 @@ pub async fn subscribe(
             return;
         }
     };
-    let mut client = PolicyDistributionClient::new(endpoint.connect_lazy());
+    let mut client = PolicyDistributionClient::with_interceptor(endpoint.connect_lazy(), auth);
     let workload = v1::WorkloadId::from(&shared.workload);
     let mut backoff = Duration::from_millis(200);
     loop {

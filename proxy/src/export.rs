@@ -21,8 +21,8 @@ use crate::metrics::Metrics;
 /// Where the exporter sends batches.
 #[derive(Clone, Debug)]
 pub enum ExportTarget {
-    /// The control plane's `Ingest` service.
-    ControlPlane(String),
+    /// The control plane's `Ingest` service, and the credentials to present.
+    ControlPlane(String, crate::control_auth::ControlPlaneAuth),
     /// A JSON-lines file, one event per line.
     JsonlFile(PathBuf),
     /// Nowhere: events are counted and dropped.
@@ -139,7 +139,14 @@ impl HopQueue {
 struct Writer {
     target: ExportTarget,
     file: Option<tokio::fs::File>,
-    client: Option<v1::ingest_client::IngestClient<tonic::transport::Channel>>,
+    client: Option<
+        v1::ingest_client::IngestClient<
+            tonic::service::interceptor::InterceptedService<
+                tonic::transport::Channel,
+                crate::control_auth::ControlPlaneAuth,
+            >,
+        >,
+    >,
 }
 
 impl Writer {
@@ -174,12 +181,13 @@ impl Writer {
                 file.write_all(&out).await.map_err(|e| e.to_string())?;
                 file.flush().await.map_err(|e| e.to_string())
             }
-            ExportTarget::ControlPlane(address) => {
+            ExportTarget::ControlPlane(address, auth) => {
                 if self.client.is_none() {
                     let endpoint = tonic::transport::Endpoint::from_shared(address.clone())
                         .map_err(|e| e.to_string())?;
-                    self.client = Some(v1::ingest_client::IngestClient::new(
+                    self.client = Some(v1::ingest_client::IngestClient::with_interceptor(
                         endpoint.connect_lazy(),
+                        auth.clone(),
                     ));
                 }
                 let client = self.client.as_mut().ok_or("no client")?;

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod bearer;
 pub mod config;
 pub mod control;
+pub mod control_auth;
 pub mod export;
 pub mod inflight;
 pub mod metrics;

@@ -51,6 +51,9 @@ pub struct Shared {
     pub verifier: Verifier,
     /// This sidecar's public key, always trusted.
     pub own_key: custody_context::keys::PublicKey,
+    /// The keys trusted whatever the control plane says: this sidecar's own
+    /// and those of the configured key-set file.
+    pub anchor_keys: custody_context::keys::KeySet,
     /// The egress policy in force.
     pub policy: Arc<PolicyStore>,
     /// Inbound requests in flight, for stitching.

@@ -21,6 +21,7 @@ use tokio::sync::Mutex;
 use crate::admin::Admin;
 use crate::bearer::BearerVerifier;
 use crate::config::{Config, ConfigError, IdentitySource};
+use crate::control_auth::ControlPlaneAuth;
 use crate::export::{self, ExportTarget, HopQueue};
 use crate::inflight::InFlightTable;
 use crate::metrics::Metrics;
@@ -68,6 +69,7 @@ struct Tasks {
     shared: Arc<Shared>,
     queue: Mutex<Option<HopQueue>>,
     target: ExportTarget,
+    auth: ControlPlaneAuth,
 }
 
 #[async_trait]
@@ -85,6 +87,7 @@ impl BackgroundService for Tasks {
             tokio::spawn(crate::control::subscribe(
                 Arc::clone(&self.shared),
                 address,
+                self.auth.clone(),
                 shutdown.clone(),
             ))
         });
@@ -136,6 +139,7 @@ impl Sidecar {
         let mut verifier_config = VerifierConfig::new(audience);
         verifier_config.cache_capacity = config.trust.verify_cache_size.max(1);
         verifier_config.leeway_secs = config.trust.leeway_secs;
+        let anchor_keys = keys.clone();
         let verifier = Verifier::new(verifier_config, keys);
         let metrics = Arc::new(Metrics::default());
         let policy = Arc::new(PolicyStore::open(
@@ -145,9 +149,13 @@ impl Sidecar {
         if let Some(path) = &config.policy.file {
             policy.apply(policy_store::load_bundle(path)?);
         }
+        let auth = match &config.control_plane.token_file {
+            Some(path) => ControlPlaneAuth::from_file(path)?,
+            None => ControlPlaneAuth::none(),
+        };
         let (hops, queue) = export::queue(config.exporter.queue_size, Arc::clone(&metrics));
         let target = match (&config.exporter.control_plane, &config.exporter.jsonl_file) {
-            (Some(address), _) => ExportTarget::ControlPlane(address.clone()),
+            (Some(address), _) => ExportTarget::ControlPlane(address.clone(), auth.clone()),
             (None, Some(path)) => ExportTarget::JsonlFile(path.clone()),
             (None, None) => ExportTarget::Discard,
         };
@@ -183,6 +191,7 @@ impl Sidecar {
             issuer,
             verifier,
             own_key: own,
+            anchor_keys,
             policy,
             inflight: InFlightTable::new(),
             metrics,
@@ -221,6 +230,7 @@ impl Sidecar {
                 shared: Arc::clone(&shared),
                 queue: Mutex::new(Some(queue)),
                 target,
+                auth,
             },
         ));
         Ok(Sidecar { server, shared })
