@@ -1,0 +1,433 @@
+//! The sidecar's configuration: one typed YAML document.
+//!
+//! Every field is documented here; unknown fields are refused, and a parse
+//! error names the field at fault (`inbound.upstream: invalid socket address`).
+//!
+//! ```yaml
+//! workload: { trust_domain: td, namespace: shop, service_account: web, pod: web-0 }
+//! listeners: { inbound: "127.0.0.1:15006", outbound: "127.0.0.1:15001", admin: "127.0.0.1:15020" }
+//! inbound:
+//!   upstream: "127.0.0.1:8080"
+//!   refuse_invalid_tokens: true
+//!   strip_headers: [x-custody-user]
+//!   identity_sources:
+//!     - type: edge_header
+//!       header: x-custody-user
+//!       kind: human
+//! outbound:
+//!   mode: explicit
+//!   upstreams: { orders: "127.0.0.1:9090" }
+//! signing: { seed_file: /var/run/custody/seed }
+//! trust: { key_set_file: /etc/custody/keys.json }
+//! policy: { file: /etc/custody/policy.yaml, state_dir: /var/lib/custody }
+//! exporter: { jsonl_file: /var/log/custody/hops.jsonl, queue_size: 4096 }
+//! shutdown: { grace_period_secs: 5 }
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use custody_context::token::InitiatorKind;
+use custody_context::workload::WorkloadId;
+use serde::Deserialize;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A field has the wrong shape or value.
+    #[error("{field}: {message}")]
+    Field {
+        /// The path of the field, e.g. `inbound.upstream`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Field {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole configuration of one sidecar.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Who this sidecar speaks for.
+    pub workload: WorkloadConfig,
+    /// Where it listens.
+    pub listeners: ListenersConfig,
+    /// Traffic into the local application.
+    pub inbound: InboundConfig,
+    /// Traffic from the local application: where it goes.
+    pub outbound: OutboundMode,
+    /// The key this sidecar signs tokens with.
+    #[serde(default)]
+    pub signing: SigningConfig,
+    /// The keys it trusts.
+    #[serde(default)]
+    pub trust: TrustConfig,
+    /// Where egress policy comes from and is kept.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// Where hop events go.
+    #[serde(default)]
+    pub exporter: ExporterConfig,
+    /// Graceful shutdown.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    /// Worker threads per listener (default 1).
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Destination ports whose protocol has the server speak first (MySQL
+    /// 3306, SMTP 25): passed through as TCP without waiting to sniff.
+    #[serde(default)]
+    pub tcp_ports: Vec<u16>,
+}
+
+fn default_threads() -> usize {
+    1
+}
+
+/// The workload identity: the Helm chart fills it from the pod's metadata.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    /// The trust domain, also the tokens' audience.
+    pub trust_domain: String,
+    /// The namespace.
+    pub namespace: String,
+    /// The service account.
+    pub service_account: String,
+    /// The pod name.
+    #[serde(default)]
+    pub pod: Option<String>,
+}
+
+/// Listening addresses.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenersConfig {
+    /// In front of the local application.
+    pub inbound: SocketAddr,
+    /// Where the application's outbound traffic arrives.
+    pub outbound: SocketAddr,
+    /// `/metrics`, `/ready`, `/live`, `/policy`, `/keys`.
+    pub admin: SocketAddr,
+}
+
+/// Inbound traffic.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// The local application.
+    pub upstream: SocketAddr,
+    /// Refuse a request whose `Txn-Token` is not valid (401), rather than
+    /// passing it with a chain attributed to the peer.
+    #[serde(default)]
+    pub refuse_invalid_tokens: bool,
+    /// Headers removed from every inbound request before anything reads
+    /// them: identity headers that must not be trusted from outside the edge.
+    #[serde(default)]
+    pub strip_headers: Vec<String>,
+    /// Where the initiator of a new chain comes from, tried in order.
+    #[serde(default)]
+    pub identity_sources: Vec<IdentitySource>,
+    /// The `scope` of chains this sidecar starts.
+    #[serde(default = "default_scope")]
+    pub scope: String,
+}
+
+fn default_scope() -> String {
+    "default".into()
+}
+
+/// One place the initiator of a new chain can come from.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum IdentitySource {
+    /// A header set by a trusted edge (ingress gateway, auth proxy).
+    EdgeHeader {
+        /// The header name, e.g. `x-custody-user`.
+        header: String,
+        /// The initiator kind it names.
+        kind: InitiatorKind,
+    },
+    /// A header naming the calling agent; the initiator kind is `agent`.
+    AgentHeader {
+        /// The header name, e.g. `x-custody-agent`.
+        header: String,
+    },
+    /// The agent named in an MCP `tools/call` JSON-RPC request, at
+    /// `params._meta.<agent_key>`; the tool name becomes the hop's operation.
+    /// Bodies up to 64 KiB with a `Content-Length` are read for it; when an
+    /// earlier source named someone else (a person at the edge), the agent
+    /// becomes the token's actor (`act`).
+    Mcp {
+        /// The `_meta` key naming the agent (default `agent`).
+        #[serde(default = "default_agent_key")]
+        agent_key: String,
+    },
+}
+
+fn default_agent_key() -> String {
+    "agent".into()
+}
+
+/// Outbound destination mode.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OutboundMode {
+    /// Destinations by `Host` / `:authority` (with or without port) for
+    /// local runs and tests.
+    Explicit {
+        /// Host (or `host:port`) to address.
+        #[serde(default)]
+        upstreams: BTreeMap<String, SocketAddr>,
+        /// Where hosts not in the map go; unset refuses them (502).
+        #[serde(default)]
+        default: Option<SocketAddr>,
+    },
+    /// Connections redirected by iptables go to their original destination
+    /// (`SO_ORIGINAL_DST`).
+    Transparent,
+}
+
+/// The signing key.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// A file holding the 32-byte Ed25519 seed as 64 hex digits; a fresh key
+    /// is generated when unset.
+    #[serde(default)]
+    pub seed_file: Option<PathBuf>,
+    /// The key id; derived from the public key when unset.
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// Lifetime of the tokens this sidecar issues (default 300 s).
+    #[serde(default)]
+    pub token_ttl_secs: Option<u64>,
+}
+
+/// The keys trusted to verify tokens.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// A key-set file (standalone mode): see [`crate::trust::KeySetFile`].
+    /// The sidecar's own key is always trusted.
+    #[serde(default)]
+    pub key_set_file: Option<PathBuf>,
+}
+
+/// Egress policy sources.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// A policy-bundle file (YAML or JSON), watched and applied on change.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// The control plane's `PolicyDistribution` address (`http://host:port`).
+    #[serde(default)]
+    pub control_plane: Option<String>,
+    /// Where the applied bundle is kept, so a restart enforces it.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// How often the policy file is checked, in milliseconds (default 200).
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_poll_ms() -> u64 {
+    200
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            file: None,
+            control_plane: None,
+            state_dir: None,
+            poll_interval_ms: default_poll_ms(),
+        }
+    }
+}
+
+/// Hop export.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExporterConfig {
+    /// The control plane's `Ingest` address (`http://host:port`).
+    #[serde(default)]
+    pub control_plane: Option<String>,
+    /// A JSON-lines file (standalone mode).
+    #[serde(default)]
+    pub jsonl_file: Option<PathBuf>,
+    /// Events held at most; more are dropped and counted.
+    #[serde(default = "default_queue")]
+    pub queue_size: usize,
+    /// Events per batch.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Longest wait before a partial batch is sent, in milliseconds.
+    #[serde(default = "default_flush_ms")]
+    pub flush_interval_ms: u64,
+}
+
+fn default_queue() -> usize {
+    4096
+}
+fn default_batch() -> usize {
+    256
+}
+fn default_flush_ms() -> u64 {
+    200
+}
+
+impl Default for ExporterConfig {
+    fn default() -> Self {
+        ExporterConfig {
+            control_plane: None,
+            jsonl_file: None,
+            queue_size: default_queue(),
+            batch_size: default_batch(),
+            flush_interval_ms: default_flush_ms(),
+        }
+    }
+}
+
+/// Graceful shutdown.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM: listeners close at once, requests in flight get this
+    /// long to finish (default 5 s).
+    #[serde(default = "default_grace")]
+    pub grace_period_secs: u64,
+    /// Then the runtimes get this long to stop (default 1 s).
+    #[serde(default = "default_final")]
+    pub final_timeout_secs: u64,
+}
+
+fn default_grace() -> u64 {
+    5
+}
+fn default_final() -> u64 {
+    1
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace_period_secs: default_grace(),
+            final_timeout_secs: default_final(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and checks a YAML document.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let de = serde_norway::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            ConfigError::field(field, e.into_inner().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and checks a YAML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_yaml(&text)
+    }
+
+    /// The workload identity.
+    pub fn workload_id(&self) -> Result<WorkloadId, ConfigError> {
+        let w = &self.workload;
+        let id = WorkloadId::new(&w.trust_domain, &w.namespace, &w.service_account)
+            .map_err(|e| ConfigError::field("workload", e.to_string()))?;
+        match &w.pod {
+            Some(pod) => id
+                .with_pod(pod)
+                .map_err(|e| ConfigError::field("workload.pod", e.to_string())),
+            None => Ok(id),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.workload_id()?;
+        if self.threads == 0 {
+            return Err(ConfigError::field("threads", "must be at least 1"));
+        }
+        if self.exporter.queue_size == 0 {
+            return Err(ConfigError::field(
+                "exporter.queue_size",
+                "must be at least 1",
+            ));
+        }
+        if self.exporter.batch_size == 0 {
+            return Err(ConfigError::field(
+                "exporter.batch_size",
+                "must be at least 1",
+            ));
+        }
+        if self.inbound.scope.is_empty() {
+            return Err(ConfigError::field("inbound.scope", "must not be empty"));
+        }
+        for (i, name) in self.inbound.strip_headers.iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(ConfigError::field(
+                    format!("inbound.strip_headers[{i}]"),
+                    format!("{name:?} is not a header name"),
+                ));
+            }
+        }
+        for (i, source) in self.inbound.identity_sources.iter().enumerate() {
+            let header = match source {
+                IdentitySource::EdgeHeader { header, .. }
+                | IdentitySource::AgentHeader { header } => header,
+                IdentitySource::Mcp { agent_key } => {
+                    if agent_key.is_empty() {
+                        return Err(ConfigError::field(
+                            format!("inbound.identity_sources[{i}].agent_key"),
+                            "must not be empty",
+                        ));
+                    }
+                    continue;
+                }
+            };
+            if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                return Err(ConfigError::field(
+                    format!("inbound.identity_sources[{i}].header"),
+                    format!("{header:?} is not a header name"),
+                ));
+            }
+        }
+        if let Some(file) = &self.signing.seed_file
+            && file.as_os_str().is_empty()
+        {
+            return Err(ConfigError::field("signing.seed_file", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,95 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+workload: { trust_domain: td, namespace: shop, service_account: web, pod: web-0 }
+listeners: { inbound: "127.0.0.1:1", outbound: "127.0.0.1:2", admin: "127.0.0.1:3" }
+inbound: { upstream: "127.0.0.1:4" }
+outbound: { mode: transparent }
+"#;
+
+fn err(text: &str) -> String {
+    Config::from_yaml(text).unwrap_err().to_string()
+}
+
+#[test]
+fn minimal_config_takes_defaults() {
+    let config = Config::from_yaml(MINIMAL).unwrap();
+    assert_eq!(
+        config.workload_id().unwrap().uri(),
+        "spiffe://td/ns/shop/sa/web"
+    );
+    assert!(matches!(config.outbound, OutboundMode::Transparent));
+    assert_eq!(config.exporter.queue_size, 4096);
+    assert_eq!(config.shutdown.grace_period_secs, 5);
+    assert!(!config.inbound.refuse_invalid_tokens);
+}
+
+#[test]
+fn explicit_mode_with_sources() {
+    let text = MINIMAL.replace(
+        "outbound: { mode: transparent }",
+        r#"outbound: { mode: explicit, upstreams: { orders: "127.0.0.1:9" } }"#,
+    ) + "\n"
+        + r#"
+"#;
+    let text = text.replace(
+        r#"inbound: { upstream: "127.0.0.1:4" }"#,
+        r#"inbound:
+  upstream: "127.0.0.1:4"
+  identity_sources:
+    - { type: edge_header, header: x-custody-user, kind: human }
+    - { type: agent_header, header: x-custody-agent }
+    - { type: mcp }"#,
+    );
+    let config = Config::from_yaml(&text).unwrap();
+    match &config.outbound {
+        OutboundMode::Explicit { upstreams, default } => {
+            assert_eq!(upstreams["orders"].port(), 9);
+            assert!(default.is_none());
+        }
+        OutboundMode::Transparent => panic!("expected explicit"),
+    }
+    assert_eq!(config.inbound.identity_sources.len(), 3);
+    assert!(matches!(
+        &config.inbound.identity_sources[2],
+        IdentitySource::Mcp { agent_key } if agent_key == "agent"
+    ));
+}
+
+#[test]
+fn errors_name_the_field() {
+    let bad_addr = MINIMAL.replace("127.0.0.1:4", "nowhere");
+    assert!(
+        err(&bad_addr).starts_with("inbound.upstream"),
+        "{}",
+        err(&bad_addr)
+    );
+
+    let unknown = MINIMAL.to_string() + "bogus: 1\n";
+    assert!(err(&unknown).contains("bogus"), "{}", err(&unknown));
+
+    let bad_kind = MINIMAL.replace(
+        r#"inbound: { upstream: "127.0.0.1:4" }"#,
+        r#"inbound: { upstream: "127.0.0.1:4", identity_sources: [{ type: edge_header, header: x-u, kind: robot }] }"#,
+    );
+    assert!(
+        err(&bad_kind).starts_with("inbound.identity_sources[0]"),
+        "{}",
+        err(&bad_kind)
+    );
+
+    let bad_header = MINIMAL.replace(
+        r#"inbound: { upstream: "127.0.0.1:4" }"#,
+        r#"inbound: { upstream: "127.0.0.1:4", strip_headers: ["bad header"] }"#,
+    );
+    assert_eq!(
+        err(&bad_header),
+        r#"inbound.strip_headers[0]: "bad header" is not a header name"#
+    );
+
+    let zero = MINIMAL.to_string() + "exporter: { queue_size: 0 }\n";
+    assert_eq!(err(&zero), "exporter.queue_size: must be at least 1");
+
+    let bad_ns = MINIMAL.replace("namespace: shop", "namespace: \"Shop/x\"");
+    assert!(err(&bad_ns).starts_with("workload"), "{}", err(&bad_ns));
+}

@@ -1,0 +1,263 @@
+//! Hop export: a bounded queue between the request path and an exporter task.
+//!
+//! The request path calls [`HopSink::emit`], which never waits: a full queue
+//! drops the event and counts it (`custody_proxy_exporter_dropped_total`).
+//! The exporter task batches events (by size or after the flush interval)
+//! and sends them to the control plane (`custody.v1.Ingest/ReportHops`) or
+//! appends them to a JSON-lines file in standalone mode.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use custody_context::api::v1;
+use custody_context::hop::HopEvent;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+
+/// Where the exporter sends batches.
+#[derive(Clone, Debug)]
+pub enum ExportTarget {
+    /// The control plane's `Ingest` service.
+    ControlPlane(String),
+    /// A JSON-lines file, one event per line.
+    JsonlFile(PathBuf),
+    /// Nowhere: events are counted and dropped.
+    Discard,
+}
+
+/// The request path's end of the queue.
+#[derive(Clone, Debug)]
+pub struct HopSink {
+    tx: mpsc::Sender<HopEvent>,
+    metrics: Arc<Metrics>,
+}
+
+/// The exporter's end of the queue.
+#[derive(Debug)]
+pub struct HopQueue {
+    rx: mpsc::Receiver<HopEvent>,
+    metrics: Arc<Metrics>,
+}
+
+/// A queue of `capacity` events.
+pub fn queue(capacity: usize, metrics: Arc<Metrics>) -> (HopSink, HopQueue) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    (
+        HopSink {
+            tx,
+            metrics: Arc::clone(&metrics),
+        },
+        HopQueue { rx, metrics },
+    )
+}
+
+impl HopSink {
+    /// Queues an event without waiting; a full queue drops and counts it.
+    pub fn emit(&self, hop: HopEvent) {
+        match self.tx.try_send(hop) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.exporter_dropped.inc();
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.metrics.exporter_dropped.inc();
+            }
+        }
+        self.update_depth();
+    }
+
+    fn update_depth(&self) {
+        let depth = self.tx.max_capacity() - self.tx.capacity();
+        self.metrics
+            .exporter_queue_depth
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+}
+
+impl HopQueue {
+    /// Runs the exporter until every sink is dropped. Once `stop` turns true
+    /// (shutdown began), what is queued is written at once and every later
+    /// event (requests draining in the grace period) is written as it comes.
+    pub async fn run(
+        mut self,
+        target: ExportTarget,
+        batch_size: usize,
+        flush_interval: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut writer = Writer::new(target);
+        let mut batch = Vec::with_capacity(batch_size);
+        let mut tick = tokio::time::interval(flush_interval);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                hop = self.rx.recv() => match hop {
+                    Some(hop) => {
+                        batch.push(hop);
+                        if draining || batch.len() >= batch_size {
+                            self.flush(&mut writer, &mut batch).await;
+                        }
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => self.flush(&mut writer, &mut batch).await,
+                changed = stop.changed(), if !draining => {
+                    if changed.is_err() || *stop.borrow() {
+                        draining = true;
+                        while let Ok(hop) = self.rx.try_recv() {
+                            batch.push(hop);
+                        }
+                        self.flush(&mut writer, &mut batch).await;
+                    }
+                }
+            }
+        }
+        self.flush(&mut writer, &mut batch).await;
+    }
+
+    async fn flush(&self, writer: &mut Writer, batch: &mut Vec<HopEvent>) {
+        let depth = self.rx.len();
+        self.metrics
+            .exporter_queue_depth
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+        if batch.is_empty() {
+            return;
+        }
+        let hops = std::mem::take(batch);
+        let n = hops.len() as u64;
+        if let Err(error) = writer.write(hops).await {
+            tracing::warn!(message = "hop export failed", %error, events = n);
+            self.metrics.exporter_failed.inc_by(n);
+        }
+    }
+}
+
+struct Writer {
+    target: ExportTarget,
+    file: Option<tokio::fs::File>,
+    client: Option<v1::ingest_client::IngestClient<tonic::transport::Channel>>,
+}
+
+impl Writer {
+    fn new(target: ExportTarget) -> Self {
+        Writer {
+            target,
+            file: None,
+            client: None,
+        }
+    }
+
+    async fn write(&mut self, hops: Vec<HopEvent>) -> Result<(), String> {
+        match &self.target {
+            ExportTarget::Discard => Ok(()),
+            ExportTarget::JsonlFile(path) => {
+                if self.file.is_none() {
+                    let file = tokio::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .await
+                        .map_err(|e| format!("open {}: {e}", path.display()))?;
+                    self.file = Some(file);
+                }
+                let mut out = Vec::with_capacity(hops.len() * 512);
+                for hop in &hops {
+                    // Serializing a JSON value cannot fail.
+                    serde_json::to_writer(&mut out, &hop_json(hop)).unwrap_or_default();
+                    out.push(b'\n');
+                }
+                let file = self.file.as_mut().ok_or("file closed")?;
+                file.write_all(&out).await.map_err(|e| e.to_string())?;
+                file.flush().await.map_err(|e| e.to_string())
+            }
+            ExportTarget::ControlPlane(address) => {
+                if self.client.is_none() {
+                    let endpoint = tonic::transport::Endpoint::from_shared(address.clone())
+                        .map_err(|e| e.to_string())?;
+                    self.client = Some(v1::ingest_client::IngestClient::new(
+                        endpoint.connect_lazy(),
+                    ));
+                }
+                let client = self.client.as_mut().ok_or("no client")?;
+                client
+                    .report_hops(v1::HopBatch { hops })
+                    .await
+                    .map(|_| ())
+                    .map_err(|status| status.to_string())
+            }
+        }
+    }
+}
+
+fn workload_json(w: Option<&v1::WorkloadId>) -> Value {
+    match w {
+        Some(w) => json!({
+            "trust_domain": w.trust_domain,
+            "namespace": w.namespace,
+            "service_account": w.service_account,
+            "pod": w.pod,
+        }),
+        None => Value::Null,
+    }
+}
+
+fn enum_name<E: TryFrom<i32>>(raw: i32, name: impl Fn(E) -> &'static str) -> &'static str {
+    E::try_from(raw).map_or("UNKNOWN", name)
+}
+
+/// The JSON form of a hop event (the JSON-lines export): proto field names,
+/// enums by name.
+pub fn hop_json(hop: &HopEvent) -> Value {
+    json!({
+        "schema_version": hop.schema_version,
+        "event_id": hop.event_id,
+        "chain_id": hop.chain_id,
+        "span_id": hop.span_id,
+        "parent_span_id": hop.parent_span_id,
+        "workload": workload_json(hop.workload.as_ref()),
+        "peer": workload_json(hop.peer.as_ref()),
+        "direction": enum_name(hop.direction, |d: v1::Direction| d.as_str_name()),
+        "protocol": enum_name(hop.protocol, |p: v1::Protocol| p.as_str_name()),
+        "operation": hop.operation,
+        "status": hop.status,
+        "initiator": hop.initiator.as_ref().map(|i| json!({
+            "subject": i.subject,
+            "kind": enum_name(i.kind, |k: v1::InitiatorKind| k.as_str_name()),
+            "actors": i.actors,
+            "scope": i.scope,
+        })),
+        "workloads": hop.workloads,
+        "attribution": hop.attribution.as_ref().map(|a| json!({
+            "method": enum_name(a.method, |m: v1::AttributionMethod| m.as_str_name()),
+            "confidence": a.confidence,
+        })),
+        "context_outcome": enum_name(hop.context_outcome, |o: v1::ContextOutcome| o.as_str_name()),
+        "refusal_reason": hop.refusal_reason,
+        "bytes_in": hop.bytes_in,
+        "bytes_out": hop.bytes_out,
+        "start_unix_nanos": hop.start_unix_nanos,
+        "duration_nanos": hop.duration_nanos,
+        "egress": hop.egress.as_ref().map(|e| json!({
+            "destination": e.destination.as_ref().map(|d| json!({
+                "host": d.host, "ip": d.ip, "port": d.port,
+            })),
+            "verdict": enum_name(e.verdict, |v: v1::Verdict| v.as_str_name()),
+            "policy": e.policy,
+            "rule": e.rule,
+        })),
+        "connection": hop.connection.as_ref().map(|c| json!({
+            "src_ip": c.src_ip, "src_port": c.src_port,
+            "dst_ip": c.dst_ip, "dst_port": c.dst_port,
+            "transport": c.transport,
+        })),
+        "taint": hop.taint,
+        "key_id": hop.key_id,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,29 @@
+//! `custody-proxy`: the Custody sidecar on pingora.
+//!
+//! - [`config`]: the typed YAML configuration.
+//! - [`proxy`]: the inbound and outbound HTTP/1.1, HTTP/2 and gRPC proxies
+//!   (the phase chart is there): token verification, minting and extension,
+//!   local stitching, `traceparent`, egress enforcement, hop events.
+//! - [`tcp`]: connections that are not HTTP, passed through as TCP.
+//! - [`inflight`]: the pod's inbound requests in flight, for stitching.
+//! - [`policy_store`]: the policy in force, hot-swapped and persisted.
+//! - [`control`]: the control plane's policy and key stream.
+//! - [`export`]: the bounded hop queue and its exporter.
+//! - [`trust`]: the signing key and key-set files.
+//! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener.
+//! - [`server`]: wiring into a pingora server, graceful shutdown.
+
+pub mod admin;
+pub mod config;
+pub mod control;
+pub mod export;
+pub mod inflight;
+pub mod metrics;
+pub mod policy_store;
+pub mod proxy;
+pub mod server;
+pub mod tcp;
+pub mod trust;
+
+pub use config::Config;
+pub use server::{Running, Sidecar};

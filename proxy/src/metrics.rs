@@ -1,0 +1,122 @@
+//! The sidecar's Prometheus metrics (names and labels in `docs/metrics.md`).
+//!
+//! Every label value comes from a bounded set: directions, protocols, status
+//! classes, outcome and refusal-reason labels, verdicts, and policy names
+//! (bounded by the policy bundle).
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of `custody_proxy_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// `http1`, `http2` or `grpc`.
+    pub protocol: &'static str,
+    /// `1xx` .. `5xx`, or `none` when no response was written.
+    pub status_class: &'static str,
+}
+
+/// Labels of `custody_proxy_context_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ContextLabels {
+    /// `propagated`, `extended`, `minted`, `stitched`, `missing`, `refused`.
+    pub outcome: &'static str,
+    /// The refusal reason for `refused`, else empty.
+    pub reason: &'static str,
+}
+
+/// Labels of `custody_proxy_egress_verdicts_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    /// `allow`, `audit` or `block`.
+    pub verdict: &'static str,
+    /// The deciding policy, or `default`.
+    pub policy: String,
+}
+
+/// All metrics of one sidecar.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Requests by direction, protocol and status class.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Chains this sidecar started.
+    pub chains_started: Counter,
+    /// Context outcomes.
+    pub context: Family<ContextLabels, Counter>,
+    /// Egress verdicts.
+    pub egress_verdicts: Family<VerdictLabels, Counter>,
+    /// Hop events waiting in the exporter queue.
+    pub exporter_queue_depth: Gauge,
+    /// Hop events dropped because the queue was full.
+    pub exporter_dropped: Counter,
+    /// Hop events the exporter failed to deliver.
+    pub exporter_failed: Counter,
+    /// The version of the policy bundle in force.
+    pub policy_version: Gauge<u64, AtomicU64>,
+}
+
+impl Metrics {
+    /// Registers every metric under `custody_proxy_`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("custody_proxy");
+        r.register(
+            "requests",
+            "Requests by direction, protocol and status class",
+            self.requests.clone(),
+        );
+        r.register(
+            "chains_started",
+            "Chains started by this sidecar",
+            self.chains_started.clone(),
+        );
+        r.register(
+            "context",
+            "Identity-context outcomes, with the refusal reason",
+            self.context.clone(),
+        );
+        r.register(
+            "egress_verdicts",
+            "Egress verdicts by deciding policy",
+            self.egress_verdicts.clone(),
+        );
+        r.register(
+            "exporter_queue_depth",
+            "Hop events waiting in the exporter queue",
+            self.exporter_queue_depth.clone(),
+        );
+        r.register(
+            "exporter_dropped",
+            "Hop events dropped because the exporter queue was full",
+            self.exporter_dropped.clone(),
+        );
+        r.register(
+            "exporter_failed",
+            "Hop events the exporter could not deliver",
+            self.exporter_failed.clone(),
+        );
+        r.register(
+            "policy_version",
+            "Version of the policy bundle in force",
+            self.policy_version.clone(),
+        );
+    }
+}
+
+/// The status-class label of an HTTP status.
+pub fn status_class(status: Option<u16>) -> &'static str {
+    match status {
+        Some(100..=199) => "1xx",
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(500..=599) => "5xx",
+        _ => "none",
+    }
+}

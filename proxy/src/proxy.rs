@@ -1,0 +1,952 @@
+//! The inbound and outbound HTTP proxies: pingora `ProxyHttp` phases.
+//!
+//! | phase | inbound | outbound |
+//! | --- | --- | --- |
+//! | `request_filter` | strip untrusted identity headers; verify `Txn-Token` or mint from the identity sources; refuse invalid tokens if configured; refuse revoked principals; `traceparent` (new span); register in the in-flight table | verify and extend the app's token, or stitch to an inbound request in flight, or mint; refuse revoked principals; resolve the destination; evaluate egress policy; block with 403 / gRPC `PERMISSION_DENIED` |
+//! | `upstream_peer` | the local application | the configured upstream or the original destination |
+//! | `upstream_request_filter` | inject `Txn-Token` and `traceparent` | inject `Txn-Token` and `traceparent` |
+//! | body filters, `upstream_response_trailer_filter` | count bytes; read `grpc-status` | same |
+//! | `logging` | hop event (never waits), metrics; the in-flight entry ends with the request | same |
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use custody_context::api::{SCHEMA_VERSION, v1};
+use custody_context::hop::HopEvent;
+use custody_context::issue::{Extension, Issuer, Mint, SignedToken};
+use custody_context::policy::{ChainFacts, Decision, DestinationFacts, Verdict};
+use custody_context::token::{Actor, HopAttribution, InitiatorKind, RequestContext, TOKEN_HEADER};
+use custody_context::traceparent::{SpanId, TraceId, TraceParent};
+use custody_context::verify::{VerifiedToken, Verifier, VerifyError};
+use custody_context::workload::WorkloadId;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{ProxyHttp, Session};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, IdentitySource, OutboundMode};
+use crate::export::HopSink;
+use crate::inflight::{InFlightGuard, InFlightRequest, InFlightTable};
+use crate::metrics::{ContextLabels, Metrics, RequestLabels, VerdictLabels, status_class};
+use crate::policy_store::PolicyStore;
+
+/// The `traceparent` header.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// State shared by the inbound proxy, the outbound proxy and the admin listener.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration.
+    pub config: Config,
+    /// This sidecar's workload.
+    pub workload: WorkloadId,
+    /// Its URI, as it appears in `req_wl`.
+    pub workload_uri: String,
+    /// Signs minted and replacement tokens.
+    pub issuer: Issuer,
+    /// Verifies arriving tokens (cached).
+    pub verifier: Verifier,
+    /// This sidecar's public key, always trusted.
+    pub own_key: custody_context::keys::PublicKey,
+    /// The egress policy in force.
+    pub policy: Arc<PolicyStore>,
+    /// Inbound requests in flight, for stitching.
+    pub inflight: Arc<InFlightTable>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Hop export queue.
+    pub hops: HopSink,
+}
+
+/// Which side of the application a proxy serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// In front of the application.
+    Inbound,
+    /// Between the application and the rest of the world.
+    Outbound,
+}
+
+impl Direction {
+    fn label(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// One direction of the sidecar.
+#[derive(Debug)]
+pub struct DirectionProxy {
+    shared: Arc<Shared>,
+    direction: Direction,
+}
+
+impl DirectionProxy {
+    /// The proxy for `direction`.
+    pub fn new(shared: Arc<Shared>, direction: Direction) -> Self {
+        DirectionProxy { shared, direction }
+    }
+}
+
+/// What one request learned on its way through, for the hop event.
+#[derive(Debug)]
+pub struct HopCtx {
+    start: Instant,
+    start_unix_nanos: u64,
+    protocol: v1::Protocol,
+    operation: String,
+    /// The token after this hop (forwarded or extended or minted).
+    token: Option<Arc<VerifiedToken>>,
+    /// Its encoded form, for the upstream request.
+    encoded: Option<String>,
+    /// This hop's span: `parent_id` is this hop's span id.
+    span: Option<TraceParent>,
+    parent_span: Option<SpanId>,
+    outcome: v1::ContextOutcome,
+    reason: &'static str,
+    attribution: HopAttribution,
+    peer: Option<WorkloadId>,
+    egress: Option<(Decision, v1::Destination)>,
+    upstream: Option<SocketAddr>,
+    grpc_status: Option<u32>,
+    bytes_in: u64,
+    bytes_out: u64,
+    inflight: Option<InFlightGuard>,
+}
+
+impl HopCtx {
+    fn new() -> Self {
+        HopCtx {
+            start: Instant::now(),
+            start_unix_nanos: unix_nanos(),
+            protocol: v1::Protocol::Http1,
+            operation: String::new(),
+            token: None,
+            encoded: None,
+            span: None,
+            parent_span: None,
+            outcome: v1::ContextOutcome::Unspecified,
+            reason: "",
+            attribution: HopAttribution {
+                method: custody_context::token::AttributionMethod::PeerOnly,
+                confidence: 1.0,
+            },
+            peer: None,
+            egress: None,
+            upstream: None,
+            grpc_status: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            inflight: None,
+        }
+    }
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+fn is_grpc(req: &RequestHeader) -> bool {
+    header_str(req, "content-type").is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// The host and port a request names (`Host` or `:authority`), lowercased.
+fn authority(req: &RequestHeader) -> Option<(String, Option<u16>)> {
+    let raw = header_str(req, "host")
+        .map(str::to_owned)
+        .or_else(|| req.uri.authority().map(|a| a.as_str().to_owned()))?;
+    let auth: http::uri::Authority = raw.parse().ok()?;
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_ascii_lowercase(), auth.port_u16()))
+}
+
+fn verified_from_signed(signed: SignedToken, kid: &str) -> Arc<VerifiedToken> {
+    let digest: [u8; 32] = Sha256::digest(signed.encoded.as_bytes()).into();
+    Arc::new(VerifiedToken {
+        claims: signed.claims,
+        kid: kid.to_owned(),
+        digest,
+    })
+}
+
+impl Shared {
+    fn verify(&self, token: &str) -> Result<Arc<VerifiedToken>, VerifyError> {
+        let verified = self.verifier.verify_now(token)?;
+        if self
+            .policy
+            .current()
+            .revocations
+            .key_ids
+            .contains(&verified.kid)
+        {
+            return Err(VerifyError::RevokedKey);
+        }
+        Ok(verified)
+    }
+
+    fn count_context(&self, outcome: v1::ContextOutcome, reason: &'static str) {
+        let outcome = match outcome {
+            v1::ContextOutcome::Propagated => "propagated",
+            v1::ContextOutcome::Extended => "extended",
+            v1::ContextOutcome::Minted => "minted",
+            v1::ContextOutcome::Stitched => "stitched",
+            v1::ContextOutcome::Missing => "missing",
+            v1::ContextOutcome::Refused => "refused",
+            v1::ContextOutcome::Unspecified => "unspecified",
+        };
+        self.metrics
+            .context
+            .get_or_create(&ContextLabels { outcome, reason })
+            .inc();
+    }
+
+    /// The initiator from the configured sources, in order, and the MCP
+    /// agent acting for it when that is someone else.
+    fn initiator(
+        &self,
+        req: &RequestHeader,
+        mcp_agent: Option<&str>,
+    ) -> Option<(String, InitiatorKind, Option<Actor>)> {
+        let (sub, kind) = self
+            .config
+            .inbound
+            .identity_sources
+            .iter()
+            .find_map(|source| match source {
+                IdentitySource::EdgeHeader { header, kind } => {
+                    header_str(req, header).map(|v| (v.to_owned(), *kind))
+                }
+                IdentitySource::AgentHeader { header } => {
+                    header_str(req, header).map(|v| (v.to_owned(), InitiatorKind::Agent))
+                }
+                IdentitySource::Mcp { .. } => {
+                    mcp_agent.map(|a| (a.to_owned(), InitiatorKind::Agent))
+                }
+            })?;
+        let act = mcp_agent.filter(|agent| *agent != sub).map(Actor::new);
+        Some((sub, kind, act))
+    }
+
+    fn mcp_agent_key(&self) -> Option<&str> {
+        self.config
+            .inbound
+            .identity_sources
+            .iter()
+            .find_map(|source| match source {
+                IdentitySource::Mcp { agent_key } => Some(agent_key.as_str()),
+                _ => None,
+            })
+    }
+
+    fn mint(
+        &self,
+        txn: TraceId,
+        (sub, kind, act): (String, InitiatorKind, Option<Actor>),
+        peer_ip: Option<IpAddr>,
+        authn: Option<&str>,
+    ) -> Option<(Arc<VerifiedToken>, String)> {
+        let rctx = RequestContext {
+            req_ip: peer_ip.map(|ip| ip.to_string()),
+            authn: authn.map(str::to_owned),
+        };
+        let mint = Mint {
+            txn,
+            sub,
+            kind,
+            scope: self.config.inbound.scope.clone(),
+            act,
+            tctx: None,
+            rctx: Some(rctx),
+            taint: vec![],
+        };
+        match self.issuer.mint(mint, custody_context::unix_now()) {
+            Ok(signed) => {
+                self.metrics.chains_started.inc();
+                let encoded = signed.encoded.clone();
+                Some((verified_from_signed(signed, self.issuer.kid()), encoded))
+            }
+            Err(error) => {
+                tracing::warn!(message = "cannot mint token", %error);
+                None
+            }
+        }
+    }
+
+    fn extend(
+        &self,
+        prior: &VerifiedToken,
+        attribution: HopAttribution,
+    ) -> Option<(Arc<VerifiedToken>, String)> {
+        match self.issuer.extend(
+            prior,
+            Extension::new(attribution),
+            custody_context::unix_now(),
+        ) {
+            Ok(signed) => {
+                let encoded = signed.encoded.clone();
+                Some((verified_from_signed(signed, self.issuer.kid()), encoded))
+            }
+            Err(error) => {
+                tracing::warn!(message = "cannot extend token", %error);
+                None
+            }
+        }
+    }
+}
+
+fn peer_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+/// SHA-256 (hex) of the credential in `Authorization` (after the scheme),
+/// as revocations name it.
+fn credential_hash(req: &RequestHeader) -> Option<String> {
+    let value = header_str(req, "authorization")?;
+    let credential = value.split_once(' ').map_or(value, |(_, c)| c.trim());
+    Some(hex::encode(Sha256::digest(credential.as_bytes())))
+}
+
+/// Largest MCP request body read for its identity (pingora's replay buffer).
+const MCP_BODY_LIMIT: usize = 64 * 1024;
+
+/// An MCP `tools/call` request.
+#[derive(Debug)]
+struct McpCall {
+    tool: String,
+    agent: Option<String>,
+}
+
+/// Reads a JSON-RPC body of known, small length and returns the `tools/call`
+/// it carries. The body stays buffered and is replayed to the upstream.
+async fn read_mcp_call(session: &mut Session, agent_key: &str) -> pingora::Result<Option<McpCall>> {
+    let req = session.req_header();
+    let small = header_str(req, "content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > 0 && n <= MCP_BODY_LIMIT);
+    let json = header_str(req, "content-type").is_some_and(|ct| ct.contains("json"));
+    if req.method != http::Method::POST || !small || !json {
+        return Ok(None);
+    }
+    session.as_downstream_mut().enable_retry_buffering();
+    let mut body = Vec::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        body.extend_from_slice(&chunk);
+        if body.len() > MCP_BODY_LIMIT {
+            return Ok(None);
+        }
+    }
+    let Ok(message) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return Ok(None);
+    };
+    if message["method"] != "tools/call" {
+        return Ok(None);
+    }
+    let params = &message["params"];
+    let Some(tool) = params["name"].as_str() else {
+        return Ok(None);
+    };
+    Ok(Some(McpCall {
+        tool: tool.to_owned(),
+        agent: params["_meta"][agent_key]
+            .as_str()
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned),
+    }))
+}
+
+/// Writes a locally generated refusal: JSON for HTTP, trailers-only for gRPC.
+async fn refuse(
+    session: &mut Session,
+    ctx: &mut HopCtx,
+    status: u16,
+    grpc_code: u32,
+    body: serde_json::Value,
+    grpc_message: &str,
+) -> pingora::Result<()> {
+    if ctx.protocol == v1::Protocol::Grpc {
+        let mut resp = ResponseHeader::build(200, Some(3))?;
+        resp.insert_header("content-type", "application/grpc")?;
+        resp.insert_header("grpc-status", grpc_code.to_string())?;
+        resp.insert_header("grpc-message", grpc_message)?;
+        ctx.grpc_status = Some(grpc_code);
+        session.write_response_header(Box::new(resp), true).await?;
+    } else {
+        let body = Bytes::from(body.to_string());
+        let mut resp = ResponseHeader::build(status, Some(2))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        session.write_response_header(Box::new(resp), false).await?;
+        ctx.bytes_out += body.len() as u64;
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+/// Keeps or creates the W3C span for this hop within chain `txn`.
+fn hop_span(incoming: Option<TraceParent>, txn: TraceId) -> (TraceParent, Option<SpanId>) {
+    match incoming {
+        Some(tp) if tp.trace_id == txn => (tp.new_span(), Some(tp.parent_id)),
+        Some(tp) => (
+            TraceParent {
+                trace_id: txn,
+                parent_id: SpanId::random(),
+                flags: tp.flags,
+            },
+            None,
+        ),
+        None => (
+            TraceParent {
+                trace_id: txn,
+                parent_id: SpanId::random(),
+                flags: custody_context::traceparent::FLAG_SAMPLED,
+            },
+            None,
+        ),
+    }
+}
+
+impl DirectionProxy {
+    async fn inbound_request(
+        &self,
+        session: &mut Session,
+        ctx: &mut HopCtx,
+    ) -> pingora::Result<bool> {
+        let shared = &self.shared;
+        for name in &shared.config.inbound.strip_headers {
+            session.req_header_mut().remove_header(name.as_str());
+        }
+        let mcp_agent = match shared.mcp_agent_key() {
+            Some(key) => {
+                let key = key.to_owned();
+                let call = read_mcp_call(session, &key).await?;
+                if let Some(call) = &call {
+                    ctx.operation.clone_from(&call.tool);
+                }
+                call.and_then(|c| c.agent)
+            }
+            None => None,
+        };
+        let req = session.req_header();
+        let incoming_tp = header_str(req, TRACEPARENT).and_then(|v| TraceParent::parse(v).ok());
+        let token = header_str(req, TOKEN_HEADER).map(str::to_owned);
+        let peer_ip = peer_ip(session);
+
+        let mut verified = None;
+        if let Some(token) = token {
+            match shared.verify(&token) {
+                Ok(v) => {
+                    ctx.outcome = v1::ContextOutcome::Propagated;
+                    ctx.attribution = HopAttribution::PROPAGATED;
+                    ctx.peer = v
+                        .claims
+                        .last_workload()
+                        .and_then(|w| WorkloadId::parse_uri(w).ok());
+                    verified = Some((v, token));
+                }
+                Err(error) => {
+                    ctx.outcome = v1::ContextOutcome::Refused;
+                    ctx.reason = error.reason();
+                    tracing::info!(message = "txn-token refused", reason = error.reason(), peer = ?peer_ip);
+                    if shared.config.inbound.refuse_invalid_tokens {
+                        let body = serde_json::json!({
+                            "error": "invalid_txn_token",
+                            "reason": error.reason(),
+                        });
+                        let msg = format!("invalid txn-token: {}", error.reason());
+                        refuse(session, ctx, 401, 16, body, &msg).await?;
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+
+        let (token, encoded) = match verified {
+            Some(pair) => pair,
+            None => {
+                let txn = incoming_tp.map_or_else(TraceId::random, |tp| tp.trace_id);
+                let found = shared.initiator(session.req_header(), mcp_agent.as_deref());
+                let (initiator, authn) = match found {
+                    Some(initiator) => {
+                        if ctx.outcome != v1::ContextOutcome::Refused {
+                            ctx.outcome = v1::ContextOutcome::Minted;
+                            ctx.attribution = HopAttribution::MINTED;
+                        }
+                        (initiator, "header")
+                    }
+                    None => {
+                        if ctx.outcome != v1::ContextOutcome::Refused {
+                            ctx.outcome = v1::ContextOutcome::Missing;
+                        }
+                        let sub = peer_ip
+                            .map_or_else(|| "peer:unknown".to_owned(), |ip| format!("peer:{ip}"));
+                        ((sub, InitiatorKind::Service, None), "peer")
+                    }
+                };
+                match shared.mint(txn, initiator, peer_ip, Some(authn)) {
+                    Some(pair) => pair,
+                    None => return Ok(false),
+                }
+            }
+        };
+
+        if let Some(refused) = self.refuse_revoked(session, ctx, &token).await? {
+            return Ok(refused);
+        }
+        let (span, parent) = hop_span(incoming_tp, token.claims.txn);
+        ctx.inflight = Some(shared.inflight.register(InFlightRequest {
+            token: Arc::clone(&token),
+            encoded: Arc::from(encoded.as_str()),
+            span,
+        }));
+        ctx.span = Some(span);
+        ctx.parent_span = parent;
+        ctx.token = Some(token);
+        ctx.encoded = Some(encoded);
+        ctx.upstream = Some(shared.config.inbound.upstream);
+        Ok(false)
+    }
+
+    /// Refuses a request whose initiator is revoked; `Some(true)` if it did.
+    async fn refuse_revoked(
+        &self,
+        session: &mut Session,
+        ctx: &mut HopCtx,
+        token: &VerifiedToken,
+    ) -> pingora::Result<Option<bool>> {
+        let bundle = self.shared.policy.current();
+        let revoked = &bundle.revocations;
+        let (reason, error) = if revoked.principals.contains(&token.claims.sub) {
+            ("revoked_principal", "principal_revoked")
+        } else if !revoked.credential_hashes.is_empty()
+            && credential_hash(session.req_header())
+                .is_some_and(|h| revoked.credential_hashes.contains(&h))
+        {
+            ("revoked_credential", "credential_revoked")
+        } else {
+            return Ok(None);
+        };
+        ctx.outcome = v1::ContextOutcome::Refused;
+        ctx.reason = reason;
+        ctx.token = None;
+        let body = serde_json::json!({
+            "error": error,
+            "chain": token.claims.txn.to_string(),
+        });
+        refuse(session, ctx, 403, 7, body, &error.replace('_', " ")).await?;
+        Ok(Some(true))
+    }
+
+    async fn outbound_request(
+        &self,
+        session: &mut Session,
+        ctx: &mut HopCtx,
+    ) -> pingora::Result<bool> {
+        let shared = &self.shared;
+        let req = session.req_header();
+        let incoming_tp = header_str(req, TRACEPARENT).and_then(|v| TraceParent::parse(v).ok());
+        let forwarded = header_str(req, TOKEN_HEADER).map(str::to_owned);
+
+        let mut chosen: Option<(Arc<VerifiedToken>, String)> = None;
+        let mut stitched_span = None;
+        if let Some(token) = forwarded {
+            match shared.verify(&token) {
+                Ok(v) => {
+                    ctx.attribution = HopAttribution::PROPAGATED;
+                    if v.claims.last_workload() == Some(shared.workload_uri.as_str()) {
+                        // Issued by this workload's own sidecar: already names it.
+                        ctx.outcome = v1::ContextOutcome::Propagated;
+                        chosen = Some((v, token));
+                    } else {
+                        ctx.outcome = v1::ContextOutcome::Extended;
+                        chosen = shared.extend(&v, HopAttribution::PROPAGATED);
+                    }
+                }
+                Err(error) => {
+                    ctx.outcome = v1::ContextOutcome::Refused;
+                    ctx.reason = error.reason();
+                }
+            }
+        }
+        if chosen.is_none()
+            && let Some(stitch) = shared.inflight.stitch()
+        {
+            let attribution = HopAttribution::stitched(stitch.confidence);
+            ctx.attribution = attribution;
+            if ctx.outcome != v1::ContextOutcome::Refused {
+                ctx.outcome = v1::ContextOutcome::Stitched;
+            }
+            stitched_span = Some(stitch.request.span);
+            let prior = &stitch.request.token;
+            chosen = if prior.claims.last_workload() == Some(shared.workload_uri.as_str()) {
+                // The inbound token was minted here and already names this workload.
+                Some((Arc::clone(prior), stitch.request.encoded.to_string()))
+            } else {
+                shared.extend(prior, attribution)
+            };
+        }
+        if chosen.is_none() {
+            if ctx.outcome != v1::ContextOutcome::Refused {
+                ctx.outcome = v1::ContextOutcome::Minted;
+            }
+            ctx.attribution = HopAttribution::MINTED;
+            let txn = incoming_tp.map_or_else(TraceId::random, |tp| tp.trace_id);
+            chosen = shared.mint(
+                txn,
+                (shared.workload_uri.clone(), InitiatorKind::Service, None),
+                None,
+                Some("workload"),
+            );
+        }
+        let Some((token, encoded)) = chosen else {
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::InternalError,
+                "no token could be issued",
+            ));
+        };
+        if let Some(refused) = self.refuse_revoked(session, ctx, &token).await? {
+            return Ok(refused);
+        }
+        let parent_tp = incoming_tp
+            .filter(|tp| tp.trace_id == token.claims.txn)
+            .or(stitched_span);
+        let (span, parent) = hop_span(parent_tp, token.claims.txn);
+        ctx.span = Some(span);
+        ctx.parent_span = parent;
+
+        // Destination.
+        let req = session.req_header();
+        let named = authority(req);
+        let original_dst = session
+            .digest()
+            .and_then(|d| d.socket_digest.as_ref())
+            .and_then(|s| s.original_dst())
+            .and_then(|a| a.as_inet())
+            .copied();
+        let upstream = match &shared.config.outbound {
+            OutboundMode::Explicit { upstreams, default } => named
+                .as_ref()
+                .and_then(|(host, port)| {
+                    port.and_then(|p| upstreams.get(&format!("{host}:{p}")))
+                        .or_else(|| upstreams.get(host))
+                })
+                .or(default.as_ref())
+                .copied(),
+            OutboundMode::Transparent => original_dst,
+        };
+        // The port the application asked for: the authority's, else the one
+        // it dialled (transparent), else the cleartext HTTP default.
+        let port = named
+            .as_ref()
+            .and_then(|(_, p)| *p)
+            .or(original_dst.map(|a| a.port()))
+            .unwrap_or(80);
+        let host = named.as_ref().map(|(h, _)| h.as_str());
+        let ip = upstream.map(|u| u.ip());
+        let bundle = shared.policy.current();
+        let mut decision = bundle.evaluate(
+            &DestinationFacts { host, ip, port },
+            &ChainFacts {
+                initiator_kind: Some(token.claims.custody.ini),
+                principal: Some(&token.claims.sub),
+                service: Some(&shared.workload_uri),
+                taint: Some(&token.claims.custody.taint),
+            },
+        );
+        let chain_id = token.claims.txn.to_string();
+        if decision.verdict == Verdict::Allow
+            && bundle.revocations.quarantined_chains.contains(&chain_id)
+        {
+            // Everything derived from a quarantined chain is flagged.
+            decision = Decision {
+                verdict: Verdict::Audit,
+                policy: Some("quarantine".into()),
+                rule: Some("quarantined-chain".into()),
+            };
+        }
+        shared
+            .metrics
+            .egress_verdicts
+            .get_or_create(&VerdictLabels {
+                verdict: decision.verdict.as_str(),
+                policy: decision.policy.clone().unwrap_or_else(|| "default".into()),
+            })
+            .inc();
+        let destination = v1::Destination {
+            host: host.unwrap_or_default().to_owned(),
+            ip: ip.map(|i| i.to_string()).unwrap_or_default(),
+            port: u32::from(port),
+        };
+        let blocked = decision.verdict == Verdict::Block;
+        let chain = token.claims.txn.to_string();
+        ctx.egress = Some((decision.clone(), destination));
+        ctx.token = Some(token);
+        ctx.encoded = Some(encoded);
+        if blocked {
+            let policy = decision.policy.unwrap_or_else(|| "default".into());
+            let rule = decision.rule.unwrap_or_default();
+            let body = serde_json::json!({
+                "error": "egress_blocked",
+                "policy": policy,
+                "rule": rule,
+                "chain": chain,
+            });
+            let msg = format!("egress blocked by policy {policy} rule {rule} chain {chain}");
+            refuse(session, ctx, 403, 7, body, &msg).await?;
+            return Ok(true);
+        }
+        match upstream {
+            Some(addr) => {
+                ctx.upstream = Some(addr);
+                Ok(false)
+            }
+            None => {
+                let body = serde_json::json!({ "error": "no_upstream", "chain": chain });
+                refuse(session, ctx, 502, 14, body, "no upstream for destination").await?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn hop_event(&self, session: &Session, ctx: &HopCtx, status: u32) -> HopEvent {
+        let shared = &self.shared;
+        let token = ctx.token.as_deref();
+        let claims = token.map(|t| &t.claims);
+        let now = Instant::now();
+        let (src, dst) = match self.direction {
+            Direction::Inbound => (
+                session.client_addr().and_then(|a| a.as_inet()).copied(),
+                session.server_addr().and_then(|a| a.as_inet()).copied(),
+            ),
+            Direction::Outbound => (
+                session.client_addr().and_then(|a| a.as_inet()).copied(),
+                ctx.upstream,
+            ),
+        };
+        HopEvent {
+            schema_version: SCHEMA_VERSION,
+            event_id: format!("{}-{}", SpanId::random(), SpanId::random()),
+            chain_id: claims.map(|c| c.txn.to_string()).unwrap_or_default(),
+            span_id: ctx
+                .span
+                .map(|s| s.parent_id.to_string())
+                .unwrap_or_default(),
+            parent_span_id: ctx.parent_span.map(|s| s.to_string()).unwrap_or_default(),
+            workload: Some((&shared.workload).into()),
+            peer: ctx.peer.as_ref().map(Into::into),
+            direction: match self.direction {
+                Direction::Inbound => v1::Direction::Inbound,
+                Direction::Outbound => v1::Direction::Outbound,
+            } as i32,
+            protocol: ctx.protocol as i32,
+            operation: ctx.operation.clone(),
+            status,
+            initiator: claims.map(|c| v1::Initiator {
+                subject: c.sub.clone(),
+                kind: v1::InitiatorKind::from(c.custody.ini) as i32,
+                actors: c.actors().into_iter().map(str::to_owned).collect(),
+                scope: c.scope.clone(),
+            }),
+            workloads: claims.map(|c| c.req_wl.clone()).unwrap_or_default(),
+            attribution: Some((&ctx.attribution).into()),
+            context_outcome: ctx.outcome as i32,
+            refusal_reason: ctx.reason.to_owned(),
+            bytes_in: ctx.bytes_in,
+            bytes_out: ctx.bytes_out,
+            start_unix_nanos: ctx.start_unix_nanos,
+            duration_nanos: u64::try_from(now.duration_since(ctx.start).as_nanos())
+                .unwrap_or(u64::MAX),
+            egress: ctx.egress.as_ref().map(|(d, dest)| v1::EgressDecision {
+                destination: Some(dest.clone()),
+                verdict: v1::Verdict::from(d.verdict) as i32,
+                policy: d.policy.clone().unwrap_or_default(),
+                rule: d.rule.clone().unwrap_or_default(),
+            }),
+            data: vec![],
+            database: None,
+            connection: match (src, dst) {
+                (Some(s), Some(d)) => Some(v1::FiveTuple {
+                    src_ip: s.ip().to_string(),
+                    src_port: u32::from(s.port()),
+                    dst_ip: d.ip().to_string(),
+                    dst_port: u32::from(d.port()),
+                    transport: "tcp".into(),
+                }),
+                _ => None,
+            },
+            taint: claims
+                .map(|c| c.custody.taint.iter().cloned().collect())
+                .unwrap_or_default(),
+            key_id: token.map(|t| t.kid.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for DirectionProxy {
+    type CTX = HopCtx;
+
+    fn new_ctx(&self) -> HopCtx {
+        HopCtx::new()
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut HopCtx,
+    ) -> pingora::Result<bool> {
+        let req = session.req_header();
+        ctx.protocol = if is_grpc(req) {
+            v1::Protocol::Grpc
+        } else if session.is_http2() {
+            v1::Protocol::Http2
+        } else {
+            v1::Protocol::Http1
+        };
+        ctx.operation = if ctx.protocol == v1::Protocol::Grpc {
+            req.uri.path().to_owned()
+        } else {
+            format!("{} {}", req.method, req.uri.path())
+        };
+        match self.direction {
+            Direction::Inbound => self.inbound_request(session, ctx).await,
+            Direction::Outbound => self.outbound_request(session, ctx).await,
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut HopCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        let addr = ctx.upstream.ok_or_else(|| {
+            pingora::Error::explain(pingora::ErrorType::InternalError, "no upstream chosen")
+        })?;
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        if session.is_http2() {
+            peer.options.set_http_version(2, 2);
+        }
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut HopCtx,
+    ) -> pingora::Result<()> {
+        if let Some(encoded) = ctx.encoded.as_deref().filter(|e| !e.is_empty()) {
+            upstream_request.insert_header(TOKEN_HEADER, encoded)?;
+        }
+        if let Some(span) = ctx.span {
+            upstream_request.insert_header(TRACEPARENT, span.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut HopCtx,
+    ) -> pingora::Result<()> {
+        if let Some(b) = body {
+            ctx.bytes_in += b.len() as u64;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut HopCtx,
+    ) -> pingora::Result<()> {
+        if let Some(code) = upstream_response
+            .headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+        {
+            ctx.grpc_status = Some(code);
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut HopCtx,
+    ) -> pingora::Result<Option<std::time::Duration>> {
+        if let Some(b) = body {
+            ctx.bytes_out += b.len() as u64;
+        }
+        if end_of_stream {
+            // The request is over for stitching once its last byte is on the
+            // way out, before the caller can see it and call again.
+            ctx.inflight = None;
+        }
+        Ok(None)
+    }
+
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut HopCtx,
+    ) -> pingora::Result<()> {
+        if let Some(code) = trailers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+        {
+            ctx.grpc_status = Some(code);
+        }
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut HopCtx) {
+        let http_status = session.response_written().map(|r| r.status.as_u16());
+        let status = match (ctx.protocol, ctx.grpc_status) {
+            (v1::Protocol::Grpc, Some(code)) => code,
+            _ => u32::from(http_status.unwrap_or(0)),
+        };
+        let shared = &self.shared;
+        shared
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: self.direction.label(),
+                protocol: match ctx.protocol {
+                    v1::Protocol::Grpc => "grpc",
+                    v1::Protocol::Http2 => "http2",
+                    _ => "http1",
+                },
+                status_class: status_class(http_status),
+            })
+            .inc();
+        shared.count_context(ctx.outcome, ctx.reason);
+        let hop = self.hop_event(session, ctx, status);
+        shared.hops.emit(hop);
+    }
+}

@@ -1,0 +1,290 @@
+//! Wiring: builds the pingora server (inbound, outbound and admin listeners,
+//! background tasks) from a [`Config`], and runs it in this thread or in a
+//! thread of its own (tests).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use custody_context::issue::Issuer;
+use custody_context::keys::SigningKey;
+use custody_context::verify::{Verifier, VerifierConfig};
+use pingora::apps::HttpServerOptions;
+use pingora::apps::http_app::HttpServer;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{BackgroundService, background_service};
+use pingora::services::listening::Service;
+use tokio::sync::Mutex;
+
+use crate::admin::Admin;
+use crate::config::{Config, ConfigError};
+use crate::export::{self, ExportTarget, HopQueue};
+use crate::inflight::InFlightTable;
+use crate::metrics::Metrics;
+use crate::policy_store::{self, PolicyLoadError, PolicyStore};
+use crate::proxy::{Direction, DirectionProxy, Shared};
+use crate::tcp::Sniffing;
+use crate::trust::{self, KeySetFile, TrustError};
+
+/// Why the sidecar could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configuration is not valid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A key or key set could not be loaded.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    /// The policy file could not be loaded.
+    #[error(transparent)]
+    Policy(#[from] PolicyLoadError),
+    /// The own key could not join the key set.
+    #[error("signing key: {0}")]
+    OwnKey(String),
+}
+
+/// A sidecar ready to run.
+pub struct Sidecar {
+    server: Server,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar")
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Background work: the hop exporter and the policy-file watcher.
+struct Tasks {
+    shared: Arc<Shared>,
+    queue: Mutex<Option<HopQueue>>,
+    target: ExportTarget,
+}
+
+#[async_trait]
+impl BackgroundService for Tasks {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let config = &self.shared.config;
+        let watcher = config.policy.file.clone().map(|path| {
+            tokio::spawn(Arc::clone(&self.shared.policy).watch_file(
+                path,
+                Duration::from_millis(config.policy.poll_interval_ms.max(10)),
+                shutdown.clone(),
+            ))
+        });
+        let subscription = config.policy.control_plane.clone().map(|address| {
+            tokio::spawn(crate::control::subscribe(
+                Arc::clone(&self.shared),
+                address,
+                shutdown.clone(),
+            ))
+        });
+        if let Some(queue) = self.queue.lock().await.take() {
+            queue
+                .run(
+                    self.target.clone(),
+                    config.exporter.batch_size,
+                    Duration::from_millis(config.exporter.flush_interval_ms.max(1)),
+                    shutdown,
+                )
+                .await;
+        }
+        for task in [watcher, subscription].into_iter().flatten() {
+            task.abort();
+        }
+    }
+}
+
+impl Sidecar {
+    /// Builds the sidecar: keys, policy, listeners and background tasks.
+    /// Listeners bind when it runs.
+    pub fn build(config: Config) -> Result<Self, BuildError> {
+        let workload = config.workload_id()?;
+        let workload_uri = workload.uri();
+        let signing = match &config.signing.seed_file {
+            Some(path) => {
+                let seed = trust::load_seed(path)?;
+                trust::signing_key_from_seed(&seed, config.signing.kid.as_deref())
+            }
+            None => SigningKey::generate(),
+        };
+        let mut keys = match &config.trust.key_set_file {
+            Some(path) => KeySetFile::load(path)?,
+            None => custody_context::keys::KeySet::new(),
+        };
+        let own = signing.public_key().bound_to(&workload_uri);
+        if keys.keys().all(|k| k.kid() != own.kid()) {
+            keys.insert(own.clone())
+                .map_err(|e| BuildError::OwnKey(e.to_string()))?;
+        }
+        let audience = config.workload.trust_domain.clone();
+        let issuer = Issuer::new(
+            signing,
+            workload_uri.clone(),
+            audience.clone(),
+            config.signing.token_ttl_secs.unwrap_or(300),
+        );
+        let verifier = Verifier::new(VerifierConfig::new(audience), keys);
+        let metrics = Arc::new(Metrics::default());
+        let policy = Arc::new(PolicyStore::open(
+            config.policy.state_dir.clone(),
+            Arc::clone(&metrics),
+        ));
+        if let Some(path) = &config.policy.file {
+            policy.apply(policy_store::load_bundle(path)?);
+        }
+        let (hops, queue) = export::queue(config.exporter.queue_size, Arc::clone(&metrics));
+        let target = match (&config.exporter.control_plane, &config.exporter.jsonl_file) {
+            (Some(address), _) => ExportTarget::ControlPlane(address.clone()),
+            (None, Some(path)) => ExportTarget::JsonlFile(path.clone()),
+            (None, None) => ExportTarget::Discard,
+        };
+
+        let mut conf = ServerConf {
+            threads: config.threads,
+            grace_period_seconds: Some(config.shutdown.grace_period_secs),
+            graceful_shutdown_timeout_seconds: Some(config.shutdown.final_timeout_secs),
+            ..ServerConf::default()
+        };
+        conf.pid_file = String::new();
+        let mut server = Server::new_with_opt_and_conf(None, conf);
+        server.bootstrap();
+
+        let shared = Arc::new(Shared {
+            workload,
+            workload_uri,
+            issuer,
+            verifier,
+            own_key: own,
+            policy,
+            inflight: InFlightTable::new(),
+            metrics,
+            hops,
+            config,
+        });
+
+        let listeners = shared.config.listeners.clone();
+        for (name, direction, addr) in [
+            ("custody inbound", Direction::Inbound, listeners.inbound),
+            ("custody outbound", Direction::Outbound, listeners.outbound),
+        ] {
+            let mut http = pingora::proxy::http_proxy(
+                &server.configuration,
+                DirectionProxy::new(Arc::clone(&shared), direction),
+            );
+            let mut options = HttpServerOptions::default();
+            options.h2c = true;
+            http.server_options = Some(options);
+            let mut service = Service::new(
+                name.to_owned(),
+                Sniffing::new(http, Arc::clone(&shared), direction),
+            );
+            service.add_tcp(&addr.to_string());
+            server.add_service(service);
+        }
+        let mut admin = Service::new(
+            "custody admin".to_owned(),
+            HttpServer::new_app(Admin::new(Arc::clone(&shared))),
+        );
+        admin.add_tcp(&listeners.admin.to_string());
+        server.add_service(admin);
+        server.add_service(background_service(
+            "custody tasks",
+            Tasks {
+                shared: Arc::clone(&shared),
+                queue: Mutex::new(Some(queue)),
+                target,
+            },
+        ));
+        Ok(Sidecar { server, shared })
+    }
+
+    /// Builds from a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, BuildError> {
+        Sidecar::build(Config::load(path)?)
+    }
+
+    /// The shared state (metrics, policy, in-flight table).
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Runs until SIGTERM (graceful: stop accepting, drain for the grace
+    /// period, exit), SIGINT (fast) or SIGQUIT.
+    pub fn run(self) {
+        self.server.run(RunArgs::default());
+    }
+
+    /// Runs in a thread of its own until [`Running::stop`].
+    pub fn spawn(self) -> Running {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let shared = Arc::clone(&self.shared);
+        let thread = std::thread::spawn(move || {
+            self.server.run(RunArgs {
+                shutdown_signal: Box::new(StopSignal(rx)),
+            });
+        });
+        Running {
+            stop: tx,
+            thread: Some(thread),
+            shared,
+        }
+    }
+}
+
+struct StopSignal(tokio::sync::watch::Receiver<Option<bool>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for StopSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.0.clone();
+        loop {
+            if let Some(graceful) = *rx.borrow_and_update() {
+                return if graceful {
+                    ShutdownSignal::GracefulTerminate
+                } else {
+                    ShutdownSignal::FastShutdown
+                };
+            }
+            if rx.changed().await.is_err() {
+                return ShutdownSignal::FastShutdown;
+            }
+        }
+    }
+}
+
+/// A sidecar running in a thread of its own.
+#[derive(Debug)]
+pub struct Running {
+    stop: tokio::sync::watch::Sender<Option<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+impl Running {
+    /// The shared state (metrics, policy, in-flight table).
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Stops (gracefully: within the grace period) and waits for the end.
+    pub fn stop(mut self) {
+        self.stop.send_replace(Some(true));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop.send_replace(Some(false));
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Connections that are not HTTP: sniffed, passed through as TCP, recorded.
+//!
+//! Each new connection on the inbound and outbound listeners is classified
+//! by its first bytes: an HTTP/1 method or the HTTP/2 preface goes to the
+//! HTTP proxy; anything else is copied both ways to its destination (the
+//! local application inbound; the original destination outbound) and becomes
+//! a hop with protocol `TCP`. Protocols where the server speaks first
+//! (MySQL, SMTP) send nothing to sniff: their ports are listed in
+//! `tcp_ports` and skip sniffing. Outbound TCP is subject to egress policy by
+//! address and port, with the chain of the inbound request in flight.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use custody_context::api::{SCHEMA_VERSION, v1};
+use custody_context::hop::HopEvent;
+use custody_context::policy::{ChainFacts, DestinationFacts, Verdict};
+use custody_context::token::InitiatorKind;
+use custody_context::traceparent::SpanId;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+
+use crate::config::OutboundMode;
+use crate::metrics::{RequestLabels, VerdictLabels};
+use crate::proxy::{Direction, DirectionProxy, Shared};
+
+/// How long a new connection may stay silent before it is dropped (the
+/// HTTP keep-alive idle time).
+const IDLE: Duration = Duration::from_secs(60);
+
+/// The first bytes of an HTTP/1 request or of the HTTP/2 preface.
+fn looks_like_http(head: &[u8; 4]) -> bool {
+    const STARTS: [&[u8; 4]; 10] = [
+        b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"PATC", b"OPTI", b"CONN", b"TRAC", b"PRI ",
+    ];
+    STARTS.contains(&head)
+}
+
+/// A listener app: HTTP to the proxy, everything else through as TCP.
+pub struct Sniffing {
+    http: Arc<HttpProxy<DirectionProxy>>,
+    shared: Arc<Shared>,
+    direction: Direction,
+}
+
+impl std::fmt::Debug for Sniffing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sniffing")
+            .field("direction", &self.direction)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sniffing {
+    /// Wraps the HTTP proxy of `direction`.
+    pub fn new(http: HttpProxy<DirectionProxy>, shared: Arc<Shared>, direction: Direction) -> Self {
+        Sniffing {
+            http: Arc::new(http),
+            shared,
+            direction,
+        }
+    }
+
+    fn original_dst(stream: &Stream) -> Option<SocketAddr> {
+        stream
+            .get_socket_digest()
+            .and_then(|d| d.original_dst().and_then(|a| a.as_inet()).copied())
+    }
+
+    fn destination(&self, stream: &Stream) -> Option<SocketAddr> {
+        match self.direction {
+            Direction::Inbound => Some(self.shared.config.inbound.upstream),
+            Direction::Outbound => match &self.shared.config.outbound {
+                OutboundMode::Transparent => Self::original_dst(stream),
+                OutboundMode::Explicit { .. } => None,
+            },
+        }
+    }
+
+    async fn pass_through(&self, mut stream: Stream, dest: Option<SocketAddr>) {
+        let shared = &self.shared;
+        let started = Instant::now();
+        let start_unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let src = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        // The chain this connection belongs to, when an inbound request is in flight.
+        let stitch = match self.direction {
+            Direction::Outbound => shared.inflight.stitch(),
+            Direction::Inbound => None,
+        };
+        let claims = stitch.as_ref().map(|s| &s.request.token.claims);
+        let mut egress = None;
+        let mut blocked = false;
+        if let (Direction::Outbound, Some(dest)) = (self.direction, dest) {
+            let decision = shared.policy.current().evaluate(
+                &DestinationFacts {
+                    host: None,
+                    ip: Some(dest.ip()),
+                    port: dest.port(),
+                },
+                &ChainFacts {
+                    initiator_kind: Some(claims.map_or(InitiatorKind::Service, |c| c.custody.ini)),
+                    principal: Some(
+                        claims.map_or(shared.workload_uri.as_str(), |c| c.sub.as_str()),
+                    ),
+                    service: Some(&shared.workload_uri),
+                    taint: claims.map(|c| &c.custody.taint),
+                },
+            );
+            shared
+                .metrics
+                .egress_verdicts
+                .get_or_create(&VerdictLabels {
+                    verdict: decision.verdict.as_str(),
+                    policy: decision.policy.clone().unwrap_or_else(|| "default".into()),
+                })
+                .inc();
+            blocked = decision.verdict == Verdict::Block;
+            egress = Some(decision);
+        }
+        let (mut bytes_in, mut bytes_out) = (0, 0);
+        if !blocked && let Some(dest) = dest {
+            match tokio::net::TcpStream::connect(dest).await {
+                Ok(mut upstream) => {
+                    if let Ok((up, down)) =
+                        tokio::io::copy_bidirectional(&mut stream, &mut upstream).await
+                    {
+                        (bytes_in, bytes_out) = (up, down);
+                    }
+                }
+                Err(error) => {
+                    tracing::info!(message = "tcp upstream unreachable", %dest, %error);
+                }
+            }
+        }
+        shared
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: match self.direction {
+                    Direction::Inbound => "inbound",
+                    Direction::Outbound => "outbound",
+                },
+                protocol: "tcp",
+                status_class: "none",
+            })
+            .inc();
+        let hop = HopEvent {
+            schema_version: SCHEMA_VERSION,
+            event_id: format!("{}-{}", SpanId::random(), SpanId::random()),
+            chain_id: claims.map(|c| c.txn.to_string()).unwrap_or_default(),
+            span_id: SpanId::random().to_string(),
+            parent_span_id: stitch
+                .as_ref()
+                .map(|s| s.request.span.parent_id.to_string())
+                .unwrap_or_default(),
+            workload: Some((&shared.workload).into()),
+            direction: match self.direction {
+                Direction::Inbound => v1::Direction::Inbound,
+                Direction::Outbound => v1::Direction::Outbound,
+            } as i32,
+            protocol: v1::Protocol::Tcp as i32,
+            operation: "tcp".into(),
+            initiator: claims.map(|c| v1::Initiator {
+                subject: c.sub.clone(),
+                kind: v1::InitiatorKind::from(c.custody.ini) as i32,
+                actors: c.actors().into_iter().map(str::to_owned).collect(),
+                scope: c.scope.clone(),
+            }),
+            workloads: claims.map(|c| c.req_wl.clone()).unwrap_or_default(),
+            attribution: Some(match &stitch {
+                Some(s) => (&custody_context::token::HopAttribution::stitched(s.confidence)).into(),
+                None => v1::Attribution {
+                    method: v1::AttributionMethod::PeerOnly as i32,
+                    confidence: 1.0,
+                },
+            }),
+            context_outcome: if stitch.is_some() {
+                v1::ContextOutcome::Stitched
+            } else {
+                v1::ContextOutcome::Missing
+            } as i32,
+            bytes_in,
+            bytes_out,
+            start_unix_nanos,
+            duration_nanos: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            egress: egress.map(|d| v1::EgressDecision {
+                destination: dest.map(|a| v1::Destination {
+                    host: String::new(),
+                    ip: a.ip().to_string(),
+                    port: u32::from(a.port()),
+                }),
+                verdict: v1::Verdict::from(d.verdict) as i32,
+                policy: d.policy.unwrap_or_default(),
+                rule: d.rule.unwrap_or_default(),
+            }),
+            connection: match (src, dest) {
+                (Some(s), Some(d)) => Some(v1::FiveTuple {
+                    src_ip: s.ip().to_string(),
+                    src_port: u32::from(s.port()),
+                    dst_ip: d.ip().to_string(),
+                    dst_port: u32::from(d.port()),
+                    transport: "tcp".into(),
+                }),
+                _ => None,
+            },
+            taint: claims
+                .map(|c| c.custody.taint.iter().cloned().collect())
+                .unwrap_or_default(),
+            ..HopEvent::default()
+        };
+        shared.hops.emit(hop);
+    }
+}
+
+#[async_trait]
+impl ServerApp for Sniffing {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let dest = self.destination(&stream);
+        let server_first = dest.is_some_and(|d| self.shared.config.tcp_ports.contains(&d.port()));
+        if !server_first {
+            let mut head = [0u8; 4];
+            match tokio::time::timeout(IDLE, stream.try_peek(&mut head)).await {
+                Ok(Ok(true)) if looks_like_http(&head) => {
+                    return ServerApp::process_new(&self.http, stream, shutdown).await;
+                }
+                Ok(Ok(true)) => {}
+                // Not peekable: leave it to the HTTP proxy.
+                Ok(Ok(false)) => return ServerApp::process_new(&self.http, stream, shutdown).await,
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
+        self.pass_through(stream, dest).await;
+        None
+    }
+
+    async fn cleanup(&self) {
+        ServerApp::cleanup(&*self.http).await;
+    }
+}
