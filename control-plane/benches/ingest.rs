@@ -1,0 +1,257 @@
+//! Whole-system benchmark of the control plane, in one process over real
+//! sockets: gRPC ingest with assembly (hops/s), then chain lookup latency
+//! over HTTP with everything stored.
+//!
+//! ```text
+//! CUSTODY_BENCH_HOPS=1000000 cargo bench -p custody-control --bench ingest
+//! ```
+//!
+//! Chains of 5 hops (one in 10 with a call that lost its context, joined by
+//! time containment), batches of 1,000 hops from 4 concurrent clients,
+//! `sync: full`. Prints ingest-only and ingest-with-assembly rates, then
+//! p50/p99 of `GET /v1/chains/{id}` and of a filtered `GET /v1/chains`.
+
+#![allow(clippy::print_stdout, clippy::unwrap_used)] // a benchmark's report; failures abort it
+
+use std::time::{Duration, Instant};
+
+use custody_context::api::v1;
+use custody_control::client::Client;
+use custody_control::config::Config;
+
+const ADMIN: &str = "admin-token-0123456789";
+const NODE: &str = "node-token-0123456789";
+const HOPS_PER_CHAIN: u64 = 5;
+const BATCH: u64 = 1_000;
+const CLIENTS: u64 = 4;
+
+fn wl(sa: &str) -> v1::WorkloadId {
+    v1::WorkloadId {
+        trust_domain: "td".into(),
+        namespace: "shop".into(),
+        service_account: sa.into(),
+        pod: String::new(),
+    }
+}
+
+fn chain_id(n: u64) -> String {
+    format!("{:016x}{:016x}", n | 1 << 62, n + 1)
+}
+
+/// Chain `n`: 5 hops, nested in time, 1 ms apart from chain `n - 1`.
+fn chain(n: u64, base: u64) -> Vec<v1::HopEvent> {
+    let start = base + n * 1_000_000;
+    let id = chain_id(n);
+    let lost = n.is_multiple_of(10);
+    (0..HOPS_PER_CHAIN)
+        .map(|i| {
+            let sa = ["web", "orders", "payments", "ledger", "search"][i as usize];
+            let context = !(lost && i == 4);
+            v1::HopEvent {
+                schema_version: 1,
+                event_id: format!("{n}-{i}"),
+                chain_id: if context {
+                    id.clone()
+                } else {
+                    chain_id(n + (1 << 40))
+                },
+                span_id: format!("{:016x}", (n << 4) + i + 1),
+                parent_span_id: if i == 0 || !context {
+                    String::new()
+                } else {
+                    format!("{:016x}", (n << 4) + i)
+                },
+                workload: Some(wl(if context { sa } else { "payments" })),
+                direction: if i % 2 == 0 && context {
+                    v1::Direction::Inbound
+                } else {
+                    v1::Direction::Outbound
+                } as i32,
+                protocol: v1::Protocol::Http1 as i32,
+                operation: format!("GET /{sa}"),
+                status: 200,
+                initiator: context.then(|| v1::Initiator {
+                    subject: format!("user{}@example.com", n % 1_000),
+                    kind: v1::InitiatorKind::Human as i32,
+                    actors: vec![],
+                    scope: "orders.read".into(),
+                }),
+                attribution: Some(v1::Attribution {
+                    method: if context {
+                        v1::AttributionMethod::Propagated
+                    } else {
+                        v1::AttributionMethod::PeerOnly
+                    } as i32,
+                    confidence: if context { 1.0 } else { 0.0 },
+                }),
+                context_outcome: if context {
+                    v1::ContextOutcome::Propagated
+                } else {
+                    v1::ContextOutcome::Missing
+                } as i32,
+                start_unix_nanos: start + i * 10_000,
+                duration_nanos: 500_000 - i * 20_000,
+                data: if i == 2 && n.is_multiple_of(7) {
+                    vec![v1::DataTouch {
+                        class: "pii.email".into(),
+                        count: 1,
+                        confidence: 1.0,
+                    }]
+                } else {
+                    vec![]
+                },
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+#[derive(Clone)]
+struct Bearer;
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {NODE}").parse().unwrap());
+        Ok(req)
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is accepted.
+    let hops: u64 = std::env::var("CUSTODY_BENCH_HOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let chains = hops / HOPS_PER_CHAIN;
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::parse(&format!(
+        "data_dir: {}\ngrpc_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\nsync: full\n\
+         tokens:\n  - {{ name: bench, role: admin, secret: {ADMIN} }}\n  - {{ name: nodes, role: node, secret: {NODE} }}\n\
+         assembly: {{ interval_millis: 50 }}\n",
+        dir.path().display()
+    ))
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let server = custody_control::server::start(&config).await.unwrap();
+        let base_time = custody_control::unix_nanos() - chains * 1_000_000 - 3_600_000_000_000;
+        let chains_per_batch = BATCH / HOPS_PER_CHAIN;
+        let batches = chains.div_ceil(chains_per_batch);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..CLIENTS {
+            let addr = server.grpc_addr;
+            tasks.push(tokio::spawn(async move {
+                let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                let mut client = v1::ingest_client::IngestClient::with_interceptor(channel, Bearer)
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20);
+                let mut b = c;
+                while b < batches {
+                    let from = b * chains_per_batch;
+                    let to = (from + chains_per_batch).min(chains);
+                    let hops: Vec<_> = (from..to).flat_map(|n| chain(n, base_time)).collect();
+                    let ack = client
+                        .report_hops(v1::HopBatch { hops })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert_eq!(u64::from(ack.accepted), (to - from) * HOPS_PER_CHAIN);
+                    b += CLIENTS;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let ingested = started.elapsed();
+        // Pending chains are cleared in the transaction that stores their trees.
+        loop {
+            let store = server.shared.store.clone();
+            let pending = tokio::task::spawn_blocking(move || store.pending_chains(1).unwrap())
+                .await
+                .unwrap();
+            if pending.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let assembled = started.elapsed();
+        let total = chains * HOPS_PER_CHAIN;
+        println!("stored hops: {total} ({chains} chains)");
+        println!(
+            "ingest (acknowledged, durable): {:.1} s, {:.0} hops/s",
+            ingested.as_secs_f64(),
+            total as f64 / ingested.as_secs_f64()
+        );
+        println!(
+            "ingest with assembly (all chains assembled): {:.1} s, {:.0} hops/s",
+            assembled.as_secs_f64(),
+            total as f64 / assembled.as_secs_f64()
+        );
+        let size = { server.shared.store.size_bytes().unwrap() };
+        println!("store size: {:.1} MiB", size as f64 / (1 << 20) as f64);
+
+        let base = format!("http://{}", server.http_addr);
+        let report = tokio::task::spawn_blocking(move || {
+            let client = Client::new(&base, Some(ADMIN.to_owned()));
+            let mut lookups = Vec::new();
+            let mut lists = Vec::new();
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            for i in 0..2_000u64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let n = x % chains;
+                let t = Instant::now();
+                let tree = client
+                    .get(&format!("/v1/chains/{}", chain_id(n)), &[])
+                    .unwrap();
+                lookups.push(t.elapsed());
+                assert!(tree["hops"].as_array().unwrap().len() >= 4);
+                if i % 4 == 0 {
+                    let t = Instant::now();
+                    client
+                        .get(
+                            "/v1/chains",
+                            &[
+                                ("initiator", format!("user{}@example.com", n % 1_000)),
+                                ("limit", "20".into()),
+                            ],
+                        )
+                        .unwrap();
+                    lists.push(t.elapsed());
+                }
+            }
+            lookups.sort();
+            lists.sort();
+            format!(
+                "GET /v1/chains/{{id}} ({} random): p50 {:.2} ms, p99 {:.2} ms\n\
+                 GET /v1/chains?initiator=..&limit=20 ({}): p50 {:.2} ms, p99 {:.2} ms",
+                lookups.len(),
+                percentile(&lookups, 0.5).as_secs_f64() * 1e3,
+                percentile(&lookups, 0.99).as_secs_f64() * 1e3,
+                lists.len(),
+                percentile(&lists, 0.5).as_secs_f64() * 1e3,
+                percentile(&lists, 0.99).as_secs_f64() * 1e3,
+            )
+        })
+        .await
+        .unwrap();
+        println!("{report}");
+        server.shutdown().await;
+    });
+}

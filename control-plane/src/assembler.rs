@@ -1,0 +1,285 @@
+//! The background assembler: re-assembles the chains that ingest touched,
+//! with their neighbours in time, and stores the trees.
+//!
+//! Ingest marks chain ids dirty; every `interval` the assembler takes them
+//! (at most [`BATCH`] at a time) and loads their hops, then the neighbours
+//! that evidence may join: contextless hops in the same time window (which
+//! a loaded chain may adopt), and for each contextless group the hops that
+//! may be its parent (an inbound hop of the same workload around it, an
+//! outbound hop with the same connection, a hop of the caller a node-agent
+//! flow names), each with its whole chain. It runs [`assembly::assemble`]
+//! and stores the trees that involve a dirty chain. The common case (every
+//! hop carried context) costs one indexed query for the window's few
+//! contextless hops.
+//! Chains joined into another are deleted as chains of their own.
+//!
+//! The dirty set is mirrored durably by the store's pending chains (written
+//! with the hops, cleared with the trees), so a restart resumes assembly of
+//! everything acknowledged before a crash.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, broadcast};
+
+use custody_context::api::v1::HopEvent;
+
+use crate::assembly::{self, ChainSummary, ChainTree, Coverage, workload_uri};
+use crate::metrics::{CoverageLabel, Metrics};
+use crate::store::{Store, StoreError};
+
+/// Chains assembled per pass at most.
+pub const BATCH: usize = 2_000;
+/// Neighbour windows wider than this are not searched (nanoseconds).
+pub const MAX_WINDOW_NANOS: u64 = 600_000_000_000;
+/// Slack around a chain's interval when looking for neighbours.
+pub const SLACK_NANOS: u64 = 1_000_000_000;
+
+/// Chain ids waiting for assembly.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    ids: Mutex<BTreeSet<String>>,
+    notify: Notify,
+}
+
+impl Dirty {
+    /// Marks chains dirty.
+    pub fn mark(&self, ids: impl IntoIterator<Item = String>) {
+        let mut set = self
+            .ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        set.extend(ids);
+        drop(set);
+        self.notify.notify_one();
+    }
+
+    fn take(&self, max: usize) -> Vec<String> {
+        let mut set = self
+            .ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out = Vec::new();
+        while out.len() < max {
+            match set.pop_first() {
+                Some(id) => out.push(id),
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// Waits until something is marked.
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
+    }
+}
+
+/// Assembles and stores; remembers each chain's last class for the metric.
+pub struct Assembler {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    dirty: Arc<Dirty>,
+    classes: Mutex<HashMap<String, Coverage>>,
+    updates: broadcast::Sender<Arc<ChainSummary>>,
+    max_request_nanos: u64,
+}
+
+impl std::fmt::Debug for Assembler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assembler").finish_non_exhaustive()
+    }
+}
+
+impl Assembler {
+    /// An assembler reading `dirty` and announcing chains on `updates`; a
+    /// contextless hop is searched a parent among requests that started at
+    /// most `max_request_secs` before it.
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        dirty: Arc<Dirty>,
+        updates: broadcast::Sender<Arc<ChainSummary>>,
+        max_request_secs: u64,
+    ) -> Self {
+        Assembler {
+            store,
+            metrics,
+            dirty,
+            classes: Mutex::new(HashMap::new()),
+            updates,
+            max_request_nanos: max_request_secs.saturating_mul(1_000_000_000),
+        }
+    }
+
+    /// One pass over at most [`BATCH`] dirty chains; returns how many were taken.
+    pub fn pass(&self) -> Result<usize, StoreError> {
+        let ids = self.dirty.take(BATCH);
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        match self.assemble(&ids) {
+            Ok(()) => Ok(ids.len()),
+            Err(e) => {
+                // Still pending in the store; try again on the next pass.
+                self.dirty.mark(ids);
+                Err(e)
+            }
+        }
+    }
+
+    fn assemble(&self, ids: &[String]) -> Result<(), StoreError> {
+        let dirty: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+        let mut hops = self.store.hops_of_chains(ids)?;
+        let mut loaded: BTreeSet<String> = ids.iter().cloned().collect();
+        let mut searched: BTreeSet<String> = BTreeSet::new();
+        let mut flows = Vec::new();
+        // A few rounds: neighbours of the dirty chains, then the neighbours'
+        // whole chains (and their own adopted hops), so every stored tree is whole.
+        for _ in 0..3 {
+            let mut found = Vec::new();
+            // Contextless hops a loaded chain may adopt.
+            if let Some((from, to)) = window(&hops)
+                && to - from <= MAX_WINDOW_NANOS
+            {
+                found.extend(self.store.contextless_in_window(from, to)?);
+            }
+            // Parents for contextless groups: same workload in time, same
+            // connection, or the caller a node-agent flow names.
+            let mut by_chain: HashMap<&str, Vec<&HopEvent>> = HashMap::new();
+            for h in &hops {
+                by_chain.entry(h.chain_id.as_str()).or_default().push(h);
+            }
+            // Roots of unsearched contextless groups, by the workload whose
+            // inbound hops may contain them.
+            let mut roots: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+            let mut keys = Vec::new();
+            let mut keyed = Vec::new();
+            for (chain, members) in &by_chain {
+                if searched.contains(*chain) || members.iter().any(|h| assembly::has_context(h)) {
+                    continue;
+                }
+                searched.insert((*chain).to_owned());
+                for h in members.iter().filter(|h| h.parent_span_id.is_empty()) {
+                    let span = (
+                        h.start_unix_nanos,
+                        h.start_unix_nanos.saturating_add(h.duration_nanos),
+                    );
+                    roots
+                        .entry(workload_uri(h.workload.as_ref()))
+                        .or_default()
+                        .push(span);
+                    if let Some(c) = &h.connection {
+                        let key = assembly::connection_key(c);
+                        if !key.is_empty() {
+                            keys.push(key.clone());
+                            keyed.push((key, span));
+                        }
+                    }
+                }
+            }
+            if !keys.is_empty() {
+                found.extend(self.store.hops_by_connection(&keys)?);
+                let seen = self.store.flows_by_connection(&keys)?;
+                for (key, span) in &keyed {
+                    for f in &seen {
+                        if f.connection.as_ref().map(assembly::connection_key).as_ref() == Some(key)
+                        {
+                            let w = workload_uri(f.workload.as_ref());
+                            if !w.is_empty() {
+                                roots.entry(w).or_default().push(*span);
+                            }
+                        }
+                    }
+                }
+                flows.extend(seen);
+            }
+            for (workload, spans) in &roots {
+                let earliest = spans.iter().map(|s| s.0).min().unwrap_or(0);
+                let latest = spans.iter().map(|s| s.0).max().unwrap_or(0);
+                let ended_by = spans.iter().map(|s| s.1).min().unwrap_or(0);
+                let candidates = self.store.hops_in_window(
+                    std::slice::from_ref(workload),
+                    earliest.saturating_sub(self.max_request_nanos),
+                    latest,
+                    ended_by,
+                )?;
+                // Keep only the hops that contain one of the roots.
+                found.extend(candidates.into_iter().filter(|c| {
+                    let end = c.start_unix_nanos.saturating_add(c.duration_nanos);
+                    spans
+                        .iter()
+                        .any(|(s, e)| c.start_unix_nanos <= *s && end >= *e)
+                }));
+            }
+            let new: Vec<String> = found
+                .iter()
+                .map(|h| h.chain_id.clone())
+                .filter(|c| !loaded.contains(c))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            hops.extend(self.store.hops_of_chains(&new)?);
+            loaded.extend(new);
+        }
+        let trees: Vec<ChainTree> = assembly::assemble(&hops, &flows)
+            .into_iter()
+            .filter(|t| {
+                dirty.contains(t.summary.chain_id.as_str())
+                    || t.summary
+                        .joined_chains
+                        .iter()
+                        .any(|j| dirty.contains(j.as_str()))
+            })
+            .collect();
+        let superseded: Vec<String> = trees
+            .iter()
+            .flat_map(|t| t.summary.joined_chains.iter().cloned())
+            .collect();
+        self.store.put_chains(&trees, &superseded, ids)?;
+        let mut classes = self
+            .classes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if classes.len() > 1_000_000 {
+            classes.clear();
+        }
+        for t in &trees {
+            let s = &t.summary;
+            if classes.insert(s.chain_id.clone(), s.coverage) != Some(s.coverage) {
+                self.metrics
+                    .chains
+                    .get_or_create(&CoverageLabel {
+                        coverage: s.coverage.as_str(),
+                    })
+                    .inc();
+            }
+            // Nobody listening is fine.
+            let _ = self.updates.send(Arc::new(s.clone()));
+        }
+        Ok(())
+    }
+}
+
+fn window(hops: &[HopEvent]) -> Option<(u64, u64)> {
+    let from = hops.iter().map(|h| h.start_unix_nanos).min()?;
+    let to = hops
+        .iter()
+        .map(|h| h.start_unix_nanos.saturating_add(h.duration_nanos))
+        .max()?;
+    Some((
+        from.saturating_sub(SLACK_NANOS),
+        to.saturating_add(SLACK_NANOS),
+    ))
+}

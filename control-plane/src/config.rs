@@ -1,0 +1,298 @@
+//! Typed, documented configuration of `custody-control`, read from YAML.
+//!
+//! ```yaml
+//! data_dir: /var/lib/custody
+//! grpc_listen: 127.0.0.1:19001   # Ingest, PolicyDistribution, Trust
+//! http_listen: 127.0.0.1:19002   # investigation and policy API, /metrics
+//! sync: full                     # full (survives power loss) or normal
+//! tokens:
+//!   - { name: oncall, role: admin, secret: "long random string" }
+//!   - { name: nodes, role: node, secret_file: /etc/custody/node-token }
+//! retention: { max_age_secs: 604800, max_bytes: 10737418240, interval_secs: 60 }
+//! trust: { signing_key_ttl_secs: 3600 }
+//! assembly: { interval_millis: 200, max_request_secs: 10 }
+//! ```
+//!
+//! Every error names the field at fault.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A field is missing, mistyped or invalid.
+    #[error("{field}: {message}")]
+    Field {
+        /// The field's path, e.g. `tokens[0].secret`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn field(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Operators: the HTTP API and the CLI (and gRPC).
+    Admin,
+    /// Sidecars and node agents: the gRPC API only.
+    Node,
+}
+
+/// A static bearer token.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who presents it: recorded in the audit log.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// The secret itself.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// A file holding the secret (trailing whitespace ignored).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long and how much to keep.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Events older than this are deleted (default 7 days).
+    #[serde(default = "default_max_age")]
+    pub max_age_secs: u64,
+    /// The oldest events are deleted above this size (default 10 GiB).
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// How often the retention job runs (default 60 s).
+    #[serde(default = "default_retention_interval")]
+    pub interval_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            max_age_secs: default_max_age(),
+            max_bytes: default_max_bytes(),
+            interval_secs: default_retention_interval(),
+        }
+    }
+}
+
+fn default_max_age() -> u64 {
+    7 * 24 * 3600
+}
+fn default_max_bytes() -> u64 {
+    10 << 30
+}
+fn default_retention_interval() -> u64 {
+    60
+}
+
+/// Key issuing.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// Validity of a sidecar signing key (default 1 h).
+    #[serde(default = "default_key_ttl")]
+    pub signing_key_ttl_secs: u64,
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        TrustConfig {
+            signing_key_ttl_secs: default_key_ttl(),
+        }
+    }
+}
+
+fn default_key_ttl() -> u64 {
+    3600
+}
+
+/// Chain assembly.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssemblyConfig {
+    /// How often newly ingested chains are assembled (default 200 ms).
+    #[serde(default = "default_assembly_interval")]
+    pub interval_millis: u64,
+    /// The longest request a contextless hop may have been made for: its
+    /// parent is searched among requests started at most this long before
+    /// it (default 10 s).
+    #[serde(default = "default_max_request")]
+    pub max_request_secs: u64,
+}
+
+impl Default for AssemblyConfig {
+    fn default() -> Self {
+        AssemblyConfig {
+            interval_millis: default_assembly_interval(),
+            max_request_secs: default_max_request(),
+        }
+    }
+}
+
+fn default_max_request() -> u64 {
+    10
+}
+
+fn default_assembly_interval() -> u64 {
+    200
+}
+
+/// Disk synchronization of commits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// Every commit reaches the disk before it is acknowledged.
+    #[default]
+    Full,
+    /// Commits survive a process crash; the last may be lost on power loss.
+    Normal,
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the database and the root key live.
+    pub data_dir: PathBuf,
+    /// The gRPC listener (port 0 picks a free port).
+    pub grpc_listen: SocketAddr,
+    /// The HTTP listener.
+    pub http_listen: SocketAddr,
+    /// Commit synchronization.
+    #[serde(default)]
+    pub sync: SyncMode,
+    /// Accepted bearer tokens.
+    pub tokens: Vec<TokenConfig>,
+    /// Retention.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+    /// Trust.
+    #[serde(default)]
+    pub trust: TrustConfig,
+    /// Assembly.
+    #[serde(default)]
+    pub assembly: AssemblyConfig,
+}
+
+/// A token with its secret resolved.
+#[derive(Clone)]
+pub struct Token {
+    /// Who presents it.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// The secret.
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Reads and checks a YAML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and checks YAML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = serde_norway::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de)
+            .map_err(|e| field(e.path().to_string(), e.into_inner().to_string()))?;
+        config.tokens()?;
+        if config.retention.interval_secs == 0 {
+            return Err(field("retention.interval_secs", "must be at least 1"));
+        }
+        if config.assembly.interval_millis == 0 {
+            return Err(field("assembly.interval_millis", "must be at least 1"));
+        }
+        if config.trust.signing_key_ttl_secs == 0 {
+            return Err(field("trust.signing_key_ttl_secs", "must be at least 1"));
+        }
+        Ok(config)
+    }
+
+    /// The tokens with their secrets read.
+    pub fn tokens(&self) -> Result<Vec<Token>, ConfigError> {
+        if self.tokens.is_empty() {
+            return Err(field("tokens", "at least one token is required"));
+        }
+        let mut out = Vec::new();
+        for (i, t) in self.tokens.iter().enumerate() {
+            let secret = match (&t.secret, &t.secret_file) {
+                (Some(s), None) => s.clone(),
+                (None, Some(p)) => std::fs::read_to_string(p)
+                    .map_err(|e| field(format!("tokens[{i}].secret_file"), e.to_string()))?
+                    .trim_end()
+                    .to_owned(),
+                _ => {
+                    return Err(field(
+                        format!("tokens[{i}]"),
+                        "exactly one of secret and secret_file is required",
+                    ));
+                }
+            };
+            if secret.len() < 16 {
+                return Err(field(
+                    format!("tokens[{i}].secret"),
+                    "must be at least 16 characters",
+                ));
+            }
+            if t.name.is_empty() {
+                return Err(field(format!("tokens[{i}].name"), "must not be empty"));
+            }
+            out.push(Token {
+                name: t.name.clone(),
+                role: t.role,
+                secret: secret.into_bytes(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,157 @@
+//! Prometheus metrics of the control plane (served on `/metrics`).
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `custody_chains_total` | counter | `coverage`: chains assembled into a class (a chain re-assembled into another class counts again) |
+//! | `custody_hops_total` | counter | `attribution`: accepted hops by attribution method (the coverage dashboard's ratio) |
+//! | `custody_ingest_hops_total` | counter | accepted hops |
+//! | `custody_ingest_duplicates_total` | counter | hops ignored as already stored |
+//! | `custody_ingest_rejected_total` | counter | `reason`: `<field>_<problem>` from hop validation |
+//! | `custody_policy_push_latency_seconds` | histogram | from a policy commit to a client's acknowledgement |
+//! | `custody_connected_clients` | gauge | `kind`: `proxy`, `agent`, `other` |
+//! | `custody_store_bytes` | gauge | bytes in use in the store |
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// A label set with one label `coverage`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CoverageLabel {
+    /// propagated, stitched, partial, orphan.
+    pub coverage: &'static str,
+}
+
+/// A label set with one label `attribution`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttributionLabel {
+    /// The attribution method.
+    pub attribution: &'static str,
+}
+
+/// A label set with one label `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// A bounded reason.
+    pub reason: String,
+}
+
+/// A label set with one label `kind`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// proxy, agent or other.
+    pub kind: &'static str,
+}
+
+/// Every metric, registered.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Chains by coverage class.
+    pub chains: Family<CoverageLabel, Counter>,
+    /// Hops by attribution method.
+    pub hops: Family<AttributionLabel, Counter>,
+    /// Accepted hops.
+    pub ingest_hops: Counter,
+    /// Duplicate hops.
+    pub ingest_duplicates: Counter,
+    /// Rejected hops by reason.
+    pub ingest_rejected: Family<ReasonLabel, Counter>,
+    /// Policy push latency.
+    pub policy_push_latency: Histogram,
+    /// Connected policy subscribers.
+    pub connected_clients: Family<KindLabel, Gauge>,
+    /// Store size.
+    pub store_bytes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// The bounded `kind` label of a subscriber.
+pub fn client_kind(kind: &str) -> &'static str {
+    match kind {
+        "proxy" => "proxy",
+        "agent" => "agent",
+        _ => "other",
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let chains = Family::<CoverageLabel, Counter>::default();
+        let hops = Family::<AttributionLabel, Counter>::default();
+        let ingest_hops = Counter::default();
+        let ingest_duplicates = Counter::default();
+        let ingest_rejected = Family::<ReasonLabel, Counter>::default();
+        let policy_push_latency = Histogram::new([
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        let connected_clients = Family::<KindLabel, Gauge>::default();
+        let store_bytes = Gauge::default();
+        registry.register(
+            "custody_chains",
+            "Chains assembled, by coverage class",
+            chains.clone(),
+        );
+        registry.register(
+            "custody_hops",
+            "Accepted hops, by attribution method",
+            hops.clone(),
+        );
+        registry.register("custody_ingest_hops", "Accepted hops", ingest_hops.clone());
+        registry.register(
+            "custody_ingest_duplicates",
+            "Hops ignored as already stored",
+            ingest_duplicates.clone(),
+        );
+        registry.register(
+            "custody_ingest_rejected",
+            "Rejected hops, by reason",
+            ingest_rejected.clone(),
+        );
+        registry.register(
+            "custody_policy_push_latency_seconds",
+            "From a policy commit to a client's acknowledgement",
+            policy_push_latency.clone(),
+        );
+        registry.register(
+            "custody_connected_clients",
+            "Connected policy subscribers, by kind",
+            connected_clients.clone(),
+        );
+        registry.register(
+            "custody_store_bytes",
+            "Bytes in use in the store",
+            store_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            chains,
+            hops,
+            ingest_hops,
+            ingest_duplicates,
+            ingest_rejected,
+            policy_push_latency,
+            connected_clients,
+            store_bytes,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            tracing::warn!(message = "metrics encoding failed");
+        }
+        out
+    }
+}

@@ -1,0 +1,300 @@
+//! Wiring: opens the store, loads the root key and the policy in force,
+//! binds the gRPC and HTTP listeners, and runs the background jobs
+//! (assembly, retention, store size).
+//!
+//! ```text
+//! sidecars, agents ──gRPC──▶ Ingest ──▶ Store ◀── Assembler (dirty chains)
+//!                  ◀─stream─ PolicyDistribution ◀── PolicyCenter ◀── HTTP /v1/policies, /v1/contain
+//!                  ──gRPC──▶ Trust (signing keys → key set → every subscriber)
+//! operators, CLI   ──HTTP──▶ /v1/chains, /v1/blast-radius ──▶ Store
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+use crate::assembler::{Assembler, Dirty};
+use crate::assembly::ChainSummary;
+use crate::auth::Authenticator;
+use crate::config::{Config, ConfigError};
+use crate::distribution::PolicyCenter;
+use crate::metrics::Metrics;
+use crate::store::{Retention, SqliteOptions, SqliteStore, Store, StoreError};
+use crate::trust::{Trust, TrustError};
+use crate::{config, unix_nanos};
+
+/// What every handler shares.
+pub struct Shared {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Token checks.
+    pub auth: Authenticator,
+    /// The policy in force.
+    pub policy: PolicyCenter,
+    /// Keys.
+    pub trust: Trust,
+    /// Chains waiting for assembly.
+    pub dirty: Arc<Dirty>,
+    /// Newly assembled chains, for streaming.
+    pub chain_updates: broadcast::Sender<Arc<ChainSummary>>,
+    /// Becomes `true` when the server stops: long streams end.
+    pub stopping: watch::Receiver<bool>,
+    clients: Mutex<HashMap<String, &'static str>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Remembers the kind a client subscribed as.
+    pub fn remember_client(&self, client: String, kind: &'static str) {
+        let mut map = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() > 100_000 {
+            map.clear();
+        }
+        map.insert(client, kind);
+    }
+
+    /// The kind a client subscribed as (`other` if unknown).
+    pub fn client_kind(&self, client: &str) -> String {
+        let map = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(client).copied().unwrap_or("other").to_owned()
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The root key could not be loaded.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Running {
+    /// Where gRPC listens.
+    pub grpc_addr: SocketAddr,
+    /// Where HTTP listens.
+    pub http_addr: SocketAddr,
+    /// The shared state (for tests and embedding).
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets requests in flight finish, and waits.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts the server.
+pub async fn start(config: &Config) -> Result<Running, StartError> {
+    let tokens = config.tokens()?;
+    let data_dir = config.data_dir.clone();
+    let sync_full = config.sync == config::SyncMode::Full;
+    let store: Arc<dyn Store> = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            SqliteStore::open(&SqliteOptions {
+                data_dir,
+                sync_full,
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??,
+    );
+    let root = crate::trust::load_or_create_root(&config.data_dir)?;
+    let trust = Trust::new(root, store.clone(), config.trust.signing_key_ttl_secs);
+    let keys = trust.key_set(custody_context::unix_now())?;
+    let policy = PolicyCenter::load(store.clone(), keys)?;
+    let metrics = Arc::new(Metrics::new());
+    let dirty = Arc::new(Dirty::default());
+    // Resume the assembly of what was acknowledged before a stop or crash.
+    let s = store.clone();
+    let pending = tokio::task::spawn_blocking(move || s.pending_chains(u32::MAX))
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+    if !pending.is_empty() {
+        tracing::info!(chains = pending.len(), "resuming assembly");
+        dirty.mark(pending);
+    }
+    let (chain_updates, _) = broadcast::channel(1024);
+    let (shutdown, stop) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        auth: Authenticator::new(tokens),
+        policy,
+        trust,
+        dirty: dirty.clone(),
+        chain_updates: chain_updates.clone(),
+        stopping: stop.clone(),
+        clients: Mutex::new(HashMap::new()),
+    });
+    tracing::info!(root_key = shared.trust.root_kid(), "trust root loaded");
+
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let grpc_listener = bind(config.grpc_listen).await?;
+    let http_listener = bind(config.http_listen).await?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.grpc_listen,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.http_listen,
+            source,
+        })?;
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let mut tasks = Vec::new();
+    let (ingest, distribution, trust_svc) = crate::grpc::services(&shared);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+    let grpc_stop = stopped(stop.clone());
+    tasks.push(tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(ingest)
+            .add_service(distribution)
+            .add_service(trust_svc)
+            .serve_with_incoming_shutdown(incoming, grpc_stop)
+            .await;
+        if let Err(error) = result {
+            tracing::error!(%error, "gRPC server failed");
+        }
+    }));
+    let app = crate::http::router(shared.clone());
+    let http_stop = stopped(stop.clone());
+    tasks.push(tokio::spawn(async move {
+        let result = axum::serve(http_listener, app)
+            .with_graceful_shutdown(http_stop)
+            .await;
+        if let Err(error) = result {
+            tracing::error!(%error, "HTTP server failed");
+        }
+    }));
+
+    // Assembly.
+    let assembler = Arc::new(Assembler::new(
+        store.clone(),
+        metrics.clone(),
+        dirty.clone(),
+        chain_updates,
+        config.assembly.max_request_secs,
+    ));
+    let interval = Duration::from_millis(config.assembly.interval_millis);
+    let mut stop_rx = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop_rx.wait_for(|s| *s) => break,
+                () = tokio::time::sleep(interval) => {}
+            }
+            loop {
+                let a = assembler.clone();
+                match tokio::task::spawn_blocking(move || a.pass()).await {
+                    Ok(Ok(0)) => break,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => {
+                        tracing::error!(%error, "assembly failed");
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "assembly task failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }));
+
+    // Retention and store size.
+    let retention = Retention {
+        max_age_secs: config.retention.max_age_secs,
+        max_bytes: config.retention.max_bytes,
+    };
+    let every = Duration::from_secs(config.retention.interval_secs);
+    let mut stop_rx = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            let s = store.clone();
+            let m = metrics.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let out = s.retain(retention, unix_nanos())?;
+                let size = s.size_bytes()?;
+                m.store_bytes.set(i64::try_from(size).unwrap_or(i64::MAX));
+                Ok::<_, StoreError>(out)
+            })
+            .await;
+            match result {
+                Ok(Ok(out)) if out.hops + out.chains + out.flows > 0 => {
+                    tracing::info!(
+                        hops = out.hops,
+                        chains = out.chains,
+                        flows = out.flows,
+                        "retention deleted"
+                    );
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::error!(%error, "retention failed"),
+                Err(error) => tracing::error!(%error, "retention task failed"),
+            }
+            tokio::select! {
+                _ = stop_rx.wait_for(|s| *s) => break,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }));
+
+    tracing::info!(%grpc_addr, %http_addr, "custody-control listening");
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        shared,
+        shutdown,
+        tasks,
+    })
+}

@@ -1,0 +1,725 @@
+//! The embedded store: SQLite in WAL mode, one writer connection and one
+//! reader connection, events kept as protobuf blobs next to the columns the
+//! queries filter on, chain facts in one indexed table.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use custody_context::api::v1::{FlowEvent, HopEvent};
+use prost::Message as _;
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension as _, params, params_from_iter};
+
+use super::{
+    AuditEntry, ChainQuery, ClientVersion, IssuedKey, PolicyState, PutOutcome, Retention,
+    RetentionOutcome, Store, StoreError,
+};
+use crate::assembly::{ChainSummary, ChainTree, connection_key, has_context, workload_uri};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS hops (
+    event_id TEXT PRIMARY KEY,
+    chain_id TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL,
+    context INTEGER NOT NULL,
+    conn TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS hops_chain ON hops (chain_id);
+CREATE INDEX IF NOT EXISTS hops_contextless ON hops (start_ns) WHERE context = 0;
+CREATE INDEX IF NOT EXISTS hops_conn ON hops (conn) WHERE conn != '';
+CREATE INDEX IF NOT EXISTS hops_workload_time ON hops (workload, start_ns, end_ns, context);
+CREATE INDEX IF NOT EXISTS hops_time ON hops (start_ns);
+CREATE TABLE IF NOT EXISTS pending (
+    chain_id TEXT PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS flows (
+    event_id TEXT PRIMARY KEY,
+    at_ns INTEGER NOT NULL,
+    conn TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flows_conn ON flows (conn) WHERE conn != '';
+CREATE INDEX IF NOT EXISTS flows_time ON flows (at_ns);
+CREATE TABLE IF NOT EXISTS chains (
+    chain_id TEXT PRIMARY KEY,
+    initiator TEXT NOT NULL,
+    coverage TEXT NOT NULL,
+    first_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    summary TEXT NOT NULL,
+    tree TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chains_initiator ON chains (initiator);
+CREATE INDEX IF NOT EXISTS chains_time ON chains (last_ns);
+CREATE INDEX IF NOT EXISTS chains_coverage ON chains (coverage, last_ns);
+CREATE TABLE IF NOT EXISTS chain_facts (
+    kind TEXT NOT NULL,
+    value TEXT NOT NULL,
+    chain_id TEXT NOT NULL,
+    PRIMARY KEY (kind, value, chain_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chain_facts_chain ON chain_facts (chain_id);
+CREATE TABLE IF NOT EXISTS policy_current (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS policy_versions (
+    version INTEGER PRIMARY KEY,
+    at_ns INTEGER NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ns INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS client_versions (
+    client TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    apply_ns INTEGER NOT NULL,
+    acked_ns INTEGER NOT NULL,
+    latency_ns INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    PRIMARY KEY (client, kind)
+);
+CREATE TABLE IF NOT EXISTS signing_keys (
+    key_id TEXT PRIMARY KEY,
+    public BLOB NOT NULL,
+    workload TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL
+);
+";
+
+/// How the embedded store is opened.
+#[derive(Clone, Debug)]
+pub struct SqliteOptions {
+    /// The data directory; the database is `custody.db` inside it.
+    pub data_dir: PathBuf,
+    /// `FULL` syncs every commit to disk (survives power loss); `false`
+    /// gives `NORMAL` (survives a process crash, may lose the last commits
+    /// on power loss).
+    pub sync_full: bool,
+}
+
+/// The embedded SQLite store.
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `options.data_dir`.
+    pub fn open(options: &SqliteOptions) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&options.data_dir)?;
+        let path = options.data_dir.join("custody.db");
+        let writer = Connection::open(&path)?;
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        writer.pragma_update(
+            None,
+            "synchronous",
+            if options.sync_full { "FULL" } else { "NORMAL" },
+        )?;
+        writer.busy_timeout(std::time::Duration::from_secs(10))?;
+        writer.execute_batch(SCHEMA)?;
+        let reader = Connection::open(&path)?;
+        reader.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(SqliteStore {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn decode_hops(rows: Vec<Vec<u8>>) -> Result<Vec<HopEvent>, StoreError> {
+    rows.iter()
+        .map(|b| HopEvent::decode(b.as_slice()).map_err(StoreError::from))
+        .collect()
+}
+
+fn facts(tree: &ChainTree) -> BTreeSet<(&'static str, String)> {
+    let s = &tree.summary;
+    let mut out = BTreeSet::new();
+    if let Some(i) = &s.initiator {
+        out.insert(("principal", i.subject.clone()));
+        for a in &i.actors {
+            out.insert(("principal", a.clone()));
+        }
+    }
+    for w in &s.services {
+        out.insert(("service", w.clone()));
+    }
+    for c in &s.data_classes {
+        out.insert(("class", c.class.clone()));
+    }
+    for d in &s.destinations {
+        if !d.host.is_empty() {
+            out.insert(("destination", d.host.clone()));
+        }
+        if !d.ip.is_empty() {
+            out.insert(("destination", d.ip.clone()));
+        }
+        out.insert(("verdict", d.verdict.clone()));
+    }
+    for i in &s.identities {
+        out.insert(("identity", i.value.clone()));
+    }
+    for j in &s.joined_chains {
+        out.insert(("joined", j.clone()));
+    }
+    out
+}
+
+impl Store for SqliteStore {
+    fn put_hops(&self, hops: &[HopEvent]) -> Result<PutOutcome, StoreError> {
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction()?;
+        let mut out = PutOutcome::default();
+        let mut chains = BTreeSet::new();
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO hops (event_id, chain_id, workload, start_ns, end_ns, context, conn, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for hop in hops {
+                let end = hop.start_unix_nanos.saturating_add(hop.duration_nanos);
+                let n = stmt.execute(params![
+                    hop.event_id,
+                    hop.chain_id,
+                    workload_uri(hop.workload.as_ref()),
+                    i64_of(hop.start_unix_nanos),
+                    i64_of(end),
+                    has_context(hop),
+                    hop.connection
+                        .as_ref()
+                        .map(connection_key)
+                        .unwrap_or_default(),
+                    hop.encode_to_vec(),
+                ])?;
+                out.fresh.push(n == 1);
+                if n == 1 {
+                    out.accepted += 1;
+                    chains.insert(hop.chain_id.clone());
+                } else {
+                    out.duplicates += 1;
+                }
+            }
+            let mut pending =
+                tx.prepare_cached("INSERT OR IGNORE INTO pending (chain_id) VALUES (?1)")?;
+            for c in &chains {
+                pending.execute([c])?;
+            }
+        }
+        tx.commit()?;
+        out.chains = chains.into_iter().collect();
+        Ok(out)
+    }
+
+    fn put_flows(&self, flows: &[FlowEvent]) -> Result<PutOutcome, StoreError> {
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction()?;
+        let mut out = PutOutcome::default();
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO flows (event_id, at_ns, conn, body) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for flow in flows {
+                let n = stmt.execute(params![
+                    flow.event_id,
+                    i64_of(flow.unix_nanos),
+                    flow.connection
+                        .as_ref()
+                        .map(connection_key)
+                        .unwrap_or_default(),
+                    flow.encode_to_vec()
+                ])?;
+                out.fresh.push(n == 1);
+                if n == 1 {
+                    out.accepted += 1;
+                } else {
+                    out.duplicates += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn hops_of_chains(&self, chain_ids: &[String]) -> Result<Vec<HopEvent>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached("SELECT body FROM hops WHERE chain_id = ?1")?;
+        let mut rows = Vec::new();
+        for id in chain_ids {
+            for body in stmt.query_map([id], |r| r.get::<_, Vec<u8>>(0))? {
+                rows.push(body?);
+            }
+        }
+        decode_hops(rows)
+    }
+
+    fn hops_in_window(
+        &self,
+        workloads: &[String],
+        earliest: u64,
+        latest: u64,
+        ended_by: u64,
+    ) -> Result<Vec<HopEvent>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached(
+            "SELECT body FROM hops WHERE workload = ?1 AND start_ns BETWEEN ?2 AND ?3
+             AND end_ns >= ?4 AND context = 1",
+        )?;
+        let mut rows = Vec::new();
+        for w in workloads {
+            for body in stmt.query_map(
+                params![w, i64_of(earliest), i64_of(latest), i64_of(ended_by)],
+                |r| r.get::<_, Vec<u8>>(0),
+            )? {
+                rows.push(body?);
+            }
+        }
+        decode_hops(rows)
+    }
+
+    fn contextless_in_window(&self, from: u64, to: u64) -> Result<Vec<HopEvent>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached(
+            "SELECT body FROM hops WHERE context = 0 AND start_ns BETWEEN ?1 AND ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![i64_of(from), i64_of(to)], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        decode_hops(rows)
+    }
+
+    fn hops_by_connection(&self, keys: &[String]) -> Result<Vec<HopEvent>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt =
+            conn.prepare_cached("SELECT body FROM hops WHERE conn = ?1 AND conn != ''")?;
+        let mut rows = Vec::new();
+        for k in keys {
+            for body in stmt.query_map([k], |r| r.get::<_, Vec<u8>>(0))? {
+                rows.push(body?);
+            }
+        }
+        decode_hops(rows)
+    }
+
+    fn flows_by_connection(&self, keys: &[String]) -> Result<Vec<FlowEvent>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt =
+            conn.prepare_cached("SELECT body FROM flows WHERE conn = ?1 AND conn != ''")?;
+        let mut out = Vec::new();
+        for k in keys {
+            for body in stmt.query_map([k], |r| r.get::<_, Vec<u8>>(0))? {
+                out.push(FlowEvent::decode(body?.as_slice())?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn flows_in_window(&self, from: u64, to: u64) -> Result<Vec<FlowEvent>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt =
+            conn.prepare_cached("SELECT body FROM flows WHERE at_ns BETWEEN ?1 AND ?2")?;
+        let rows = stmt
+            .query_map(params![i64_of(from), i64_of(to)], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.iter()
+            .map(|b| FlowEvent::decode(b.as_slice()).map_err(StoreError::from))
+            .collect()
+    }
+
+    fn put_chains(
+        &self,
+        trees: &[ChainTree],
+        superseded: &[String],
+        assembled: &[String],
+    ) -> Result<(), StoreError> {
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction()?;
+        {
+            let mut done = tx.prepare_cached("DELETE FROM pending WHERE chain_id = ?1")?;
+            for id in assembled {
+                done.execute([id])?;
+            }
+            let mut del_chain = tx.prepare_cached("DELETE FROM chains WHERE chain_id = ?1")?;
+            let mut del_facts = tx.prepare_cached("DELETE FROM chain_facts WHERE chain_id = ?1")?;
+            for id in superseded {
+                del_chain.execute([id])?;
+                del_facts.execute([id])?;
+            }
+            let mut put = tx.prepare_cached(
+                "INSERT OR REPLACE INTO chains (chain_id, initiator, coverage, first_ns, last_ns, summary, tree)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            let mut fact = tx.prepare_cached(
+                "INSERT OR IGNORE INTO chain_facts (kind, value, chain_id) VALUES (?1, ?2, ?3)",
+            )?;
+            for tree in trees {
+                let s = &tree.summary;
+                del_facts.execute([&s.chain_id])?;
+                put.execute(params![
+                    s.chain_id,
+                    s.initiator
+                        .as_ref()
+                        .map(|i| i.subject.clone())
+                        .unwrap_or_default(),
+                    s.coverage.as_str(),
+                    i64_of(s.first_unix_nanos),
+                    i64_of(s.last_unix_nanos),
+                    serde_json::to_string(s)?,
+                    serde_json::to_string(&tree.hops)?,
+                ])?;
+                for (kind, value) in facts(tree) {
+                    fact.execute(params![kind, value, s.chain_id])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn pending_chains(&self, limit: u32) -> Result<Vec<String>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached("SELECT chain_id FROM pending LIMIT ?1")?;
+        let rows = stmt
+            .query_map([i64::from(limit)], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    fn chains(&self, q: &ChainQuery) -> Result<Vec<ChainSummary>, StoreError> {
+        let mut sql = String::from("SELECT summary FROM chains c WHERE 1 = 1");
+        let mut args: Vec<Value> = Vec::new();
+        let mut fact = |kind: &str, value: &Option<String>, sql: &mut String| {
+            if let Some(v) = value {
+                sql.push_str(
+                    " AND c.chain_id IN (SELECT chain_id FROM chain_facts WHERE kind = ? AND value = ?)",
+                );
+                args.push(Value::Text(kind.to_owned()));
+                args.push(Value::Text(v.clone()));
+            }
+        };
+        fact("principal", &q.initiator, &mut sql);
+        fact("service", &q.service, &mut sql);
+        fact("class", &q.data_class, &mut sql);
+        fact("destination", &q.destination, &mut sql);
+        fact("verdict", &q.verdict, &mut sql);
+        fact("identity", &q.identity, &mut sql);
+        if let Some(c) = q.coverage {
+            sql.push_str(" AND c.coverage = ?");
+            args.push(Value::Text(c.as_str().to_owned()));
+        }
+        if let Some(since) = q.since {
+            sql.push_str(" AND c.last_ns >= ?");
+            args.push(Value::Integer(i64_of(since)));
+        }
+        if let Some(until) = q.until {
+            sql.push_str(" AND c.first_ns <= ?");
+            args.push(Value::Integer(i64_of(until)));
+        }
+        sql.push_str(" ORDER BY c.last_ns DESC, c.chain_id LIMIT ?");
+        let limit = if q.limit == 0 { 100 } else { q.limit };
+        args.push(Value::Integer(i64::from(limit)));
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt
+            .query_map(params_from_iter(args), |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.iter()
+            .map(|s| serde_json::from_str(s).map_err(StoreError::from))
+            .collect()
+    }
+
+    fn chain(&self, chain_id: &str) -> Result<Option<ChainTree>, StoreError> {
+        let conn = lock(&self.reader);
+        let row = conn
+            .query_row(
+                "SELECT summary, tree FROM chains WHERE chain_id = ?1
+                 OR chain_id = (SELECT chain_id FROM chain_facts WHERE kind = 'joined' AND value = ?1 LIMIT 1)
+                 LIMIT 1",
+                [chain_id],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+            )
+            .optional()?;
+        match row {
+            None => Ok(None),
+            Some((summary, tree)) => Ok(Some(ChainTree {
+                summary: serde_json::from_str(&summary)?,
+                hops: serde_json::from_str(&tree)?,
+            })),
+        }
+    }
+
+    fn policy_state(&self) -> Result<PolicyState, StoreError> {
+        let conn = lock(&self.reader);
+        let row: Option<String> = conn
+            .query_row("SELECT state FROM policy_current WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match row {
+            Some(s) => Ok(serde_json::from_str(&s)?),
+            None => Ok(PolicyState::default()),
+        }
+    }
+
+    fn commit_policy(&self, state: &PolicyState, audit: &AuditEntry) -> Result<u64, StoreError> {
+        let json = serde_json::to_string(state)?;
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO policy_current (id, version, state) VALUES (1, ?1, ?2)",
+            params![i64_of(state.version), json],
+        )?;
+        tx.execute(
+            "INSERT OR REPLACE INTO policy_versions (version, at_ns, state) VALUES (?1, ?2, ?3)",
+            params![
+                i64_of(state.version),
+                i64_of(state.changed_unix_nanos),
+                json
+            ],
+        )?;
+        tx.execute(
+            "INSERT INTO audit (at_ns, actor, action, target, version, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                i64_of(audit.at_unix_nanos),
+                audit.actor,
+                audit.action,
+                audit.target,
+                i64_of(audit.version),
+                serde_json::to_string(&audit.detail)?
+            ],
+        )?;
+        let id = u64_of(tx.last_insert_rowid());
+        tx.commit()?;
+        Ok(id)
+    }
+
+    fn policy_version(&self, version: u64) -> Result<Option<PolicyState>, StoreError> {
+        let conn = lock(&self.reader);
+        let row: Option<String> = conn
+            .query_row(
+                "SELECT state FROM policy_versions WHERE version = ?1",
+                [i64_of(version)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        row.map(|s| serde_json::from_str(&s).map_err(StoreError::from))
+            .transpose()
+    }
+
+    fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, at_ns, actor, action, target, version, detail FROM audit ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt
+            .query_map([i64::from(limit)], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, String>(6)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(id, at, actor, action, target, version, detail)| {
+                Ok(AuditEntry {
+                    id: u64_of(id),
+                    at_unix_nanos: u64_of(at),
+                    actor,
+                    action,
+                    target,
+                    version: u64_of(version),
+                    detail: serde_json::from_str(&detail)?,
+                })
+            })
+            .collect()
+    }
+
+    fn record_ack(&self, ack: &ClientVersion) -> Result<(), StoreError> {
+        let conn = lock(&self.writer);
+        conn.execute(
+            "INSERT OR REPLACE INTO client_versions (client, kind, version, apply_ns, acked_ns, latency_ns, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                ack.client,
+                ack.kind,
+                i64_of(ack.version),
+                i64_of(ack.apply_nanos),
+                i64_of(ack.acked_unix_nanos),
+                i64_of(ack.change_to_applied_nanos),
+                ack.error
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn client_versions(&self) -> Result<Vec<ClientVersion>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached(
+            "SELECT client, kind, version, apply_ns, acked_ns, latency_ns, error FROM client_versions ORDER BY client, kind",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(ClientVersion {
+                    client: r.get(0)?,
+                    kind: r.get(1)?,
+                    version: u64_of(r.get(2)?),
+                    apply_nanos: u64_of(r.get(3)?),
+                    acked_unix_nanos: u64_of(r.get(4)?),
+                    change_to_applied_nanos: u64_of(r.get(5)?),
+                    error: r.get(6)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    fn put_signing_key(&self, key: &IssuedKey) -> Result<(), StoreError> {
+        let conn = lock(&self.writer);
+        conn.execute(
+            "INSERT OR REPLACE INTO signing_keys (key_id, public, workload, not_before, not_after)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                key.key_id,
+                key.public,
+                key.workload,
+                i64_of(key.not_before_unix),
+                i64_of(key.not_after_unix)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn signing_keys(&self, now: u64) -> Result<Vec<IssuedKey>, StoreError> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached(
+            "SELECT key_id, public, workload, not_before, not_after FROM signing_keys
+             WHERE not_after >= ?1 ORDER BY key_id",
+        )?;
+        let rows = stmt
+            .query_map([i64_of(now)], |r| {
+                Ok(IssuedKey {
+                    key_id: r.get(0)?,
+                    public: r.get(1)?,
+                    workload: r.get(2)?,
+                    not_before_unix: u64_of(r.get(3)?),
+                    not_after_unix: u64_of(r.get(4)?),
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    fn retain(&self, retention: Retention, now_nanos: u64) -> Result<RetentionOutcome, StoreError> {
+        let age_cutoff =
+            now_nanos.saturating_sub(retention.max_age_secs.saturating_mul(1_000_000_000));
+        let mut out = delete_before(&self.writer, age_cutoff)?;
+        // Size: delete the oldest tenth while over the limit (a few rounds at most).
+        for _ in 0..10 {
+            if self.size_bytes()? <= retention.max_bytes {
+                break;
+            }
+            let cutoff: Option<i64> = {
+                let conn = lock(&self.reader);
+                let count: i64 = conn.query_row("SELECT count(*) FROM hops", [], |r| r.get(0))?;
+                if count == 0 {
+                    break;
+                }
+                conn.query_row(
+                    "SELECT start_ns FROM hops ORDER BY start_ns LIMIT 1 OFFSET ?1",
+                    [count / 10],
+                    |r| r.get(0),
+                )
+                .optional()?
+            };
+            let Some(cutoff) = cutoff else { break };
+            let more = delete_before(&self.writer, u64_of(cutoff).saturating_add(1))?;
+            out.hops += more.hops;
+            out.flows += more.flows;
+            out.chains += more.chains;
+        }
+        Ok(out)
+    }
+
+    fn size_bytes(&self) -> Result<u64, StoreError> {
+        let conn = lock(&self.reader);
+        let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok(u64_of((pages - free) * size))
+    }
+
+    fn hop_count(&self) -> Result<u64, StoreError> {
+        let conn = lock(&self.reader);
+        let n: i64 = conn.query_row("SELECT count(*) FROM hops", [], |r| r.get(0))?;
+        Ok(u64_of(n))
+    }
+}
+
+fn delete_before(writer: &Mutex<Connection>, cutoff: u64) -> Result<RetentionOutcome, StoreError> {
+    let cutoff = i64_of(cutoff);
+    let mut conn = lock(writer);
+    let tx = conn.transaction()?;
+    let hops = tx.execute("DELETE FROM hops WHERE start_ns < ?1", [cutoff])?;
+    let flows = tx.execute("DELETE FROM flows WHERE at_ns < ?1", [cutoff])?;
+    tx.execute(
+        "DELETE FROM chain_facts WHERE chain_id IN (SELECT chain_id FROM chains WHERE last_ns < ?1)",
+        [cutoff],
+    )?;
+    let chains = tx.execute("DELETE FROM chains WHERE last_ns < ?1", [cutoff])?;
+    tx.commit()?;
+    Ok(RetentionOutcome {
+        hops: hops as u64,
+        flows: flows as u64,
+        chains: chains as u64,
+    })
+}

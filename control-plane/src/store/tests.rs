@@ -1,0 +1,360 @@
+//! Store behaviour, written against `&dyn Store` so every backend runs it.
+
+use custody_context::api::v1;
+use custody_context::policy::EgressPolicy;
+
+use super::*;
+use crate::assembly::assemble;
+
+fn open(dir: &std::path::Path) -> SqliteStore {
+    SqliteStore::open(&SqliteOptions {
+        data_dir: dir.to_path_buf(),
+        sync_full: false,
+    })
+    .unwrap()
+}
+
+fn hop(id: &str, chain: &str, span: &str, parent: &str, start: u64) -> HopEvent {
+    HopEvent {
+        schema_version: 1,
+        event_id: id.into(),
+        chain_id: chain.into(),
+        span_id: span.into(),
+        parent_span_id: parent.into(),
+        workload: Some(v1::WorkloadId {
+            trust_domain: "td".into(),
+            namespace: "shop".into(),
+            service_account: if parent.is_empty() { "web" } else { "orders" }.into(),
+            pod: String::new(),
+        }),
+        direction: v1::Direction::Inbound as i32,
+        initiator: Some(v1::Initiator {
+            subject: "alice".into(),
+            kind: v1::InitiatorKind::Human as i32,
+            actors: vec!["agent-7".into()],
+            scope: String::new(),
+        }),
+        attribution: Some(v1::Attribution {
+            method: v1::AttributionMethod::Propagated as i32,
+            confidence: 1.0,
+        }),
+        context_outcome: v1::ContextOutcome::Propagated as i32,
+        start_unix_nanos: start,
+        duration_nanos: 10,
+        ..Default::default()
+    }
+}
+
+const C1: &str = "11111111111111111111111111111111";
+const C2: &str = "22222222222222222222222222222222";
+
+fn put_idempotent(store: &dyn Store) {
+    let a = [
+        hop("a", C1, "1111111111111111", "", 100),
+        hop("b", C1, "2222222222222222", "1111111111111111", 101),
+    ];
+    let out = store.put_hops(&a).unwrap();
+    assert_eq!((out.accepted, out.duplicates), (2, 0));
+    assert_eq!(out.chains, vec![C1.to_owned()]);
+    assert_eq!(out.fresh, vec![true, true]);
+    let again = [a[1].clone(), hop("c", C2, "3333333333333333", "", 5_000)];
+    let out = store.put_hops(&again).unwrap();
+    assert_eq!((out.accepted, out.duplicates), (1, 1));
+    assert_eq!(out.fresh, vec![false, true]);
+    let mut pending = store.pending_chains(10).unwrap();
+    pending.sort();
+    assert_eq!(pending, vec![C1.to_owned(), C2.to_owned()]);
+    store.put_chains(&[], &[], &[C1.to_owned()]).unwrap();
+    assert_eq!(store.pending_chains(10).unwrap(), vec![C2.to_owned()]);
+    assert_eq!(store.hop_count().unwrap(), 3);
+    let mut got = store.hops_of_chains(&[C1.to_owned()]).unwrap();
+    got.sort_by(|x, y| x.event_id.cmp(&y.event_id));
+    assert_eq!(got, a.to_vec());
+}
+
+#[test]
+fn hops_are_stored_once_by_event_id_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    put_idempotent(&open(dir.path()));
+    let store = open(dir.path());
+    assert_eq!(store.hop_count().unwrap(), 3);
+    let out = store
+        .put_hops(&[hop("a", C1, "1111111111111111", "", 100)])
+        .unwrap();
+    assert_eq!((out.accepted, out.duplicates), (0, 1));
+}
+
+#[test]
+fn chains_are_found_by_every_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: &dyn Store = &open(dir.path());
+    let mut hops = vec![
+        hop("a", C1, "1111111111111111", "", 100),
+        hop("b", C1, "2222222222222222", "1111111111111111", 101),
+        hop("c", C2, "3333333333333333", "", 5_000),
+    ];
+    hops[1].data = vec![v1::DataTouch {
+        class: "pii.ssn".into(),
+        count: 2,
+        confidence: 1.0,
+    }];
+    hops[1].egress = Some(v1::EgressDecision {
+        destination: Some(v1::Destination {
+            host: "api.partner.example".into(),
+            ip: String::new(),
+            port: 443,
+        }),
+        verdict: v1::Verdict::Block as i32,
+        ..Default::default()
+    });
+    hops[2].initiator.as_mut().unwrap().subject = "bob".into();
+    store.put_hops(&hops).unwrap();
+    store.put_chains(&assemble(&hops, &[]), &[], &[]).unwrap();
+
+    let ids = |q: ChainQuery| -> Vec<String> {
+        store
+            .chains(&q)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.chain_id)
+            .collect()
+    };
+    assert_eq!(ids(ChainQuery::default()), vec![C2, C1]);
+    let q = |f: fn(&mut ChainQuery)| {
+        let mut q = ChainQuery::default();
+        f(&mut q);
+        q
+    };
+    assert_eq!(ids(q(|q| q.initiator = Some("alice".into()))), vec![C1]);
+    assert_eq!(
+        ids(q(|q| q.initiator = Some("agent-7".into()))),
+        vec![C2, C1]
+    );
+    assert_eq!(ids(q(|q| q.data_class = Some("pii.ssn".into()))), vec![C1]);
+    assert_eq!(
+        ids(q(|q| q.destination = Some("api.partner.example".into()))),
+        vec![C1]
+    );
+    assert_eq!(ids(q(|q| q.verdict = Some("block".into()))), vec![C1]);
+    assert_eq!(
+        ids(q(
+            |q| q.service = Some("spiffe://td/ns/shop/sa/orders".into())
+        )),
+        vec![C1]
+    );
+    assert_eq!(
+        ids(q(|q| q.coverage = Some(Coverage::Propagated))),
+        vec![C2, C1]
+    );
+    assert_eq!(
+        ids(q(|q| q.coverage = Some(Coverage::Orphan))),
+        Vec::<String>::new()
+    );
+    assert_eq!(ids(q(|q| q.since = Some(1_000))), vec![C2]);
+    assert_eq!(ids(q(|q| q.until = Some(1_000))), vec![C1]);
+    assert_eq!(ids(q(|q| q.limit = 1)), vec![C2]);
+
+    let tree = store.chain(C1).unwrap().unwrap();
+    assert_eq!(tree.hops.len(), 2);
+    assert!(
+        store
+            .chain("33333333333333333333333333333333")
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[test]
+fn policy_changes_are_versioned_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: &dyn Store = &open(dir.path());
+    assert_eq!(store.policy_state().unwrap().version, 0);
+    let policy = EgressPolicy::parse(
+        "apiVersion: custody.dev/v1\nkind: EgressPolicy\nmetadata: {name: p}\nspec:\n  rules:\n    - {name: r, destination: {hosts: [x.example]}, verdict: block}\n",
+    )
+    .unwrap();
+    let state = PolicyState {
+        version: 1,
+        policies: vec![policy],
+        changed_unix_nanos: 42,
+        ..Default::default()
+    };
+    let entry = AuditEntry {
+        id: 0,
+        at_unix_nanos: 42,
+        actor: "alice".into(),
+        action: "policy.apply".into(),
+        target: "p".into(),
+        version: 1,
+        detail: serde_json::json!({"rules": 1}),
+    };
+    store.commit_policy(&state, &entry).unwrap();
+    let mut next = state.clone();
+    next.version = 2;
+    next.policies.clear();
+    store
+        .commit_policy(
+            &next,
+            &AuditEntry {
+                action: "policy.delete".into(),
+                version: 2,
+                ..entry.clone()
+            },
+        )
+        .unwrap();
+    assert_eq!(store.policy_state().unwrap(), next);
+    assert_eq!(store.policy_version(1).unwrap(), Some(state));
+    let audit = store.audit(10).unwrap();
+    assert_eq!(
+        audit.iter().map(|a| a.action.as_str()).collect::<Vec<_>>(),
+        ["policy.delete", "policy.apply"]
+    );
+    assert_eq!(audit[1].actor, "alice");
+}
+
+#[test]
+fn client_versions_and_keys_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: &dyn Store = &open(dir.path());
+    let ack = ClientVersion {
+        client: "spiffe://td/ns/shop/sa/web".into(),
+        kind: "proxy".into(),
+        version: 3,
+        apply_nanos: 10,
+        acked_unix_nanos: 20,
+        change_to_applied_nanos: 30,
+        error: String::new(),
+    };
+    store.record_ack(&ack).unwrap();
+    store
+        .record_ack(&ClientVersion {
+            version: 4,
+            ..ack.clone()
+        })
+        .unwrap();
+    let got = store.client_versions().unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].version, 4);
+
+    let key = IssuedKey {
+        key_id: "k1".into(),
+        public: vec![7; 32],
+        workload: "spiffe://td/ns/shop/sa/web".into(),
+        not_before_unix: 100,
+        not_after_unix: 200,
+    };
+    store.put_signing_key(&key).unwrap();
+    assert_eq!(store.signing_keys(150).unwrap(), vec![key]);
+    assert!(store.signing_keys(201).unwrap().is_empty());
+}
+
+#[test]
+fn retention_deletes_by_age_then_by_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: &dyn Store = &open(dir.path());
+    let now = 1_000_000_000_000_000u64;
+    let hour = 3_600_000_000_000u64;
+    let mut hops = Vec::new();
+    for i in 0..2_000u64 {
+        let mut h = hop(
+            &format!("e{i}"),
+            &format!("{:032x}", i + 1),
+            "1111111111111111",
+            "",
+            now - (2_000 - i) * hour / 100,
+        );
+        h.operation = "x".repeat(500);
+        hops.push(h);
+    }
+    store.put_hops(&hops).unwrap();
+    store.put_chains(&assemble(&hops, &[]), &[], &[]).unwrap();
+    // 2,000 hops spread over 20 hours: keeping 10 hours drops about half.
+    let out = store
+        .retain(
+            Retention {
+                max_age_secs: 10 * 3600,
+                max_bytes: u64::MAX,
+            },
+            now,
+        )
+        .unwrap();
+    assert_eq!(out.hops, 1_000);
+    assert_eq!(out.chains, 1_000);
+    assert_eq!(store.hop_count().unwrap(), 1_000);
+    let size = store.size_bytes().unwrap();
+    let out = store
+        .retain(
+            Retention {
+                max_age_secs: u64::MAX / 1_000_000_000,
+                max_bytes: size / 2,
+            },
+            now,
+        )
+        .unwrap();
+    assert!(out.hops > 0);
+    assert!(store.size_bytes().unwrap() <= size / 2);
+    // The newest survive.
+    let left = store.hop_count().unwrap();
+    assert!(left > 0 && left < 1_000);
+    assert_eq!(
+        store
+            .hops_of_chains(&[format!("{:032x}", 2_000)])
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn neighbours_are_found_by_context_and_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: &dyn Store = &open(dir.path());
+    let conn = v1::FiveTuple {
+        src_ip: "10.0.0.1".into(),
+        src_port: 4000,
+        dst_ip: "10.0.0.2".into(),
+        dst_port: 80,
+        transport: "tcp".into(),
+    };
+    let mut with_context = hop("a", C1, "1111111111111111", "", 100);
+    with_context.connection = Some(conn.clone());
+    let mut without = hop("b", C2, "2222222222222222", "", 150);
+    without.attribution.as_mut().unwrap().method = v1::AttributionMethod::PeerOnly as i32;
+    without.context_outcome = v1::ContextOutcome::Missing as i32;
+    store
+        .put_hops(&[with_context.clone(), without.clone()])
+        .unwrap();
+    assert_eq!(
+        store.contextless_in_window(0, 1_000).unwrap(),
+        vec![without]
+    );
+    assert!(store.contextless_in_window(200, 1_000).unwrap().is_empty());
+    let key = crate::assembly::connection_key(&conn);
+    assert_eq!(
+        store
+            .hops_by_connection(std::slice::from_ref(&key))
+            .unwrap(),
+        vec![with_context]
+    );
+    let flow = FlowEvent {
+        schema_version: 1,
+        event_id: "f".into(),
+        connection: Some(conn),
+        unix_nanos: 120,
+        ..Default::default()
+    };
+    let out = store.put_flows(&[flow.clone(), flow.clone()]).unwrap();
+    assert_eq!((out.accepted, out.duplicates), (1, 1));
+    assert_eq!(
+        store.flows_by_connection(&[key]).unwrap(),
+        vec![flow.clone()]
+    );
+    assert_eq!(store.flows_in_window(100, 200).unwrap(), vec![flow]);
+    assert!(
+        store
+            .hops_in_window(&["spiffe://td/ns/shop/sa/web".into()], 0, 105, 106)
+            .unwrap()
+            .len()
+            == 1
+    );
+}

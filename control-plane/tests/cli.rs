@@ -1,0 +1,416 @@
+//! The real `custody` binary against the real `custody-control` binary:
+//! investigations, policy and containment, output and exit codes. Also the
+//! investigation API's stream and metrics.
+
+#![allow(clippy::unwrap_used)] // helpers of tests: a failure is a test failure
+
+#[path = "support/server.rs"]
+mod support;
+
+use std::io::BufRead as _;
+use std::process::Command;
+
+use custody_context::api::v1;
+use support::*;
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn custody(server: &str, token: Option<&str>, args: &[&str]) -> Out {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_custody"));
+    cmd.arg("--server")
+        .arg(server)
+        .args(args)
+        .env_remove("CUSTODY_TOKEN");
+    if let Some(t) = token {
+        cmd.env("CUSTODY_TOKEN", t);
+    }
+    let out = cmd.output().unwrap();
+    Out {
+        code: out.status.code().unwrap(),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+fn ok(server: &str, args: &[&str]) -> String {
+    let out = custody(server, Some(ADMIN), args);
+    assert_eq!(out.code, 0, "custody {args:?}: {}", out.stderr);
+    out.stdout
+}
+
+struct Scenario {
+    alice: String,
+    bob: String,
+    stitched: String,
+}
+
+/// Alice's chain reads SSNs through the orders database user and tries the
+/// partner API (blocked); one of its calls lost context and is joined by time
+/// containment. Bob's chain is plain.
+async fn ingest_scenario(grpc: std::net::SocketAddr) -> Scenario {
+    let now = custody_control::unix_nanos() - 60_000_000_000;
+    let mut alice = chain(101, "alice", 5, now);
+    alice[2].data = vec![v1::DataTouch {
+        class: "pii.ssn".into(),
+        count: 2,
+        confidence: 1.0,
+    }];
+    alice[2].database = Some(v1::DatabaseAccess {
+        system: "postgresql".into(),
+        database: "shop".into(),
+        user: "orders_rw".into(),
+        statement_kind: "select".into(),
+        ..Default::default()
+    });
+    alice[2].key_id = "wl-kid-1".into();
+    alice[3].egress = Some(v1::EgressDecision {
+        destination: Some(v1::Destination {
+            host: "api.partner.example".into(),
+            ip: String::new(),
+            port: 443,
+        }),
+        verdict: v1::Verdict::Block as i32,
+        policy: "partner-data".into(),
+        rule: "no-ssn".into(),
+    });
+    let mut bob = chain(202, "bob", 3, now + 10_000_000_000);
+    for h in &mut bob {
+        h.initiator.as_mut().unwrap().subject = "bob@example.com".into();
+    }
+    // An outbound call from web that carried no context, during Alice's request.
+    let lost = v1::HopEvent {
+        schema_version: 1,
+        event_id: "lost-0".into(),
+        chain_id: "cccccccccccccccccccccccccccccccc".into(),
+        span_id: "cccccccccccccccc".into(),
+        workload: Some(workload("web")),
+        direction: v1::Direction::Outbound as i32,
+        operation: "GET /search".into(),
+        attribution: Some(v1::Attribution {
+            method: v1::AttributionMethod::PeerOnly as i32,
+            confidence: 0.0,
+        }),
+        context_outcome: v1::ContextOutcome::Missing as i32,
+        start_unix_nanos: now + 100,
+        duration_nanos: 50,
+        ..Default::default()
+    };
+    let mut invalid = bob[0].clone();
+    invalid.event_id = "bad".into();
+    invalid.chain_id = "not-hex".into();
+    let mut client = ingest(grpc, Some(NODE)).await;
+    let mut hops = alice.clone();
+    hops.push(lost.clone());
+    hops.extend(bob.clone());
+    hops.push(invalid);
+    hops.reverse();
+    let ack = client
+        .report_hops(v1::HopBatch { hops })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((ack.accepted, ack.duplicates, ack.rejected), (9, 0, 1));
+    Scenario {
+        alice: alice[0].chain_id.clone(),
+        bob: bob[0].chain_id.clone(),
+        stitched: lost.chain_id,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_investigates_and_contains() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Binary::start(dir.path());
+    let base = server.base();
+    let s = ingest_scenario(server.grpc).await;
+    eventually("both chains assembled", || {
+        let base = base.clone();
+        async move {
+            let v = get_json(&base, "/v1/chains").await.ok()?;
+            (v["chains"].as_array()?.len() == 2).then_some(())
+        }
+    })
+    .await;
+    let b = base.clone();
+    tokio::task::spawn_blocking(move || run_cli(&b, &s))
+        .await
+        .unwrap();
+}
+
+fn run_cli(base: &str, s: &Scenario) {
+    // chains: a table, newest first, with filters.
+    let out = ok(base, &["chains"]);
+    assert!(out.starts_with("CHAIN"), "{out}");
+    let bob_at = out.find(&s.bob).unwrap();
+    let alice_at = out.find(&s.alice).unwrap();
+    assert!(bob_at < alice_at, "newest first:\n{out}");
+    assert!(
+        out.contains("stitched") && out.contains("propagated"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&s.stitched),
+        "joined chains are not listed on their own"
+    );
+    let only = |args: &[&str]| -> Vec<String> {
+        let mut full = vec!["chains", "--output", "json"];
+        full.extend_from_slice(args);
+        let v: serde_json::Value = serde_json::from_str(&ok(base, &full)).unwrap();
+        v["chains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["chain_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        only(&["--initiator", "alice@example.com"]),
+        vec![s.alice.clone()]
+    );
+    assert_eq!(
+        only(&["--initiator", "spiffe://td/ns/shop/sa/agent"]).len(),
+        2
+    );
+    assert_eq!(only(&["--data-class", "pii.ssn"]), vec![s.alice.clone()]);
+    assert_eq!(
+        only(&["--destination", "api.partner.example"]),
+        vec![s.alice.clone()]
+    );
+    assert_eq!(only(&["--verdict", "block"]), vec![s.alice.clone()]);
+    assert_eq!(only(&["--coverage", "stitched"]), vec![s.alice.clone()]);
+    assert_eq!(only(&["--coverage", "propagated"]), vec![s.bob.clone()]);
+    assert_eq!(
+        only(&["--service", "spiffe://td/ns/shop/sa/ledger"]),
+        vec![s.alice.clone()]
+    );
+    assert_eq!(
+        only(&["--since", "30m", "--limit", "1"]),
+        vec![s.bob.clone()]
+    );
+    assert!(only(&["--until", "2h"]).is_empty());
+
+    // chain: who, through what, which identity, touching what, going where, how sure.
+    let tree = ok(base, &["chain", &s.alice]);
+    for want in [
+        "coverage stitched",
+        "initiator alice@example.com (human) acting through spiffe://td/ns/shop/sa/agent",
+        "* shop/web <- GET /web",
+        "  └─ shop/orders -> GET /orders",
+        "as postgresql/shop user orders_rw: select",
+        "touches pii.ssnx2",
+        "to api.partner.example:443 BLOCK by partner-data/no-ssn",
+        "(time_containment, confidence 0.90)",
+        "key wl-kid-1",
+        "joined by evidence: cccccccccccccccccccccccccccccccc",
+    ] {
+        assert!(tree.contains(want), "missing {want:?} in\n{tree}");
+    }
+    // A joined chain's id leads to the chain it was joined into.
+    assert!(ok(base, &["chain", &s.stitched]).contains(&format!("chain {}", s.alice)));
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(base, &["chain", &s.alice, "-o", "json"])).unwrap();
+    assert_eq!(json["hops"].as_array().unwrap().len(), 6);
+    let missing = custody(
+        base,
+        Some(ADMIN),
+        &["chain", "0123456789abcdef0123456789abcdef"],
+    );
+    assert_eq!(missing.code, 3, "{}", missing.stderr);
+
+    // blast radius of a principal and of a credential.
+    let radius = ok(base, &["blast-radius", "alice@example.com"]);
+    assert!(radius.contains("1 chains"), "{radius}");
+    assert!(
+        radius.contains("pii.ssn (2)") && radius.contains("api.partner.example:443 block"),
+        "{radius}"
+    );
+    assert!(radius.contains("shop/ledger"), "{radius}");
+    let radius = ok(
+        base,
+        &["blast-radius", "--credential", "postgresql/shop/orders_rw"],
+    );
+    assert!(radius.contains(&s.alice), "{radius}");
+    let both = ok(
+        base,
+        &["blast-radius", "spiffe://td/ns/shop/sa/agent", "-o", "json"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&both).unwrap();
+    assert_eq!(v["chains"].as_array().unwrap().len(), 2);
+
+    // policy: apply, refuse with the field, list, delete.
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("p.yaml");
+    std::fs::write(
+        &good,
+        "apiVersion: custody.dev/v1\nkind: EgressPolicy\nmetadata: { name: partner-data }\nspec:\n  rules:\n    - { name: no-ssn, destination: { hosts: [api.partner.example] }, chain: { taintAny: [pii.ssn] }, verdict: block }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        ok(base, &["policy", "apply", "-f", good.to_str().unwrap()]),
+        "applied policy partner-data (version 1)\n"
+    );
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&good)
+            .unwrap()
+            .replace("pii.ssn", "PII SSN"),
+    )
+    .unwrap();
+    let out = custody(
+        base,
+        Some(ADMIN),
+        &["policy", "apply", "-f", bad.to_str().unwrap()],
+    );
+    assert_eq!(out.code, 4);
+    assert!(
+        out.stderr.contains("spec.rules[0].chain.taintAny[0]"),
+        "{}",
+        out.stderr
+    );
+    let list = ok(base, &["policy", "list"]);
+    assert!(
+        list.contains("policy partner-data")
+            && list.contains("rule no-ssn: block api.partner.example when tainted by pii.ssn"),
+        "{list}"
+    );
+
+    // contain: block, revoke, quarantine; each a new version.
+    assert!(
+        ok(
+            base,
+            &[
+                "contain",
+                "block",
+                "*.paste.example",
+                "--taint-any",
+                "pii.ssn",
+                "--initiator-kind",
+                "agent"
+            ]
+        )
+        .contains("contain-any.paste.example (version 2)")
+    );
+    assert_eq!(
+        ok(
+            base,
+            &["contain", "revoke", "--principal", "mallory@example.com"]
+        ),
+        "revoked mallory@example.com (version 3)\n"
+    );
+    assert_eq!(
+        ok(base, &["contain", "quarantine", &s.alice]),
+        format!("quarantined chain {} (version 4)\n", s.alice)
+    );
+    let list = ok(base, &["policy", "list"]);
+    assert!(
+        list.contains("revoked principal mallory@example.com"),
+        "{list}"
+    );
+    assert!(
+        list.contains(&format!("revoked quarantined chain {}", s.alice)),
+        "{list}"
+    );
+    assert!(
+        list.contains("rule block: block *.paste.example when tainted by pii.ssn for agent"),
+        "{list}"
+    );
+    assert_eq!(
+        ok(base, &["policy", "delete", "partner-data"]),
+        "deleted policy partner-data (version 5)\n"
+    );
+    assert_eq!(
+        custody(base, Some(ADMIN), &["policy", "delete", "partner-data"]).code,
+        3
+    );
+    let audit = ok(base, &["audit"]);
+    assert!(
+        audit.starts_with("#5 v5 oncall policy.delete partner-data"),
+        "{audit}"
+    );
+
+    // Exit codes: refused, usage, unreachable.
+    let out = custody(base, None, &["chains"]);
+    assert_eq!(out.code, 4, "{}", out.stderr);
+    assert!(out.stderr.contains("401"), "{}", out.stderr);
+    assert_eq!(custody(base, Some(NODE), &["chains"]).code, 4);
+    assert_eq!(
+        custody(base, Some(ADMIN), &["chains", "--coverage", "most"]).code,
+        2
+    );
+    assert_eq!(custody(base, Some(ADMIN), &["frobnicate"]).code, 2);
+    assert_eq!(custody(base, Some(ADMIN), &["contain", "revoke"]).code, 2);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    assert_eq!(custody(&dead, Some(ADMIN), &["chains"]).code, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_chains_stream_and_metrics_count_coverage() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Binary::start(dir.path());
+    let base = server.base();
+    // Follow new chains of bob only.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let b = base.clone();
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+        let resp = agent
+            .get(format!("{b}/v1/chains/stream"))
+            .query("initiator", "bob@example.com")
+            .header("authorization", format!("Bearer {ADMIN}"))
+            .call()
+            .unwrap();
+        let _ = ready_tx.send(());
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        for line in reader.lines() {
+            let Ok(line) = line else { break };
+            if let Some(data) = line.strip_prefix("data: ")
+                && tx.send(data.to_owned()).is_err()
+            {
+                break;
+            }
+        }
+    });
+    ready_rx.await.unwrap();
+    let s = ingest_scenario(server.grpc).await;
+    let got =
+        tokio::task::spawn_blocking(move || rx.recv_timeout(std::time::Duration::from_secs(60)))
+            .await
+            .unwrap()
+            .expect("a streamed chain");
+    let summary: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(summary["chain_id"], s.bob.as_str());
+
+    let metrics = eventually("metrics", || {
+        let base = base.clone();
+        async move {
+            let text = tokio::task::spawn_blocking(move || {
+                custody_control::client::Client::new(&base, None).get("/metrics", &[])
+            })
+            .await
+            .ok()?
+            .ok()?;
+            let text = text.as_str()?.to_owned();
+            text.contains("custody_chains_total{coverage=\"stitched\"} 1")
+                .then_some(text)
+        }
+    })
+    .await;
+    for want in [
+        "custody_chains_total{coverage=\"propagated\"} 1",
+        "custody_hops_total{attribution=\"propagated\"} 8",
+        "custody_hops_total{attribution=\"peer_only\"} 1",
+        "custody_ingest_hops_total 9",
+        "custody_ingest_rejected_total{reason=\"chain_id_bad_id\"} 1",
+        "custody_store_bytes ",
+    ] {
+        assert!(metrics.contains(want), "missing {want:?} in\n{metrics}");
+    }
+}
