@@ -361,7 +361,10 @@ impl Mesh {
         log: &str,
         args: &[&str],
     ) -> anyhow::Result<()> {
-        let file = fs::File::create(self.dir.join(format!("{log}.log")))?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{log}.log")))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &pod.ns]);
         if let Some(uid) = uid {

@@ -91,13 +91,17 @@ const APPS: [AppSpec; 3] = [
             "/report=http://reports:8080/report",
             "/export=http://paste.risky.example/upload",
             "/partner=http://api.partner.example/orders",
+            "/forge=http://orders:8080/forge",
         ],
         edge: true,
     },
     AppSpec {
         name: "orders",
         forward: true,
-        routes: &["/checkout=http://api.partner.example/orders"],
+        routes: &[
+            "/checkout=http://api.partner.example/orders",
+            "/forge=forge+http://api.partner.example/orders",
+        ],
         edge: false,
     },
     AppSpec {
@@ -184,6 +188,11 @@ impl Topology {
                 data.display()
             ),
         )?;
+        self.start_control_process(pod)
+    }
+
+    fn start_control_process(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        let config = self.mesh.dir().join("control.yaml");
         let server = binary("custody-control")?;
         self.mesh.spawn(
             pod,
@@ -191,6 +200,21 @@ impl Topology {
             "control",
             &[text(&server)?, "--config", text(&config)?],
         )
+    }
+
+    /// Kills the control plane (SIGKILL: no chance to flush anything).
+    pub fn kill_control(&mut self) -> anyhow::Result<()> {
+        self.mesh.stop("control", Duration::ZERO)?;
+        Ok(())
+    }
+
+    /// Starts the control plane again on the same data directory.
+    pub fn start_control_again(&mut self) -> anyhow::Result<()> {
+        let control = self.pod("control")?;
+        self.start_control_process(&control)?;
+        let client = self.pod("client")?;
+        let url = format!("http://{}:{HTTP_PORT}/metrics", control.ip);
+        self.mesh.wait_http(&client, &url, Duration::from_secs(30))
     }
 
     fn write_key_set(&self) -> anyhow::Result<()> {

@@ -146,3 +146,75 @@ fn a_block_applied_with_the_cli_holds_on_the_next_request() {
     let (status, _) = topo.request("/checkout", "alice@example.com").unwrap();
     assert_eq!(status, 200);
 }
+
+#[test]
+fn a_forged_token_is_refused_and_the_hop_stays_with_the_real_user() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut topo = Topology::start("six").unwrap();
+    // orders, compromised, sends a token naming mallory on its outbound call.
+    let (status, body) = topo.request("/forge", "alice@example.com").unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    let summary = topo
+        .wait_chain(&["--initiator", "alice@example.com"], WITHIN, |c| {
+            destination(c, "api.partner.example").is_some()
+        })
+        .unwrap();
+    let id = summary["chain_id"].as_str().unwrap();
+    let tree = topo.custody_json(&["chain", id]).unwrap();
+    let hops = tree["hops"].as_array().unwrap();
+    let refused: Vec<&Value> = hops
+        .iter()
+        .filter(|h| h["context_outcome"] == "refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "one refused hop expected in {tree:#}");
+    assert_eq!(refused[0]["workload"], workload("orders"));
+    assert_eq!(refused[0]["direction"], "outbound");
+    assert_eq!(refused[0]["refusal_reason"], "unknown_key_id", "{:#}", refused[0]);
+    // The forged identity started nothing.
+    let forged = topo
+        .custody_json(&["chains", "--initiator", "mallory@example.com"])
+        .unwrap();
+    let forged = forged.get("chains").cloned().unwrap_or(forged);
+    assert_eq!(forged.as_array().map(Vec::len), Some(0), "{forged:#}");
+}
+
+#[test]
+fn sidecars_keep_enforcing_and_chains_complete_across_a_control_plane_restart() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut topo = Topology::start("seven").unwrap();
+    let policy = topo.mesh.dir().join("block.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: custody.dev/v1\nkind: EgressPolicy\nmetadata: { name: contain-paste }\nspec:\n  rules:\n    - name: no-paste\n      destination: { hosts: [paste.risky.example] }\n      verdict: block\n",
+    )
+    .unwrap();
+    let out = topo
+        .custody(&["policy", "apply", "-f", policy.to_str().unwrap()])
+        .unwrap();
+    assert!(out.status.success());
+    let deadline = Instant::now() + WITHIN;
+    while topo.request("/export", "alice@example.com").unwrap().0 != 403 {
+        assert!(Instant::now() < deadline, "the block never held");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The control plane dies; traffic goes on and the block still holds.
+    topo.kill_control().unwrap();
+    assert_eq!(topo.request("/export", "dave@example.com").unwrap().0, 403);
+    assert_eq!(topo.request("/checkout", "dave@example.com").unwrap().0, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    topo.start_control_again().unwrap();
+
+    // The hops of the outage arrive once it is back.
+    let chain = topo
+        .wait_chain(&["--initiator", "dave@example.com"], WITHIN, |c| {
+            destination(c, "api.partner.example").is_some()
+        })
+        .unwrap();
+    assert_eq!(chain["coverage"], "propagated", "{chain:#}");
+    topo.wait_chain(&["--initiator", "dave@example.com"], WITHIN, |c| {
+        destination(c, "paste.risky.example").is_some_and(|d| d["verdict"] == "block")
+    })
+    .unwrap();
+}

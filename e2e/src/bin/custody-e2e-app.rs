@@ -8,8 +8,10 @@
 //! listing the calls. With `--forward` it passes the identity headers it
 //! received (`txn-token`, `traceparent`, `tracestate`) on to its calls, as an
 //! instrumented service would; without, it drops them, as a legacy service
-//! does. With `--forge` it sends a token of its own making instead, as a
-//! compromised service would. `/healthz` answers 200 and calls nothing.
+//! does. With `--forge`, or for a route whose URL is written
+//! `forge+http://...`, it sends a token of its own making instead, naming
+//! another user, as a compromised service would. `/healthz` answers 200 and
+//! calls nothing.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -113,8 +115,12 @@ async fn handle(
     let mut status = StatusCode::OK;
     if path != "/healthz" {
         let targets = app.routes.get(&path).or_else(|| app.routes.get("*"));
-        for url in targets.into_iter().flatten() {
-            let mut call = Request::get(url.as_str());
+        for target in targets.into_iter().flatten() {
+            let (forge, url) = match target.strip_prefix("forge+") {
+                Some(url) => (true, url),
+                None => (app.forge, target.as_str()),
+            };
+            let mut call = Request::get(url);
             if app.forward {
                 for name in IDENTITY_HEADERS {
                     if let Some(value) = req.headers().get(name) {
@@ -122,7 +128,7 @@ async fn handle(
                     }
                 }
             }
-            if app.forge {
+            if forge {
                 call = call.header("txn-token", forged_token());
             }
             let result = match call.body(Full::new(Bytes::new())) {
