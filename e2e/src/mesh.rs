@@ -387,7 +387,8 @@ impl Mesh {
     }
 
     /// Stops the process started under `log` (SIGTERM, then SIGKILL after
-    /// `grace`), and says whether it exited by itself.
+    /// `grace`; SIGKILL at once when `grace` is zero), and says whether it
+    /// exited by itself.
     pub fn stop(&mut self, log: &str, grace: Duration) -> anyhow::Result<bool> {
         let index = self
             .children
@@ -395,6 +396,11 @@ impl Mesh {
             .position(|(name, _)| name == log)
             .with_context(|| format!("no process {log}"))?;
         let (_, mut child) = self.children.remove(index);
+        if grace.is_zero() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(false);
+        }
         quietly(&["kill", "-TERM", &child.id().to_string()]);
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
