@@ -1,0 +1,191 @@
+//! A small HTTP application for end-to-end topologies.
+//!
+//! `custody-e2e-app --name web --listen 127.0.0.1:8080 [--forward] [--forge]
+//!  [--route PATH=URL]...`
+//!
+//! A request to `PATH` calls every `URL` routed from it, in order, and
+//! answers with the first non-2xx status it got (or 200) and a JSON body
+//! listing the calls. With `--forward` it passes the identity headers it
+//! received (`txn-token`, `traceparent`, `tracestate`) on to its calls, as an
+//! instrumented service would; without, it drops them, as a legacy service
+//! does. With `--forge`, or for a route whose URL is written
+//! `forge+http://...`, it sends a token of its own making instead, naming
+//! another user, as a compromised service would. `/healthz` answers 200 and
+//! calls nothing.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use custody_context::issue::{Issuer, Mint};
+use custody_context::keys::SigningKey;
+use custody_context::token::InitiatorKind;
+use custody_context::traceparent::TraceId;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+const IDENTITY_HEADERS: [&str; 3] = ["txn-token", "traceparent", "tracestate"];
+
+struct App {
+    name: String,
+    forward: bool,
+    forge: bool,
+    routes: HashMap<String, Vec<String>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+fn parse_args() -> anyhow::Result<(App, SocketAddr)> {
+    let mut name = None;
+    let mut listen = None;
+    let mut forward = false;
+    let mut forge = false;
+    let mut routes: HashMap<String, Vec<String>> = HashMap::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--name" => name = args.next(),
+            "--listen" => listen = args.next(),
+            "--forward" => forward = true,
+            "--forge" => forge = true,
+            "--route" => {
+                let route = args.next().context("--route needs PATH=URL")?;
+                let (path, url) = route.split_once('=').context("--route needs PATH=URL")?;
+                routes
+                    .entry(path.to_owned())
+                    .or_default()
+                    .push(url.to_owned());
+            }
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    let listen: SocketAddr = listen
+        .context("--listen is required")?
+        .parse()
+        .context("--listen")?;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    Ok((
+        App {
+            name: name.context("--name is required")?,
+            forward,
+            forge,
+            routes,
+            client,
+        },
+        listen,
+    ))
+}
+
+/// A token no mesh key signed, naming someone the caller is not.
+fn forged_token() -> String {
+    let issuer = Issuer::new(
+        SigningKey::generate(),
+        "spiffe://cluster.local/ns/shop/sa/web",
+        "cluster.local",
+        300,
+    );
+    let mint = Mint {
+        txn: TraceId::random(),
+        sub: "mallory@example.com".into(),
+        kind: InitiatorKind::Human,
+        scope: "admin".into(),
+        act: None,
+        tctx: None,
+        rctx: None,
+        taint: vec![],
+    };
+    issuer
+        .mint(mint, custody_context::unix_now())
+        .map(|t| t.encoded)
+        .unwrap_or_default()
+}
+
+async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let mut calls = Vec::new();
+    let mut status = StatusCode::OK;
+    if path != "/healthz" {
+        let targets = app.routes.get(&path).or_else(|| app.routes.get("*"));
+        for target in targets.into_iter().flatten() {
+            let (forge, url) = match target.strip_prefix("forge+") {
+                Some(url) => (true, url),
+                None => (app.forge, target.as_str()),
+            };
+            let mut call = Request::get(url);
+            if app.forward {
+                for name in IDENTITY_HEADERS {
+                    if let Some(value) = req.headers().get(name) {
+                        call = call.header(name, value);
+                    }
+                }
+            }
+            if forge {
+                call = call.header("txn-token", forged_token());
+            }
+            let result = match call.body(Full::new(Bytes::new())) {
+                Ok(call) => app.client.request(call).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let (code, body) = match result {
+                Ok(resp) => {
+                    let code = resp.status();
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                        .unwrap_or_default();
+                    (code, body)
+                }
+                Err(e) => (StatusCode::BAD_GATEWAY, e),
+            };
+            if status == StatusCode::OK && !code.is_success() {
+                status = code;
+            }
+            let body = serde_json::from_str::<serde_json::Value>(&body)
+                .unwrap_or(serde_json::Value::String(body));
+            calls.push(serde_json::json!({"url": url, "status": code.as_u16(), "body": body}));
+        }
+    }
+    let body = serde_json::json!({
+        "app": app.name,
+        "path": path,
+        "had_token": req.headers().contains_key("txn-token"),
+        "calls": calls,
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let (app, listen) = parse_args()?;
+    let app = Arc::new(app);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| handle(Arc::clone(&app), req));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
