@@ -87,12 +87,13 @@ fn a_legacy_service_that_drops_headers_is_stitched_with_its_confidence() {
     let hops = tree["hops"].as_array().unwrap();
     let stitched: Vec<&Value> = hops
         .iter()
-        .filter(|h| h["attribution"]["method"] == "stitched")
+        .filter(|h| h["attribution"] == "stitched")
         .collect();
     assert!(!stitched.is_empty(), "no stitched hop in {tree:#}");
     for hop in stitched {
         assert_eq!(hop["workload"], workload("reports"), "{hop:#}");
-        let confidence = hop["attribution"]["confidence"].as_f64().unwrap();
+        assert_eq!(hop["join"]["evidence"], "sidecar_stitched", "{hop:#}");
+        let confidence = hop["join"]["confidence"].as_f64().unwrap();
         assert!(confidence > 0.0 && confidence <= 1.0, "{hop:#}");
     }
 }
@@ -170,7 +171,11 @@ fn a_forged_token_is_refused_and_the_hop_stays_with_the_real_user() {
     assert_eq!(refused.len(), 1, "one refused hop expected in {tree:#}");
     assert_eq!(refused[0]["workload"], workload("orders"));
     assert_eq!(refused[0]["direction"], "outbound");
-    assert_eq!(refused[0]["refusal_reason"], "unknown_key_id", "{:#}", refused[0]);
+    assert_eq!(
+        refused[0]["refusal_reason"], "unknown_key_id",
+        "{:#}",
+        refused[0]
+    );
     // The forged identity started nothing.
     let forged = topo
         .custody_json(&["chains", "--initiator", "mallory@example.com"])
@@ -202,7 +207,10 @@ fn sidecars_keep_enforcing_and_chains_complete_across_a_control_plane_restart() 
     // The control plane dies; traffic goes on and the block still holds.
     topo.kill_control().unwrap();
     assert_eq!(topo.request("/export", "dave@example.com").unwrap().0, 403);
-    assert_eq!(topo.request("/checkout", "dave@example.com").unwrap().0, 200);
+    assert_eq!(
+        topo.request("/checkout", "dave@example.com").unwrap().0,
+        200
+    );
     std::thread::sleep(Duration::from_millis(500));
     topo.start_control_again().unwrap();
 

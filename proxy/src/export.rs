@@ -4,11 +4,13 @@
 //! drops the event and counts it (`custody_proxy_exporter_dropped_total`).
 //! The exporter task batches events (by size or after the flush interval)
 //! and sends them to the control plane (`custody.v1.Ingest/ReportHops`) or
-//! appends them to a JSON-lines file in standalone mode.
+//! appends them to a JSON-lines file in standalone mode. Undelivered events
+//! are retried, within a second bound of the queue's size.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use custody_context::api::v1;
 use custody_context::hop::HopEvent;
@@ -82,6 +84,12 @@ impl HopQueue {
     /// Runs the exporter until every sink is dropped. Once `stop` turns true
     /// (shutdown began), what is queued is written at once and every later
     /// event (requests draining in the grace period) is written as it comes.
+    ///
+    /// Events that could not be delivered (the control plane is away) are
+    /// kept, up to the queue's capacity again, and retried with a capped
+    /// backoff; past that the oldest are dropped and counted. The control
+    /// plane drops duplicates by event id, so a retried batch that did
+    /// arrive is harmless.
     pub async fn run(
         mut self,
         target: ExportTarget,
@@ -90,6 +98,7 @@ impl HopQueue {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut writer = Writer::new(target);
+        let mut retry = Retry::new(self.rx.max_capacity(), batch_size.max(1));
         let mut batch = Vec::with_capacity(batch_size);
         let mut tick = tokio::time::interval(flush_interval);
         let mut draining = false;
@@ -99,40 +108,108 @@ impl HopQueue {
                     Some(hop) => {
                         batch.push(hop);
                         if draining || batch.len() >= batch_size {
-                            self.flush(&mut writer, &mut batch).await;
+                            self.flush(&mut writer, &mut retry, &mut batch).await;
                         }
                     }
                     None => break,
                 },
-                _ = tick.tick() => self.flush(&mut writer, &mut batch).await,
+                _ = tick.tick() => self.flush(&mut writer, &mut retry, &mut batch).await,
                 changed = stop.changed(), if !draining => {
                     if changed.is_err() || *stop.borrow() {
                         draining = true;
                         while let Ok(hop) = self.rx.try_recv() {
                             batch.push(hop);
                         }
-                        self.flush(&mut writer, &mut batch).await;
+                        self.flush(&mut writer, &mut retry, &mut batch).await;
                     }
                 }
             }
         }
-        self.flush(&mut writer, &mut batch).await;
+        retry.next_attempt = Instant::now();
+        self.flush(&mut writer, &mut retry, &mut batch).await;
     }
 
-    async fn flush(&self, writer: &mut Writer, batch: &mut Vec<HopEvent>) {
+    async fn flush(&self, writer: &mut Writer, retry: &mut Retry, batch: &mut Vec<HopEvent>) {
         let depth = self.rx.len();
         self.metrics
             .exporter_queue_depth
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
-        if batch.is_empty() {
+        let dropped = retry.push(std::mem::take(batch));
+        if dropped > 0 {
+            self.metrics.exporter_dropped.inc_by(dropped);
+        }
+        if retry.pending.is_empty() || Instant::now() < retry.next_attempt {
             return;
         }
-        let hops = std::mem::take(batch);
-        let n = hops.len() as u64;
-        if let Err(error) = writer.write(hops).await {
-            tracing::warn!(message = "hop export failed", %error, events = n);
-            self.metrics.exporter_failed.inc_by(n);
+        while !retry.pending.is_empty() {
+            let n = retry.pending.len().min(retry.batch_size);
+            let chunk: Vec<HopEvent> = retry.pending.iter().take(n).cloned().collect();
+            match writer.write(chunk).await {
+                Ok(()) => {
+                    retry.pending.drain(..n);
+                    if retry.failing {
+                        tracing::info!(
+                            message = "hop export recovered",
+                            pending = retry.pending.len()
+                        );
+                    }
+                    retry.succeeded();
+                }
+                Err(error) => {
+                    self.metrics.exporter_failed.inc_by(n as u64);
+                    if !retry.failing {
+                        tracing::warn!(message = "hop export failed; keeping events to retry", %error, pending = retry.pending.len());
+                    }
+                    retry.failed();
+                    return;
+                }
+            }
         }
+    }
+}
+
+/// Undelivered events and when to try again.
+struct Retry {
+    pending: VecDeque<HopEvent>,
+    capacity: usize,
+    batch_size: usize,
+    failing: bool,
+    backoff: Duration,
+    next_attempt: Instant,
+}
+
+impl Retry {
+    const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+    fn new(capacity: usize, batch_size: usize) -> Self {
+        Retry {
+            pending: VecDeque::new(),
+            capacity: capacity.max(batch_size),
+            batch_size,
+            failing: false,
+            backoff: Duration::from_millis(100),
+            next_attempt: Instant::now(),
+        }
+    }
+
+    /// Adds events; returns how many of the oldest were dropped to stay
+    /// within capacity.
+    fn push(&mut self, events: Vec<HopEvent>) -> u64 {
+        self.pending.extend(events);
+        let over = self.pending.len().saturating_sub(self.capacity);
+        self.pending.drain(..over);
+        over as u64
+    }
+
+    fn failed(&mut self) {
+        self.failing = true;
+        self.next_attempt = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(Self::MAX_BACKOFF);
+    }
+
+    fn succeeded(&mut self) {
+        self.failing = false;
+        self.backoff = Duration::from_millis(100);
     }
 }
 

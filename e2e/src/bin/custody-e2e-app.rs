@@ -123,12 +123,15 @@ async fn handle(
             let mut call = Request::get(url);
             if app.forward {
                 for name in IDENTITY_HEADERS {
-                    if let Some(value) = req.headers().get(name) {
+                    if let Some(value) = req.headers().get(name)
+                        && !(forge && name == "txn-token")
+                    {
                         call = call.header(name, value);
                     }
                 }
             }
             if forge {
+                // Instead of the token it received, never beside it.
                 call = call.header("txn-token", forged_token());
             }
             let result = match call.body(Full::new(Bytes::new())) {
