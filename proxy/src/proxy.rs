@@ -798,22 +798,29 @@ impl DirectionProxy {
             }),
             data: vec![],
             database: None,
-            connection: match (src, dst) {
-                (Some(s), Some(d)) => Some(v1::FiveTuple {
-                    src_ip: s.ip().to_string(),
-                    src_port: u32::from(s.port()),
-                    dst_ip: d.ip().to_string(),
-                    dst_port: u32::from(d.port()),
-                    transport: "tcp".into(),
-                }),
-                _ => None,
-            },
+            connection: tcp_five_tuple(src, dst),
             taint: claims
                 .map(|c| c.custody.taint.iter().cloned().collect())
                 .unwrap_or_default(),
             key_id: token.map(|t| t.kid.clone()).unwrap_or_default(),
         }
     }
+}
+
+/// The connection 5-tuple of a TCP hop, when both ends are known: what the
+/// control plane joins with node-agent flows.
+pub(crate) fn tcp_five_tuple(
+    src: Option<std::net::SocketAddr>,
+    dst: Option<std::net::SocketAddr>,
+) -> Option<v1::FiveTuple> {
+    let (s, d) = (src?, dst?);
+    Some(v1::FiveTuple {
+        src_ip: s.ip().to_string(),
+        src_port: u32::from(s.port()),
+        dst_ip: d.ip().to_string(),
+        dst_port: u32::from(d.port()),
+        transport: "tcp".into(),
+    })
 }
 
 #[async_trait]

@@ -289,16 +289,7 @@ impl Sniffing {
                 policy: d.policy.unwrap_or_default(),
                 rule: d.rule.unwrap_or_default(),
             }),
-            connection: match (src, dest) {
-                (Some(s), Some(d)) => Some(v1::FiveTuple {
-                    src_ip: s.ip().to_string(),
-                    src_port: u32::from(s.port()),
-                    dst_ip: d.ip().to_string(),
-                    dst_port: u32::from(d.port()),
-                    transport: "tcp".into(),
-                }),
-                _ => None,
-            },
+            connection: crate::proxy::tcp_five_tuple(src, dest),
             taint: claims
                 .map(|c| c.custody.taint.iter().cloned().collect())
                 .unwrap_or_default(),
