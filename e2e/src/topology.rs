@@ -145,6 +145,9 @@ impl Topology {
             )?;
         }
         topology.write_key_set()?;
+        // Written once, before any sidecar starts: a sidecar reading it while
+        // it is rewritten would see it empty.
+        fs::write(topology.mesh.dir().join("node-token"), NODE_TOKEN)?;
         for (spec, pod) in APPS.iter().zip(&app_pods) {
             topology.start_app_pod(spec, pod, &control)?;
         }
@@ -245,7 +248,6 @@ impl Topology {
         crate::cmd::run(&["chown", &uid, text(&seed)?])?;
         crate::cmd::run(&["chmod", "600", text(&seed)?])?;
         let token = dir.join("node-token");
-        fs::write(&token, NODE_TOKEN)?;
         let sources = if spec.edge {
             "  identity_sources:\n    - { type: edge_header, header: x-custody-user, kind: human }\n    - { type: agent_header, header: x-custody-agent }\n"
         } else {
