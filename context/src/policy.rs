@@ -143,6 +143,35 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The network address, host bits cleared.
+    pub fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::from((u32::from(v4) & mask).to_be_bytes())
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::from((u128::from(v6) & mask).to_be_bytes())
+            }
+        }
+    }
+
+    /// The prefix length in bits.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The whole network of `addr`'s family with `prefix` bits.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Cidr> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (prefix <= max).then_some(Cidr { addr, prefix })
+    }
+
     /// Whether `ip` is inside the network.
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {

@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 
-use custody_context::policy::{ChainMatch, PolicyBundle, Verdict};
+use custody_context::policy::{ChainMatch, Cidr, PolicyBundle, Verdict};
 
 /// One (network, port) the kernel refuses.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -75,15 +75,11 @@ pub fn compile(bundle: &PolicyBundle, resolve: &dyn Fn(&str) -> Vec<IpAddr>) -> 
                 continue;
             }
             let dest = &rule.destination;
-            let mut networks: Vec<(IpAddr, u8)> = Vec::new();
-            for cidr in &dest.cidrs {
-                let text = cidr.to_string();
-                if let Some((addr, prefix)) = text.split_once('/')
-                    && let (Ok(addr), Ok(prefix)) = (addr.parse(), prefix.parse())
-                {
-                    networks.push((addr, prefix));
-                }
-            }
+            let mut networks: Vec<(IpAddr, u8)> = dest
+                .cidrs
+                .iter()
+                .map(|c| (c.network(), c.prefix()))
+                .collect();
             for host in &dest.hosts {
                 let name = host.to_string();
                 let resolved = if name.starts_with("*.") {
@@ -119,7 +115,7 @@ pub fn compile(bundle: &PolicyBundle, resolve: &dyn Fn(&str) -> Vec<IpAddr>) -> 
             for (addr, prefix) in networks {
                 for &port in &ports {
                     out.entries.push(DenyEntry {
-                        addr: network(addr, prefix),
+                        addr: Cidr::new(addr, prefix).map_or(addr, |c| c.network()),
                         prefix,
                         port,
                         rule_id,
@@ -132,20 +128,6 @@ pub fn compile(bundle: &PolicyBundle, resolve: &dyn Fn(&str) -> Vec<IpAddr>) -> 
     out.entries
         .dedup_by(|a, b| a.addr == b.addr && a.prefix == b.prefix && a.port == b.port);
     out
-}
-
-/// The address with its host bits cleared.
-fn network(addr: IpAddr, prefix: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(v4) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::from((u32::from(v4) & mask).to_be_bytes())
-        }
-        IpAddr::V6(v6) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::from((u128::from(v6) & mask).to_be_bytes())
-        }
-    }
 }
 
 #[cfg(test)]

@@ -305,3 +305,13 @@ fn bundles_refuse_duplicate_policy_names_with_the_index() {
     let e = b.validate().unwrap_err();
     assert_eq!(e.field, "policies[1].metadata.name");
 }
+
+#[test]
+fn cidr_networks_clear_host_bits() {
+    let c = |s: &str| Cidr::try_from(s.to_owned()).unwrap();
+    assert_eq!(c("192.0.2.77/24").network().to_string(), "192.0.2.0");
+    assert_eq!(c("192.0.2.77/24").prefix(), 24);
+    assert_eq!(c("2001:db8::1/32").network().to_string(), "2001:db8::");
+    assert_eq!(c("0.0.0.0/0").network().to_string(), "0.0.0.0");
+    assert!(Cidr::new("10.0.0.1".parse().unwrap(), 33).is_none());
+}
