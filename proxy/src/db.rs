@@ -4,7 +4,7 @@
 //! (its original destination port is a configured database port, or its
 //! first bytes are a PostgreSQL startup packet) or from a database listener
 //! of its own (`databases[].listen`). Every byte is forwarded as it arrives,
-//! before it is decoded; the decoders ([`custody_protocols`]) only look.
+//! unchanged; the decoders ([`custody_protocols`]) only look at a copy.
 //!
 //! Each statement becomes a hop: attributed to its chain
 //! ([`attribution`]), analysed (statement kind, tables, columns), its result

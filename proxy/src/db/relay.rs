@@ -1,8 +1,10 @@
 //! Both directions of a database session, forwarded as they arrive.
 //!
-//! Each direction reads a chunk, writes it to the other side, and only then
-//! shows it to the inspector: decoding never delays the bytes it looks at,
-//! and nothing the inspector does can change them. The two directions run
+//! Each direction reads a chunk, shows it to the inspector, then writes it
+//! to the other side unchanged: the inspector only ever sees a copy. Looking
+//! first matters: when a client receives the rows of a statement, the
+//! sidecar has already recorded what they held, so the chain's next call is
+//! checked with that taint (decoding a chunk costs microseconds). The two directions run
 //! as two futures of one task, so a peer that writes while it is not
 //! reading (a large `COPY` with notices coming back) cannot deadlock the
 //! relay. When one side ends its stream, the other side's write half is
@@ -21,9 +23,9 @@ const CHUNK: usize = 32 * 1024;
 
 /// Looks at the bytes of a session; never changes them.
 pub(crate) trait Inspect: Send {
-    /// Bytes the client sent (already forwarded).
+    /// Bytes the client sent, about to be forwarded.
     fn client_bytes(&mut self, data: &[u8]);
-    /// Bytes the server sent (already forwarded).
+    /// Bytes the server sent, about to be forwarded.
     fn server_bytes(&mut self, data: &[u8]);
 }
 
@@ -40,11 +42,11 @@ where
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        inspect(&buf[..n]);
         if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
             break;
         }
         total += n as u64;
-        inspect(&buf[..n]);
     }
     let _ = to.shutdown().await;
     total
