@@ -13,6 +13,7 @@ mod control;
 mod egress;
 mod grpc;
 mod mcp;
+mod mysql;
 mod postgres;
 mod refusal;
 mod shutdown;

@@ -1,0 +1,218 @@
+//! MySQL through the sidecar: a real MariaDB 10.11 server (started by the
+//! test in a temporary directory), the mariadb client and mysql_async.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use custody_testkit::MariaDb;
+use custody_testkit::fixtures::{self, BIG_TABLE_ROWS};
+use hyper::Response;
+use mysql_async::prelude::Queryable as _;
+use mysql_async::{Conn, OptsBuilder};
+use serde_json::Value;
+
+use crate::support::*;
+
+fn opts(db: &MariaDb, addr: SocketAddr) -> OptsBuilder {
+    OptsBuilder::default()
+        .ip_or_hostname(addr.ip().to_string())
+        .tcp_port(addr.port())
+        .user(Some(db.user()))
+        .pass(Some(db.password()))
+        .db_name(Some(db.database()))
+        .prefer_socket(false)
+}
+
+fn mariadb_cli(db: &MariaDb, addr: SocketAddr, sql: &str) -> String {
+    let out = Command::new("mariadb")
+        .args([
+            "--protocol=TCP",
+            "-h",
+            &addr.ip().to_string(),
+            "-P",
+            &addr.port().to_string(),
+            "-u",
+            db.user(),
+            &format!("-p{}", db.password()),
+            "-N",
+            "-B",
+            db.database(),
+            "-e",
+            sql,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mariadb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn db(hop: &Value) -> &Value {
+    &hop["database"]
+}
+
+fn classes(hop: &Value) -> Vec<String> {
+    hop["data"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .map(|c| c["class"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn wait_listening(addr: SocketAddr) {
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("nothing listens on {addr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_statements_are_forwarded_unchanged_and_recorded_classified() {
+    let server = MariaDb::start().unwrap();
+    let shop = fixtures::load_shop(&server).unwrap();
+    fixtures::create_big_table(&server, "big").unwrap();
+    let trust = Trust::new(&["reports"]);
+    let listen = free_port();
+    let extra = format!(
+        "databases:\n  - {{ protocol: mysql, listen: \"{listen}\", upstream: \"{}\" }}\n",
+        server.addr()
+    );
+    let ports = [free_port(), free_port(), free_port()];
+    // The pod's app reads with the request's traceparent as a connection attribute.
+    let app_opts = opts(&server, listen);
+    let app = App::start(Arc::new(move |req| {
+        let app_opts = app_opts.clone();
+        Box::pin(async move {
+            let traceparent = req
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let mut conn = Conn::new(app_opts.connect_attribute("traceparent", traceparent))
+                .await
+                .unwrap();
+            let _: Vec<String> = conn
+                .query("SELECT phone FROM customers ORDER BY id LIMIT 3")
+                .await
+                .unwrap();
+            conn.disconnect().await.unwrap();
+            Response::builder().status(200).body(full("")).unwrap()
+        })
+    }))
+    .await;
+    let mut spec = Spec::new("reports", app.addr);
+    spec.extra = &extra;
+    let sc = start_on(spec, &trust, ports).await;
+    wait_listening(listen).await;
+
+    // The mariadb client (mysql_native_password, text protocol): same answer.
+    let sql = "SELECT name, email, phone, ssn, card_number FROM customers ORDER BY id";
+    assert_eq!(
+        mariadb_cli(&server, listen, sql),
+        mariadb_cli(&server, server.addr(), sql)
+    );
+    let hop = sc
+        .wait_hop(|h| {
+            db(h)["tables_read"] == serde_json::json!(["customers"])
+                && db(h)["rows_returned"] == shop.customers.len()
+        })
+        .await;
+    assert_eq!(hop["protocol"], "PROTOCOL_MYSQL");
+    assert_eq!(db(&hop)["system"], "mysql");
+    assert_eq!(db(&hop)["user"], server.user());
+    assert_eq!(db(&hop)["database"], server.database());
+    assert_eq!(db(&hop)["statement_kind"], "select");
+    let found = classes(&hop);
+    for class in ["pii.email", "pii.ssn", "financial.card", "pii.phone"] {
+        assert!(found.iter().any(|c| c == class), "{class} not in {found:?}");
+    }
+
+    // mysql_async: a prepared statement executed 1,000 times (binary protocol).
+    let mut conn = Conn::new(opts(&server, listen)).await.unwrap();
+    let stmt = conn
+        .prep("SELECT email FROM customers WHERE id = ?")
+        .await
+        .unwrap();
+    for i in 0..1000 {
+        let want = &shop.customers[i % shop.customers.len()];
+        let email: Option<String> = conn.exec_first(&stmt, (want.id,)).await.unwrap();
+        assert_eq!(email.as_deref(), Some(want.email.as_str()));
+    }
+    let hops = sc.hops(1000).await;
+    let executions = hops
+        .iter()
+        .filter(|h| {
+            db(h)["columns"] == serde_json::json!(["customers.email", "customers.id"])
+                && classes(h) == vec!["pii.email".to_owned()]
+        })
+        .count();
+    assert!(executions >= 1000, "{executions} executions");
+
+    // 100,000 rows arrive whole.
+    let rows: Vec<(i64, String, String)> = conn
+        .query("SELECT id, email, payload FROM big")
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), BIG_TABLE_ROWS);
+    let big = sc
+        .wait_hop(|h| db(h)["tables_read"] == serde_json::json!(["big"]))
+        .await;
+    assert_eq!(db(&big)["rows_returned"], BIG_TABLE_ROWS);
+
+    // Errors pass through with the server's number.
+    let err = conn
+        .query_drop("SELECT nope FROM nowhere")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("1146"), "{err}");
+    sc.wait_hop(|h| db(h)["error_code"] == "1146").await;
+    conn.disconnect().await.unwrap();
+
+    // A connection attribute names the chain of the request in flight.
+    let resp = client()
+        .request(
+            hyper::Request::get(format!("http://{}/report", sc.inbound))
+                .header("x-custody-user", "dana@example.com")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let inbound = sc
+        .wait_hop(|h| {
+            h["initiator"]["subject"] == "dana@example.com" && h["direction"] == "DIRECTION_INBOUND"
+        })
+        .await;
+    let query = sc
+        .wait_hop(|h| {
+            h["chain_id"] == inbound["chain_id"]
+                && db(h)["tables_read"] == serde_json::json!(["customers"])
+        })
+        .await;
+    assert_eq!(
+        query["attribution"]["method"],
+        "ATTRIBUTION_METHOD_CONNECTION_ATTRIBUTE"
+    );
+    assert_eq!(query["parent_span_id"], inbound["span_id"]);
+    assert_eq!(classes(&query), vec!["pii.phone".to_owned()]);
+
+    let text = std::fs::read_to_string(&sc.hops_file).unwrap();
+    for c in &shop.customers {
+        for value in [&c.email, &c.ssn, &c.card_number, &c.phone] {
+            assert!(!text.contains(value.as_str()), "raw value leaked: {value}");
+        }
+    }
+}
