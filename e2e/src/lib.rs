@@ -8,6 +8,7 @@
 //! (`tests/scenarios.rs`) run on it. No traffic leaves the machine: only
 //! loopback and the namespaces the harness created.
 
+pub mod accuracy;
 pub mod cmd;
 pub mod mesh;
 pub mod topology;
