@@ -498,7 +498,7 @@ async fn get(client: &HttpClient, req: Request<Full<Bytes>>) -> anyhow::Result<(
     Ok((status, body))
 }
 
-/// Sends requests `0..requests` to `url`/t/<i> as user `u<i>`,
+/// Sends requests `0..requests` to `<url>/t/<i>` as user `u<i>`,
 /// `concurrency` at a time; returns how many were answered 200.
 pub async fn drive(url: &str, requests: usize, concurrency: usize) -> anyhow::Result<usize> {
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
