@@ -5,9 +5,12 @@
 //! redirect a mesh's init container installs ([`mesh`]). The reference
 //! topology ([`topology`]) adds the control plane, sample applications and
 //! fake third parties; the demo (`custody-demo`) and the scenarios
-//! (`tests/scenarios.rs`) run on it. No traffic leaves the machine: only
-//! loopback and the namespaces the harness created.
+//! (`tests/scenarios.rs`) run on it. [`accuracy`] builds chains of services
+//! of its own to measure attribution against known chains
+//! (`custody-accuracy`). No traffic leaves the machine: only loopback and the
+//! namespaces the harness created.
 
+pub mod accuracy;
 pub mod cmd;
 pub mod mesh;
 pub mod topology;

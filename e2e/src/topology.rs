@@ -74,7 +74,19 @@ impl std::fmt::Debug for Topology {
     }
 }
 
-/// An application pod of the topology.
+/// An application pod of a topology of one's own ([`Topology::start_apps`]):
+/// the sample application behind a sidecar.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppPod {
+    /// Pod, service and service-account name (1-10 lowercase letters).
+    pub name: String,
+    /// Whether its sidecar starts chains from the `x-custody-user` header.
+    pub edge: bool,
+    /// `custody-e2e-app` arguments after `--name` and `--listen`.
+    pub args: Vec<String>,
+}
+
+/// An application pod of the reference topology.
 struct AppSpec {
     name: &'static str,
     forward: bool,
@@ -133,21 +145,7 @@ impl Topology {
             keys: Vec::new(),
         };
         topology.start_control(&control)?;
-        for spec in &APPS {
-            let seed: [u8; 32] = rand_seed();
-            topology.keys.push((
-                spec.name.to_owned(),
-                SigningKey::from_seed(format!("{}-1", spec.name), &seed),
-            ));
-            fs::write(
-                topology.mesh.dir().join(format!("{}.seed", spec.name)),
-                hex(&seed),
-            )?;
-        }
-        topology.write_key_set()?;
-        // Written once, before any sidecar starts: a sidecar reading it while
-        // it is rewritten would see it empty.
-        fs::write(topology.mesh.dir().join("node-token"), NODE_TOKEN)?;
+        topology.write_keys(APPS.iter().map(|spec| spec.name))?;
         for (spec, pod) in APPS.iter().zip(&app_pods) {
             topology.start_app_pod(spec, pod, &control)?;
         }
@@ -176,6 +174,58 @@ impl Topology {
                 .wait_http(&client, &format!("http://{}/healthz", pod.ip), deadline)?;
         }
         Ok(topology)
+    }
+
+    /// Builds and starts a topology of one's own: the control plane, a
+    /// `client` pod without sidecar, and `apps`, each the sample application
+    /// behind a sidecar; waits until everything answers.
+    pub fn start_apps(label: &str, apps: &[AppPod]) -> anyhow::Result<Topology> {
+        let uid = sidecar_uid()?;
+        let mut mesh = Mesh::new(label)?;
+        let control = mesh.add_pod("control")?;
+        let client = mesh.add_pod("client")?;
+        let mut pods = Vec::new();
+        for app in apps {
+            pods.push(mesh.add_pod(&app.name)?);
+        }
+        let mut topology = Topology {
+            mesh,
+            uid,
+            keys: Vec::new(),
+        };
+        topology.start_control(&control)?;
+        topology.write_keys(apps.iter().map(|a| a.name.as_str()))?;
+        for (app, pod) in apps.iter().zip(&pods) {
+            topology.start_sidecar_pod(&app.name, app.edge, pod, &control, &app.args)?;
+        }
+        let deadline = Duration::from_secs(60);
+        let control_health = format!("http://{}:{HTTP_PORT}/metrics", control.ip);
+        topology
+            .mesh
+            .wait_http(&client, &control_health, deadline)?;
+        for pod in &pods {
+            let ready = format!("http://{}:{ADMIN_PORT}/ready", pod.ip);
+            topology.mesh.wait_http(&client, &ready, deadline)?;
+        }
+        Ok(topology)
+    }
+
+    /// A signing key per workload, the key set naming them all, and the
+    /// sidecars' control-plane token.
+    fn write_keys<'a>(&mut self, names: impl Iterator<Item = &'a str>) -> anyhow::Result<()> {
+        for name in names {
+            let seed: [u8; 32] = rand_seed();
+            self.keys.push((
+                name.to_owned(),
+                SigningKey::from_seed(format!("{name}-1"), &seed),
+            ));
+            fs::write(self.mesh.dir().join(format!("{name}.seed")), hex(&seed))?;
+        }
+        self.write_key_set()?;
+        // Written once, before any sidecar starts: a sidecar reading it while
+        // it is rewritten would see it empty.
+        fs::write(self.mesh.dir().join("node-token"), NODE_TOKEN)?;
+        Ok(())
     }
 
     fn start_control(&mut self, pod: &Pod) -> anyhow::Result<()> {
@@ -239,22 +289,43 @@ impl Topology {
     }
 
     fn start_app_pod(&mut self, spec: &AppSpec, pod: &Pod, control: &Pod) -> anyhow::Result<()> {
+        let mut args = Vec::new();
+        if spec.forward {
+            args.push("--forward".to_owned());
+        }
+        for route in spec.routes {
+            args.push("--route".to_owned());
+            args.push((*route).to_owned());
+        }
+        self.start_sidecar_pod(spec.name, spec.edge, pod, control, &args)
+    }
+
+    /// The sample application (`app_args` after `--name` and `--listen`)
+    /// behind a sidecar in `pod`.
+    fn start_sidecar_pod(
+        &mut self,
+        name: &str,
+        edge: bool,
+        pod: &Pod,
+        control: &Pod,
+        app_args: &[String],
+    ) -> anyhow::Result<()> {
         let dir = self.mesh.dir().to_path_buf();
-        let state = dir.join(format!("{}-state", spec.name));
+        let state = dir.join(format!("{name}-state"));
         fs::create_dir_all(&state)?;
         let uid = self.uid.to_string();
         crate::cmd::run(&["chown", "-R", &uid, text(&state)?])?;
-        let seed = dir.join(format!("{}.seed", spec.name));
+        let seed = dir.join(format!("{name}.seed"));
         crate::cmd::run(&["chown", &uid, text(&seed)?])?;
         crate::cmd::run(&["chmod", "600", text(&seed)?])?;
         let token = dir.join("node-token");
-        let sources = if spec.edge {
+        let sources = if edge {
             "  identity_sources:\n    - { type: edge_header, header: x-custody-user, kind: human }\n    - { type: agent_header, header: x-custody-agent }\n"
         } else {
             ""
         };
         let control_url = format!("http://{}:{GRPC_PORT}", control.ip);
-        let config = dir.join(format!("{}-proxy.yaml", spec.name));
+        let config = dir.join(format!("{name}-proxy.yaml"));
         fs::write(
             &config,
             format!(
@@ -268,7 +339,6 @@ impl Topology {
                  policy: {{ control_plane: \"{control_url}\", state_dir: {state} }}\n\
                  exporter: {{ control_plane: \"{control_url}\", flush_interval_ms: 50 }}\n\
                  shutdown: {{ grace_period_secs: 1 }}\n",
-                name = spec.name,
                 seed = seed.display(),
                 keys = dir.join("keys.json").display(),
                 token = token.display(),
@@ -280,25 +350,18 @@ impl Topology {
         let mut args = vec![
             text(&app)?.to_owned(),
             "--name".into(),
-            spec.name.into(),
+            name.into(),
             "--listen".into(),
             "127.0.0.1:8080".into(),
         ];
-        if spec.forward {
-            args.push("--forward".into());
-        }
-        for route in spec.routes {
-            args.push("--route".into());
-            args.push((*route).into());
-        }
+        args.extend_from_slice(app_args);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.mesh
-            .spawn(pod, None, &format!("{}-app", spec.name), &args)?;
+        self.mesh.spawn(pod, None, &format!("{name}-app"), &args)?;
         let proxy = binary("custody-proxy")?;
         self.mesh.spawn(
             pod,
             Some(self.uid),
-            &format!("{}-proxy", spec.name),
+            &format!("{name}-proxy"),
             &[text(&proxy)?, "--config", text(&config)?],
         )
     }

@@ -4,9 +4,15 @@
 //! `Txn-Token`, the sidecar ties the call to an inbound request of the same
 //! pod that is still in flight. The estimator picks the most recently
 //! started one: a handler usually calls out soon after it starts, so under
-//! concurrency the newest request is the likeliest cause. The confidence is
-//! `1 / n` for `n` requests in flight: certain when alone, and falling as
-//! the choice becomes a guess among more candidates.
+//! concurrency the newest request is the likeliest cause.
+//!
+//! The confidence is `1 / m`, where `m` counts the candidates that are
+//! still plausible: the requests in flight that no call has been stitched to
+//! yet (a handler that already called out is mostly waiting for that call),
+//! plus the chosen one if it had. Certain when alone; under load, where most
+//! requests in flight are waiting on their own downstream calls, `1 / n` for
+//! all `n` in flight would understate how often the newest is right (the
+//! attribution-accuracy benchmark in `docs/benchmarks.md` measures both).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,12 +40,23 @@ pub struct Stitch {
     pub confidence: f32,
     /// How many inbound requests were in flight.
     pub in_flight: usize,
+    /// How many of them were plausible causes (the confidence is `1 / candidates`).
+    pub candidates: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    request: InFlightRequest,
+    /// Outbound calls stitched to it so far.
+    calls: u32,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     next: u64,
-    requests: BTreeMap<u64, InFlightRequest>,
+    requests: BTreeMap<u64, Entry>,
+    /// Requests in flight no call has been stitched to yet.
+    fresh: usize,
 }
 
 /// The table of inbound requests in flight for one pod.
@@ -62,7 +79,13 @@ impl Drop for InFlightGuard {
             .inner
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        inner.requests.remove(&self.id);
+        if inner
+            .requests
+            .remove(&self.id)
+            .is_some_and(|e| e.calls == 0)
+        {
+            inner.fresh -= 1;
+        }
     }
 }
 
@@ -77,7 +100,8 @@ impl InFlightTable {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let id = inner.next;
         inner.next += 1;
-        inner.requests.insert(id, request);
+        inner.requests.insert(id, Entry { request, calls: 0 });
+        inner.fresh += 1;
         InFlightGuard {
             table: Arc::clone(self),
             id,
@@ -110,15 +134,27 @@ impl InFlightTable {
     }
 
     /// Attributes an outbound call: the most recently started request, with
-    /// confidence `1 / n`. `None` when nothing is in flight.
+    /// confidence `1 / m` for `m` plausible candidates (see the module
+    /// documentation). `None` when nothing is in flight.
     pub fn stitch(&self) -> Option<Stitch> {
-        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let n = inner.requests.len();
-        let (_, newest) = inner.requests.last_key_value()?;
+        let fresh = inner.fresh;
+        let mut newest = inner.requests.last_entry()?;
+        let newest = newest.get_mut();
+        let candidates = if newest.calls == 0 { fresh } else { fresh + 1 };
+        let first_call = newest.calls == 0;
+        newest.calls = newest.calls.saturating_add(1);
+        let request = newest.request.clone();
+        if first_call {
+            inner.fresh -= 1;
+        }
+        let confidence = 1.0 / candidates.max(1) as f32;
         Some(Stitch {
-            request: newest.clone(),
-            confidence: 1.0 / n as f32,
+            request,
+            confidence,
             in_flight: n,
+            candidates,
         })
     }
 }

@@ -1,7 +1,7 @@
 //! A small HTTP application for end-to-end topologies.
 //!
 //! `custody-e2e-app --name web --listen 127.0.0.1:8080 [--forward] [--forge]
-//!  [--route PATH=URL]...`
+//!  [--route PATH=URL]... [--delay-ms D [--jitter-ms J]]`
 //!
 //! A request to `PATH` calls every `URL` routed from it, in order, and
 //! answers with the first non-2xx status it got (or 200) and a JSON body
@@ -11,12 +11,18 @@
 //! does. With `--forge`, or for a route whose URL is written
 //! `forge+http://...`, it sends a token of its own making instead, naming
 //! another user, as a compromised service would. `/healthz` answers 200 and
-//! calls nothing.
+//! calls nothing. A route `*` serves every path without a route of its own,
+//! and `{path}` in a URL is replaced by the path received, so a request's
+//! path travels down a chain of services without any header. With
+//! `--delay-ms`, each request is held `D` ms (± up to `J` ms, uniformly)
+//! before its calls and again after them, so requests overlap as they do
+//! under load.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
@@ -39,6 +45,21 @@ struct App {
     forge: bool,
     routes: HashMap<String, Vec<String>>,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// Hold before and after the calls, in microseconds: base and jitter.
+    hold: (u64, u64),
+}
+
+/// Sleeps `base ± jitter` microseconds (uniform); nothing when both are zero.
+async fn hold((base, jitter): (u64, u64)) {
+    if base == 0 && jitter == 0 {
+        return;
+    }
+    let bytes = TraceId::random().to_bytes();
+    let mut raw = [0u8; 8];
+    raw.copy_from_slice(&bytes[..8]);
+    let offset = u64::from_le_bytes(raw) % (2 * jitter + 1);
+    let micros = (base + offset).saturating_sub(jitter);
+    tokio::time::sleep(Duration::from_micros(micros)).await;
 }
 
 fn parse_args() -> anyhow::Result<(App, SocketAddr)> {
@@ -47,6 +68,7 @@ fn parse_args() -> anyhow::Result<(App, SocketAddr)> {
     let mut forward = false;
     let mut forge = false;
     let mut routes: HashMap<String, Vec<String>> = HashMap::new();
+    let mut hold = (0, 0);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -62,6 +84,8 @@ fn parse_args() -> anyhow::Result<(App, SocketAddr)> {
                     .or_default()
                     .push(url.to_owned());
             }
+            "--delay-ms" => hold.0 = millis(args.next(), "--delay-ms")?,
+            "--jitter-ms" => hold.1 = millis(args.next(), "--jitter-ms")?,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -77,9 +101,23 @@ fn parse_args() -> anyhow::Result<(App, SocketAddr)> {
             forge,
             routes,
             client,
+            hold,
         },
         listen,
     ))
+}
+
+/// A number of milliseconds (fractions allowed), in microseconds.
+fn millis(value: Option<String>, flag: &str) -> anyhow::Result<u64> {
+    let ms: f64 = value
+        .with_context(|| format!("{flag} needs a number of milliseconds"))?
+        .parse()
+        .with_context(|| format!("{flag} needs a number of milliseconds"))?;
+    if !(0.0..=60_000.0).contains(&ms) {
+        bail!("{flag} must be between 0 and 60000");
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // checked range
+    Ok((ms * 1000.0).round() as u64)
 }
 
 /// A token no mesh key signed, naming someone the caller is not.
@@ -114,13 +152,15 @@ async fn handle(
     let mut calls = Vec::new();
     let mut status = StatusCode::OK;
     if path != "/healthz" {
+        hold(app.hold).await;
         let targets = app.routes.get(&path).or_else(|| app.routes.get("*"));
         for target in targets.into_iter().flatten() {
             let (forge, url) = match target.strip_prefix("forge+") {
                 Some(url) => (true, url),
                 None => (app.forge, target.as_str()),
             };
-            let mut call = Request::get(url);
+            let url = url.replace("{path}", &path);
+            let mut call = Request::get(&url);
             if app.forward {
                 for name in IDENTITY_HEADERS {
                     if let Some(value) = req.headers().get(name)
@@ -158,6 +198,7 @@ async fn handle(
                 .unwrap_or(serde_json::Value::String(body));
             calls.push(serde_json::json!({"url": url, "status": code.as_u16(), "body": body}));
         }
+        hold(app.hold).await;
     }
     let body = serde_json::json!({
         "app": app.name,
