@@ -129,8 +129,8 @@ impl InFlightTable {
             .requests
             .values()
             .rev()
-            .find(|r| r.token.claims.txn == txn)
-            .cloned()
+            .find(|e| e.request.token.claims.txn == txn)
+            .map(|e| e.request.clone())
     }
 
     /// Attributes an outbound call: the most recently started request, with

@@ -336,6 +336,30 @@ impl Shared {
         }
     }
 
+    /// Extends a chain with a delegation to `agent`.
+    fn delegate(
+        &self,
+        prior: &VerifiedToken,
+        agent: &str,
+        attribution: HopAttribution,
+    ) -> Option<(Arc<VerifiedToken>, String)> {
+        let mut extension = Extension::new(attribution);
+        extension.delegate_to = Some(agent.to_owned());
+        match self
+            .issuer
+            .extend(prior, extension, custody_context::unix_now())
+        {
+            Ok(signed) => {
+                let encoded = signed.encoded.clone();
+                Some((verified_from_signed(signed, self.issuer.kid()), encoded))
+            }
+            Err(error) => {
+                tracing::warn!(message = "cannot extend token with a delegation", %error);
+                None
+            }
+        }
+    }
+
     pub(crate) fn extend(
         &self,
         prior: &VerifiedToken,
@@ -532,7 +556,24 @@ impl DirectionProxy {
         }
 
         let (token, encoded) = match verified {
-            Some(pair) => pair,
+            Some((token, encoded)) => match mcp_agent.as_deref() {
+                // An agent acting within a chain hands the call to another
+                // agent: the callee becomes the current actor, the caller
+                // nests inside it (RFC 8693 `act`).
+                Some(agent)
+                    if token.claims.sub != agent
+                        && token.claims.actors().first().copied() != Some(agent) =>
+                {
+                    match shared.delegate(&token, agent, ctx.attribution) {
+                        Some(pair) => {
+                            ctx.outcome = v1::ContextOutcome::Extended;
+                            pair
+                        }
+                        None => (token, encoded),
+                    }
+                }
+                _ => (token, encoded),
+            },
             None => {
                 let txn = incoming_tp.map_or_else(TraceId::random, |tp| tp.trace_id);
                 let found = shared.initiator(session.req_header(), mcp_agent.as_deref());
