@@ -34,17 +34,20 @@ async fn connect(conninfo: &str) -> tokio_postgres::Client {
     client
 }
 
-fn psql(conninfo: &str, sql: &str) -> String {
+fn try_psql(conninfo: &str, sql: &str) -> Result<String, String> {
     let out = Command::new("psql")
         .args([conninfo, "-X", "-A", "-t", "-c", sql])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "psql failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn psql(conninfo: &str, sql: &str) -> String {
+    try_psql(conninfo, sql).unwrap_or_else(|e| panic!("psql failed: {e}"))
 }
 
 fn database_yaml(listen: SocketAddr, upstream: SocketAddr) -> String {
@@ -455,4 +458,79 @@ policies:
 
     let text = std::fs::read_to_string(&sc.hops_file).unwrap();
     assert_no_raw_values(&shop, &text);
+}
+
+/// Turns TLS on in a running server with a fresh self-signed certificate.
+fn enable_tls(pg: &Postgres) {
+    use std::os::unix::fs::MetadataExt;
+    let data = pg.data_dir();
+    let owner = std::fs::metadata(&data).unwrap();
+    let (crt, key) = (data.join("server.crt"), data.join("server.key"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=db.test", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    for file in [&crt, &key] {
+        std::os::unix::fs::chown(file, Some(owner.uid()), Some(owner.gid())).unwrap();
+    }
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    pg.superuser_sql("ALTER SYSTEM SET ssl = on").unwrap();
+    pg.superuser_sql("SELECT pg_reload_conf()").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_session_passes_through_and_says_it_was_not_inspected() {
+    let pg = Postgres::start().unwrap();
+    enable_tls(&pg);
+    let trust = Trust::new(&["orders"]);
+    let listen = free_port();
+    let extra = database_yaml(listen, pg.addr());
+    let mut spec = Spec::new("orders", free_port());
+    spec.extra = &extra;
+    let sc = start(spec, &trust).await;
+    wait_listening(listen).await;
+
+    let via = conninfo(&pg, listen).replace("sslmode=disable", "sslmode=require");
+    let mut answer = String::new();
+    for _ in 0..50 {
+        // The reload that enables TLS takes effect asynchronously.
+        answer = psql(
+            &via,
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        );
+        if answer.trim() == "t" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer.trim(), "t", "the session is encrypted end to end");
+    let hop = sc
+        .wait_hop(|h| h["operation"] == "encrypted, not inspected")
+        .await;
+    assert_eq!(hop["protocol"], "PROTOCOL_POSTGRES");
+    assert_eq!(db(&hop)["parsed"], false);
+    assert!(hop["bytes_out"].as_u64().unwrap() > 0);
+    assert!(
+        sc.metric(
+            "custody_proxy_db_connections_total{system=\"postgresql\",inspection=\"encrypted\"}"
+        )
+        .await
+            >= 1.0
+    );
 }
