@@ -213,7 +213,8 @@ pub struct InitiatorView {
     pub subject: String,
     /// human, service, agent, system or unspecified.
     pub kind: String,
-    /// Delegation history, current actor first.
+    /// Delegation history, current actor first: the deepest any hop of the
+    /// chain carried (a sub-agent's hops nest the agent that delegated).
     pub actors: Vec<String>,
     /// The chain's scope.
     pub scope: String,
@@ -854,18 +855,32 @@ fn summarize(
         {
             destinations.push(e.clone());
         }
-        if initiator.is_none()
-            && let Some(i) = by_id
-                .get(n.event_id.as_str())
-                .and_then(|h| h.initiator.as_ref())
+        if let Some(i) = by_id
+            .get(n.event_id.as_str())
+            .and_then(|h| h.initiator.as_ref())
             && !i.subject.is_empty()
         {
-            initiator = Some(InitiatorView {
-                subject: i.subject.clone(),
-                kind: name_of(v1::InitiatorKind::try_from(i.kind).ok()),
-                actors: i.actors.clone(),
-                scope: i.scope.clone(),
-            });
+            match &mut initiator {
+                None => {
+                    initiator = Some(InitiatorView {
+                        subject: i.subject.clone(),
+                        kind: name_of(v1::InitiatorKind::try_from(i.kind).ok()),
+                        actors: i.actors.clone(),
+                        scope: i.scope.clone(),
+                    });
+                }
+                // A delegation further down the chain (an agent handing the
+                // task to a sub-agent) nests the earlier actors: the chain's
+                // history is the deepest one any of its hops carried.
+                Some(view)
+                    if view.subject == i.subject
+                        && i.actors.len() > view.actors.len()
+                        && i.actors.ends_with(&view.actors) =>
+                {
+                    view.actors.clone_from(&i.actors);
+                }
+                Some(_) => {}
+            }
         }
         confidence = confidence.min(n.join.confidence);
         match n.join.evidence {

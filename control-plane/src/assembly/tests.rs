@@ -445,3 +445,30 @@ fn summaries_keep_identities_data_and_destinations() {
     let back: ChainTree = serde_json::from_str(&json).unwrap();
     assert_eq!(back, trees[0]);
 }
+
+#[test]
+fn a_delegation_further_down_the_chain_is_the_chains_actor_history() {
+    let mut g = Gen::new(16);
+    g.chain(1_000_000_000_000, 2, Loss::None);
+    let actors = |list: &[&str]| list.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+    g.hops[0].initiator.as_mut().unwrap().actors = actors(&["assistant"]);
+    let last = g.hops.len() - 1;
+    g.hops[last].initiator.as_mut().unwrap().actors = actors(&["researcher", "assistant"]);
+    let trees = assemble(&g.hops, &[]);
+    assert_eq!(trees.len(), 1);
+    let initiator = trees[0].summary.initiator.as_ref().unwrap();
+    assert_eq!(initiator.subject, "alice@example.com");
+    assert_eq!(initiator.actors, actors(&["researcher", "assistant"]));
+
+    // A history that does not extend the root's is not taken for it.
+    let mut g = Gen::new(17);
+    g.chain(1_000_000_000_000, 2, Loss::None);
+    g.hops[0].initiator.as_mut().unwrap().actors = actors(&["assistant"]);
+    let last = g.hops.len() - 1;
+    g.hops[last].initiator.as_mut().unwrap().actors = actors(&["mallory", "someone-else"]);
+    let trees = assemble(&g.hops, &[]);
+    assert_eq!(
+        trees[0].summary.initiator.as_ref().unwrap().actors,
+        actors(&["assistant"])
+    );
+}
