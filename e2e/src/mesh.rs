@@ -11,8 +11,9 @@
 //! outbound TCP to the sidecar's outbound listener, except the sidecar's own
 //! traffic (matched by its user) and loopback.
 //!
-//! Teardown happens on drop, after a failed assertion too; namespaces left by
-//! an interrupted run (whose process is gone) are removed by the next run.
+//! Teardown happens on drop, after a failed assertion too; namespaces and
+//! directories left by an interrupted run (whose process is gone) are removed
+//! by the next run.
 
 use std::fs;
 use std::net::Ipv4Addr;
@@ -65,8 +66,27 @@ impl std::fmt::Debug for Mesh {
     }
 }
 
-/// Removes namespaces of earlier runs whose process no longer exists.
+/// Removes namespaces (with their processes, database servers included) and
+/// directories of earlier runs whose process no longer exists; directories
+/// stay when `CUSTODY_E2E_KEEP` is set.
 pub fn remove_stale() {
+    if std::env::var_os("CUSTODY_E2E_KEEP").is_none()
+        && let Ok(entries) = fs::read_dir(std::env::temp_dir())
+    {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let mut parts = name.to_str().unwrap_or_default().split('-');
+            if parts.next() != Some(NS_PREFIX) {
+                continue;
+            }
+            let Some(pid) = parts.next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     let Ok(list) = run(&["ip", "netns", "list"]) else {
         return;
     };
@@ -86,6 +106,8 @@ pub fn remove_stale() {
         }
         kill_namespace(ns);
     }
+    // The database pods' server directories.
+    custody_testkit::remove_stale();
 }
 
 fn kill_namespace(ns: &str) {

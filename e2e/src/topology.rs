@@ -12,13 +12,33 @@
 //! `custody-proxy` sidecar (own user, iptables redirect, transparent
 //! outbound); `web` is the mesh edge and starts chains from the
 //! `x-custody-user` header. The third parties and the client have no sidecar.
+//!
+//! The data pods and the agents:
+//!
+//! ```text
+//!  client ──► web ──► orders ──► postgres (shop: customers, orders) ──► api.partner.example
+//!            /order reads emails, /ssn-check reads SSNs, then calls the partner
+//!  client ──MCP──► assistant ──MCP tools/call──► researcher ──► mariadb (crm)
+//!   (user)        (AI agent, for the user)      (sub-agent)
+//! ```
+//!
+//! `postgres` and `mariadb` are real servers ([`custody_testkit`]) in pods of
+//! their own, listening on the pod's address (5432, 3306), loaded with the
+//! shop fixtures; each service logs in as a database user of its own. The
+//! applications reach them through their sidecars (transparent redirect),
+//! which decode the sessions: every statement is a hop with the database
+//! user and the data classes read. `assistant` starts chains from the
+//! `x-custody-user` header with the MCP agent acting; `researcher` takes the
+//! task over (the token's actor becomes `researcher`, `assistant` nested).
 
 use std::fs;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use custody_context::keys::SigningKey;
+use custody_testkit::{MariaDb, Options, Postgres, fixtures};
 
 use crate::mesh::{ADMIN_PORT, Mesh, Pod, sidecar_uid};
 
@@ -32,6 +52,26 @@ pub const NODE_TOKEN: &str = "e2e-node-token-0123456789";
 pub const GRPC_PORT: u16 = 7070;
 /// The control plane's HTTP port.
 pub const HTTP_PORT: u16 = 7080;
+/// The PostgreSQL pod's database (the shop fixtures).
+pub const PG_DATABASE: &str = "shop";
+/// The database user `orders` logs in to PostgreSQL as.
+pub const PG_USER: &str = "orders_svc";
+/// The MariaDB pod's database (the shop fixtures).
+pub const MARIADB_DATABASE: &str = "crm";
+/// The database user `researcher` logs in to MariaDB as.
+pub const MARIADB_USER: &str = "research_svc";
+/// The statement `orders` runs for `/order`: names and emails.
+pub const SQL_EMAILS: &str = "SELECT name, email FROM customers ORDER BY id LIMIT 5";
+/// The statement `orders` runs for `/ssn-check`: names and SSNs.
+pub const SQL_SSNS: &str = "SELECT name, ssn FROM customers ORDER BY id LIMIT 5";
+/// The statement `researcher` runs for a task: names, emails and phones.
+pub const SQL_RESEARCH: &str = "SELECT name, email, phone FROM customers ORDER BY id LIMIT 5";
+/// The agent acting for the user at `assistant` (`_meta.agent`).
+pub const ASSISTANT_AGENT: &str = "assistant";
+/// The sub-agent `assistant` hands tasks to (`_meta.agent` of its tool call).
+pub const RESEARCH_AGENT: &str = "researcher";
+/// The tool `assistant` calls on `researcher`.
+pub const RESEARCH_TOOL: &str = "lookup_customers";
 
 /// Where the workspace's binaries are: next to the running executable (or
 /// its parent, for test executables in `deps/`).
@@ -58,8 +98,17 @@ fn text(path: &Path) -> anyhow::Result<&str> {
     path.to_str().context("non-UTF-8 path")
 }
 
+/// The database servers of a topology; declared before the mesh, so they
+/// stop before its namespaces go.
+#[derive(Debug, Default)]
+struct Databases {
+    postgres: Option<Postgres>,
+    mariadb: Option<MariaDb>,
+}
+
 /// A running topology.
 pub struct Topology {
+    databases: Databases,
     /// The mesh (dropping the topology tears it down).
     pub mesh: Mesh,
     uid: u32,
@@ -104,6 +153,8 @@ const APPS: [AppSpec; 3] = [
             "/export=http://paste.risky.example/upload",
             "/partner=http://api.partner.example/orders",
             "/forge=http://orders:8080/forge",
+            "/order=http://orders:8080/order",
+            "/ssn-check=http://orders:8080/ssn-check",
         ],
         edge: true,
     },
@@ -113,6 +164,8 @@ const APPS: [AppSpec; 3] = [
         routes: &[
             "/checkout=http://api.partner.example/orders",
             "/forge=forge+http://api.partner.example/orders",
+            "/order=http://api.partner.example/orders",
+            "/ssn-check=http://api.partner.example/orders",
         ],
         edge: false,
     },
@@ -120,6 +173,28 @@ const APPS: [AppSpec; 3] = [
         name: "reports",
         forward: false,
         routes: &["/report=http://orders:8080/checkout"],
+        edge: false,
+    },
+];
+
+/// An AI agent's pod of the reference topology: its sidecar reads MCP
+/// `tools/call` requests for the acting agent.
+struct AgentSpec {
+    name: &'static str,
+    routes: &'static [&'static str],
+    /// Whether its sidecar also starts chains from `x-custody-user`.
+    edge: bool,
+}
+
+const AGENTS: [AgentSpec; 2] = [
+    AgentSpec {
+        name: "assistant",
+        routes: &["/mcp=mcp:researcher:lookup_customers+http://researcher:8080/mcp"],
+        edge: true,
+    },
+    AgentSpec {
+        name: "researcher",
+        routes: &[],
         edge: false,
     },
 ];
@@ -139,16 +214,29 @@ impl Topology {
         let risky = mesh.add_pod("risky")?;
         mesh.alias("api.partner.example", &partner)?;
         mesh.alias("paste.risky.example", &risky)?;
+        let postgres = mesh.add_pod("postgres")?;
+        let mariadb = mesh.add_pod("mariadb")?;
+        let mut agent_pods = Vec::new();
+        for agent in &AGENTS {
+            agent_pods.push(mesh.add_pod(agent.name)?);
+        }
         let mut topology = Topology {
+            databases: Databases::default(),
             mesh,
             uid,
             keys: Vec::new(),
         };
         topology.start_control(&control)?;
-        topology.write_keys(APPS.iter().map(|spec| spec.name))?;
+        topology.start_databases(&postgres, &mariadb)?;
+        let names = APPS.iter().map(|spec| spec.name);
+        topology.write_keys(names.chain(AGENTS.iter().map(|agent| agent.name)))?;
         for (spec, pod) in APPS.iter().zip(&app_pods) {
             topology.start_app_pod(spec, pod, &control)?;
         }
+        for (agent, pod) in AGENTS.iter().zip(&agent_pods) {
+            topology.start_agent_pod(agent, pod, &control)?;
+        }
+        app_pods.extend(agent_pods);
         for pod in [&partner, &risky] {
             let app = binary("custody-e2e-app")?;
             let name = pod.name.clone();
@@ -189,6 +277,7 @@ impl Topology {
             pods.push(mesh.add_pod(&app.name)?);
         }
         let mut topology = Topology {
+            databases: Databases::default(),
             mesh,
             uid,
             keys: Vec::new(),
@@ -297,7 +386,89 @@ impl Topology {
             args.push("--route".to_owned());
             args.push((*route).to_owned());
         }
+        args.extend(self.sql_args(spec.name));
         self.start_sidecar_pod(spec.name, spec.edge, pod, control, &args)
+    }
+
+    fn start_agent_pod(
+        &mut self,
+        spec: &AgentSpec,
+        pod: &Pod,
+        control: &Pod,
+    ) -> anyhow::Result<()> {
+        let mut args = vec!["--forward".to_owned()];
+        for route in spec.routes {
+            args.push("--route".to_owned());
+            args.push((*route).to_owned());
+        }
+        args.extend(self.sql_args(spec.name));
+        let edge = if spec.edge {
+            "    - { type: edge_header, header: x-custody-user, kind: human }\n"
+        } else {
+            ""
+        };
+        let sources =
+            format!("  identity_sources:\n{edge}    - {{ type: mcp, agent_key: agent }}\n");
+        self.start_sidecar_pod_with(spec.name, &sources, pod, control, &args)
+    }
+
+    /// Starts PostgreSQL and MariaDB in their pods, on the pods' addresses,
+    /// and loads the shop fixtures into both.
+    fn start_databases(&mut self, postgres: &Pod, mariadb: &Pod) -> anyhow::Result<()> {
+        let options = |pod: &Pod, port: u16, user: &str, database: &str| {
+            let mut options = Options::default()
+                .listen(IpAddr::V4(pod.ip))
+                .port(port)
+                .command_prefix(&["ip", "netns", "exec", pod.ns.as_str()]);
+            options.user = user.to_owned();
+            options.database = database.to_owned();
+            options
+        };
+        let pg = Postgres::start_with(options(postgres, 5432, PG_USER, PG_DATABASE))
+            .context("starting PostgreSQL in its pod")?;
+        fixtures::load_shop(&pg).context("loading the shop into PostgreSQL")?;
+        self.databases.postgres = Some(pg);
+        let maria = MariaDb::start_with(options(mariadb, 3306, MARIADB_USER, MARIADB_DATABASE))
+            .context("starting MariaDB in its pod")?;
+        fixtures::load_shop(&maria).context("loading the shop into MariaDB")?;
+        self.databases.mariadb = Some(maria);
+        Ok(())
+    }
+
+    /// The `--sql` arguments of the service `name`: what it reads from which
+    /// database, through the pod's host name.
+    fn sql_args(&self, name: &str) -> Vec<String> {
+        let pg = self.databases.postgres.as_ref().map(|pg| {
+            format!(
+                "postgres://{}:{}@postgres:5432/{}?sslmode=disable",
+                pg.user(),
+                pg.password(),
+                pg.database()
+            )
+        });
+        let maria = self.databases.mariadb.as_ref().map(|db| {
+            format!(
+                "mysql://{}:{}@mariadb:3306/{}?prefer_socket=false",
+                db.user(),
+                db.password(),
+                db.database()
+            )
+        });
+        let queries: Vec<(&str, Option<&String>, &str)> = match name {
+            "orders" => vec![
+                ("/order", pg.as_ref(), SQL_EMAILS),
+                ("/ssn-check", pg.as_ref(), SQL_SSNS),
+            ],
+            "researcher" => vec![("/mcp", maria.as_ref(), SQL_RESEARCH)],
+            _ => Vec::new(),
+        };
+        queries
+            .into_iter()
+            .filter_map(|(path, url, sql)| {
+                Some(["--sql".to_owned(), format!("{path}={}|{sql}", url?)])
+            })
+            .flatten()
+            .collect()
     }
 
     /// The sample application (`app_args` after `--name` and `--listen`)
@@ -306,6 +477,24 @@ impl Topology {
         &mut self,
         name: &str,
         edge: bool,
+        pod: &Pod,
+        control: &Pod,
+        app_args: &[String],
+    ) -> anyhow::Result<()> {
+        let sources = if edge {
+            "  identity_sources:\n    - { type: edge_header, header: x-custody-user, kind: human }\n    - { type: agent_header, header: x-custody-agent }\n"
+        } else {
+            ""
+        };
+        self.start_sidecar_pod_with(name, sources, pod, control, app_args)
+    }
+
+    /// [`Topology::start_sidecar_pod`] with the sidecar's
+    /// `inbound.identity_sources` YAML given.
+    fn start_sidecar_pod_with(
+        &mut self,
+        name: &str,
+        sources: &str,
         pod: &Pod,
         control: &Pod,
         app_args: &[String],
@@ -319,11 +508,6 @@ impl Topology {
         crate::cmd::run(&["chown", &uid, text(&seed)?])?;
         crate::cmd::run(&["chmod", "600", text(&seed)?])?;
         let token = dir.join("node-token");
-        let sources = if edge {
-            "  identity_sources:\n    - { type: edge_header, header: x-custody-user, kind: human }\n    - { type: agent_header, header: x-custody-agent }\n"
-        } else {
-            ""
-        };
         let control_url = format!("http://{}:{GRPC_PORT}", control.ip);
         let config = dir.join(format!("{name}-proxy.yaml"));
         fs::write(
@@ -396,6 +580,44 @@ impl Topology {
         Ok((code.trim().parse().context("status code")?, body))
     }
 
+    /// An MCP `tools/call` of `tool` from the client pod to the `assistant`
+    /// agent, as `user`, with `agent` acting (`params._meta.agent`).
+    pub fn mcp_request(
+        &self,
+        user: &str,
+        agent: &str,
+        tool: &str,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let client = self.pod("client")?;
+        let body = serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": tool, "arguments": {}, "_meta": {"agent": agent}},
+        })
+        .to_string();
+        let header = format!("x-custody-user: {user}");
+        let out = self.mesh.exec(
+            &client,
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "10",
+                "-H",
+                &header,
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                &body,
+                "-w",
+                "\n%{http_code}",
+                "http://assistant:8080/mcp",
+            ],
+        )?;
+        parse_curl(&out.stdout)
+    }
+
     /// Runs the `custody` CLI against the control plane, from the client pod.
     pub fn custody(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
         let client = self.pod("client")?;
@@ -452,6 +674,14 @@ impl Topology {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// A body and the status `curl -w '\n%{http_code}'` printed after it.
+fn parse_curl(stdout: &[u8]) -> anyhow::Result<(u16, serde_json::Value)> {
+    let text = String::from_utf8_lossy(stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').context("curl printed no status")?;
+    let body = serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_owned()));
+    Ok((code.trim().parse().context("status code")?, body))
 }
 
 fn rand_seed() -> [u8; 32] {

@@ -1,11 +1,15 @@
 //! End-to-end scenarios on the reference topology: real sidecars in network
-//! namespaces behind iptables redirects, the real control plane, the real
-//! CLI. Each scenario asserts on the control plane's answers. Needs root.
+//! namespaces behind iptables redirects, real PostgreSQL and MariaDB servers
+//! in pods of their own, the real control plane, the real CLI. Each scenario
+//! asserts on the control plane's answers. Needs root.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use custody_e2e::topology::Topology;
+use custody_e2e::topology::{
+    ASSISTANT_AGENT, MARIADB_DATABASE, MARIADB_USER, PG_DATABASE, PG_USER, RESEARCH_AGENT,
+    RESEARCH_TOOL, Topology,
+};
 use serde_json::Value;
 
 /// One mesh at a time: the machine has two cores.
@@ -35,30 +39,114 @@ fn destination<'a>(chain: &'a Value, host: &str) -> Option<&'a Value> {
         .find(|d| d["host"] == host)
 }
 
+fn classes(chain: &Value) -> Vec<String> {
+    chain["data_classes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["class"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn has_identity(chain: &Value, kind: &str, value: &str) -> bool {
+    chain["identities"]
+        .as_array()
+        .is_some_and(|ids| ids.iter().any(|i| i["kind"] == kind && i["value"] == value))
+}
+
+/// The index of the first hop of `tree` that satisfies `want`.
+fn hop_index(tree: &Value, want: impl Fn(&Value) -> bool) -> Option<usize> {
+    tree["hops"].as_array()?.iter().position(want)
+}
+
 #[test]
-fn a_user_request_is_one_chain_across_services_to_the_partner() {
+fn a_user_request_is_one_chain_across_services_and_the_database_to_the_partner() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut topo = Topology::start("one").unwrap();
-    let (status, body) = topo.request("/checkout", "alice@example.com").unwrap();
+    // web -> orders; orders reads customers from PostgreSQL, then calls the partner.
+    let (status, body) = topo.request("/order", "alice@example.com").unwrap();
     assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["calls"][0]["body"]["queries"][0]["rows"], 5,
+        "{body:#}"
+    );
 
+    let pg_user = format!("postgresql/{PG_DATABASE}/{PG_USER}");
     let chain = topo
         .wait_chain(&["--initiator", "alice@example.com"], WITHIN, |c| {
             destination(c, "api.partner.example").is_some()
+                && has_identity(c, "database_user", &pg_user)
         })
         .unwrap();
     assert_eq!(chain["initiator"]["subject"], "alice@example.com");
     assert_eq!(chain["initiator"]["kind"], "human");
+    assert_eq!(chain["initiator"]["actors"], serde_json::json!([]));
     assert_eq!(chain["coverage"], "propagated", "{chain:#}");
-    let services = strings(&chain, "services");
-    let web = services.iter().position(|s| *s == workload("web"));
-    let orders = services.iter().position(|s| *s == workload("orders"));
-    assert!(
-        web.is_some() && orders.is_some() && web < orders,
-        "{services:?}"
+    assert_eq!(
+        strings(&chain, "services"),
+        vec![workload("web"), workload("orders")],
+        "{chain:#}"
     );
+    for (kind, value) in [
+        ("workload", workload("web")),
+        ("workload", workload("orders")),
+        ("database_user", pg_user.clone()),
+        ("key_id", "web-1".to_owned()),
+        ("key_id", "orders-1".to_owned()),
+    ] {
+        assert!(
+            has_identity(&chain, kind, &value),
+            "{kind} {value}: {chain:#}"
+        );
+    }
+    let read = classes(&chain);
+    assert!(read.iter().any(|c| c == "pii.email"), "{read:?}");
+    assert!(!read.iter().any(|c| c == "pii.ssn"), "{read:?}");
     let partner = destination(&chain, "api.partner.example").unwrap();
     assert_eq!(partner["verdict"], "allow");
+
+    // In order: web's request, orders' request, its query, then its call out.
+    let id = chain["chain_id"].as_str().unwrap();
+    let tree = topo.custody_json(&["chain", id]).unwrap();
+    let inbound = |name: &str| {
+        let name = workload(name);
+        hop_index(&tree, move |h| {
+            h["workload"] == name && h["direction"] == "inbound"
+        })
+    };
+    let (web_in, orders_in) = (inbound("web").unwrap(), inbound("orders").unwrap());
+    let query = hop_index(&tree, |h| h["database"]["system"] == "postgresql").unwrap();
+    let call = hop_index(&tree, |h| h["egress"]["host"] == "api.partner.example").unwrap();
+    assert!(
+        web_in < orders_in && orders_in < query && query < call,
+        "{tree:#}"
+    );
+    let hops = tree["hops"].as_array().unwrap();
+    let (query, call) = (&hops[query], &hops[call]);
+    assert_eq!(query["workload"], workload("orders"));
+    assert_eq!(
+        query["parent_event_id"], hops[orders_in]["event_id"],
+        "{tree:#}"
+    );
+    assert_eq!(
+        call["parent_event_id"], hops[orders_in]["event_id"],
+        "{tree:#}"
+    );
+    // The statement carried the request's traceparent (sqlcommenter).
+    assert_eq!(query["attribution"], "sql_comment", "{query:#}");
+    let db = &query["database"];
+    assert_eq!(db["user"], PG_USER);
+    assert_eq!(db["database"], PG_DATABASE);
+    assert_eq!(db["statement_kind"], "select");
+    assert_eq!(db["tables_read"], serde_json::json!(["customers"]));
+    assert!(
+        query["data"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|c| c["class"] == "pii.email")),
+        "{query:#}"
+    );
 }
 
 #[test]
@@ -225,4 +313,157 @@ fn sidecars_keep_enforcing_and_chains_complete_across_a_control_plane_restart() 
         destination(c, "paste.risky.example").is_some_and(|d| d["verdict"] == "block")
     })
     .unwrap();
+}
+
+#[test]
+fn an_agent_delegating_to_a_sub_agent_keeps_the_user_and_the_delegation_on_the_chain() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut topo = Topology::start("three").unwrap();
+    // alice asks the assistant (MCP tools/call, the assistant acting); it
+    // hands the task to the researcher, which reads customers from MariaDB.
+    let (status, body) = topo
+        .mcp_request("alice@example.com", ASSISTANT_AGENT, "research")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["calls"][0]["body"]["queries"][0]["rows"], 5,
+        "{body:#}"
+    );
+
+    let db_user = format!("mysql/{MARIADB_DATABASE}/{MARIADB_USER}");
+    let chain = topo
+        .wait_chain(&["--initiator", "alice@example.com"], WITHIN, |c| {
+            has_identity(c, "database_user", &db_user)
+                && c["initiator"]["actors"].as_array().map(Vec::len) == Some(2)
+        })
+        .unwrap();
+    let initiator = &chain["initiator"];
+    assert_eq!(initiator["subject"], "alice@example.com");
+    assert_eq!(initiator["kind"], "human");
+    assert_eq!(chain["coverage"], "propagated", "{chain:#}");
+    // RFC 8693 nesting: the current actor first, the agent that delegated inside.
+    assert_eq!(
+        initiator["actors"],
+        serde_json::json!([RESEARCH_AGENT, ASSISTANT_AGENT]),
+        "{chain:#}"
+    );
+    assert_eq!(
+        strings(&chain, "services"),
+        vec![workload("assistant"), workload("researcher")],
+        "{chain:#}"
+    );
+    let tools = strings(&chain, "tools");
+    assert!(tools.iter().any(|t| t == "research"), "{tools:?}");
+    assert!(tools.iter().any(|t| t == RESEARCH_TOOL), "{tools:?}");
+    let read = classes(&chain);
+    assert!(read.iter().any(|c| c == "pii.email"), "{read:?}");
+
+    let id = chain["chain_id"].as_str().unwrap();
+    let tree = topo.custody_json(&["chain", id]).unwrap();
+    let hops = tree["hops"].as_array().unwrap();
+    let delegated = hops
+        .iter()
+        .find(|h| h["workload"] == workload("researcher") && h["direction"] == "inbound")
+        .unwrap();
+    assert_eq!(delegated["operation"], RESEARCH_TOOL);
+    assert_eq!(delegated["context_outcome"], "extended", "{delegated:#}");
+    let query = hops
+        .iter()
+        .find(|h| h["database"]["tables_read"] == serde_json::json!(["customers"]))
+        .unwrap();
+    assert_eq!(query["workload"], workload("researcher"));
+    assert_eq!(query["parent_event_id"], delegated["event_id"], "{tree:#}");
+    assert_eq!(query["database"]["system"], "mysql");
+    assert_eq!(query["database"]["user"], MARIADB_USER);
+    assert_eq!(query["attribution"], "sql_comment", "{query:#}");
+    // Every statement of the session, the driver's own too, is in the chain
+    // under the sub-agent's request, attributed by what the connection carried.
+    for hop in hops.iter().filter(|h| h["database"]["system"] == "mysql") {
+        assert_eq!(hop["parent_event_id"], delegated["event_id"], "{tree:#}");
+        assert_ne!(hop["attribution"], "stitched", "{hop:#}");
+    }
+
+    // Each actor finds the chain it acted in.
+    for actor in [ASSISTANT_AGENT, RESEARCH_AGENT] {
+        let found = topo
+            .custody_json(&["chains", "--initiator", actor])
+            .unwrap();
+        let found = found.get("chains").cloned().unwrap_or(found);
+        assert!(
+            found
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["chain_id"] == id)),
+            "{actor}: {found:#}"
+        );
+    }
+}
+
+#[test]
+fn a_chain_that_read_ssns_is_blocked_from_the_partner_and_one_that_read_emails_is_not() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut topo = Topology::start("five").unwrap();
+    let policy = topo.mesh.dir().join("no-ssn.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: custody.dev/v1\nkind: EgressPolicy\nmetadata: { name: no-ssn-to-partners }\nspec:\n  rules:\n    - name: partner-ssn\n      destination: { hosts: [api.partner.example] }\n      chain: { taintAny: [pii.ssn] }\n      verdict: block\n",
+    )
+    .unwrap();
+    let out = topo
+        .custody(&["policy", "apply", "-f", policy.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Same service, same destination: orders reads SSNs, then calls the partner.
+    let deadline = Instant::now() + WITHIN;
+    let body = loop {
+        let (status, body) = topo.request("/ssn-check", "alice@example.com").unwrap();
+        if status == 403 {
+            break body;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(Instant::now() < deadline, "the block never held");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let orders = &body["calls"][0]["body"];
+    assert_eq!(orders["queries"][0]["rows"], 5, "{body:#}");
+    let refusal = &orders["calls"][0]["body"];
+    assert_eq!(refusal["error"], "egress_blocked", "{body:#}");
+    assert_eq!(refusal["policy"], "no-ssn-to-partners");
+    // orders reads emails only: the partner call goes through.
+    let (status, body) = topo.request("/order", "bob@example.com").unwrap();
+    assert_eq!(status, 200, "{body:#}");
+
+    let blocked = topo
+        .wait_chain(&["--verdict", "block"], WITHIN, |c| {
+            destination(c, "api.partner.example").is_some_and(|d| d["verdict"] == "block")
+        })
+        .unwrap();
+    assert_eq!(blocked["initiator"]["subject"], "alice@example.com");
+    assert_eq!(refusal["chain"], blocked["chain_id"]);
+    let partner = destination(&blocked, "api.partner.example").unwrap();
+    assert_eq!(partner["policy"], "no-ssn-to-partners");
+    assert_eq!(partner["rule"], "partner-ssn");
+    assert!(
+        classes(&blocked).iter().any(|c| c == "pii.ssn"),
+        "{blocked:#}"
+    );
+    let pg_user = format!("postgresql/{PG_DATABASE}/{PG_USER}");
+    assert!(
+        has_identity(&blocked, "database_user", &pg_user),
+        "{blocked:#}"
+    );
+
+    let allowed = topo
+        .wait_chain(&["--initiator", "bob@example.com"], WITHIN, |c| {
+            destination(c, "api.partner.example").is_some() && !classes(c).is_empty()
+        })
+        .unwrap();
+    let partner = destination(&allowed, "api.partner.example").unwrap();
+    assert_eq!(partner["verdict"], "allow", "{allowed:#}");
+    let read = classes(&allowed);
+    assert!(read.iter().any(|c| c == "pii.email"), "{read:?}");
+    assert!(!read.iter().any(|c| c == "pii.ssn"), "{read:?}");
 }

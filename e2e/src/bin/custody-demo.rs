@@ -1,11 +1,15 @@
 //! `custody-demo`: the reference topology with live traffic, on this machine.
 //!
-//! Builds the mesh (network namespaces, sidecars, the control plane on its
-//! embedded store), drives a mix of traffic for a few seconds — propagated
-//! chains, a legacy service that drops headers, a live egress block applied
-//! with the CLI — prints assembled chains and the coverage figures, then keeps
-//! the control plane running for exploration until interrupted (Ctrl-C tears
-//! everything down). `--once` stops after printing instead of waiting.
+//! Builds the mesh (network namespaces, sidecars, PostgreSQL and MariaDB in
+//! pods of their own, the control plane on its embedded store), drives a mix
+//! of traffic for a few seconds — propagated chains, a legacy service that
+//! drops headers, services reading customers from the databases, an AI agent
+//! delegating to a sub-agent, a live egress block applied with the CLI, and a
+//! data-aware block (no partner calls from chains that read SSNs) — prints
+//! assembled chains with the data classes they touched and the coverage
+//! figures, then keeps the control plane running for exploration until
+//! interrupted (Ctrl-C tears everything down). `--once` stops after printing
+//! instead of waiting.
 
 // The demo talks to its user on stdout.
 #![allow(clippy::print_stdout)]
@@ -13,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use custody_e2e::topology::{ADMIN_TOKEN, HTTP_PORT, Topology, binary};
+use custody_e2e::topology::{ADMIN_TOKEN, ASSISTANT_AGENT, HTTP_PORT, Topology, binary};
 
 const BLOCK_PASTE: &str = "apiVersion: custody.dev/v1
 kind: EgressPolicy
@@ -25,8 +29,70 @@ spec:
       verdict: block
 ";
 
+const NO_SSN_TO_PARTNERS: &str = "apiVersion: custody.dev/v1
+kind: EgressPolicy
+metadata: { name: no-ssn-to-partners }
+spec:
+  rules:
+    - name: partner-ssn
+      destination: { hosts: [\"api.partner.example\"] }
+      chain: { taintAny: [pii.ssn] }
+      verdict: block
+";
+
+/// Applies a policy file with the CLI and waits until `path` is refused for
+/// `user`; returns how long after the CLI call the first refusal came.
+fn apply_and_wait(
+    topo: &Topology,
+    file: &str,
+    policy: &str,
+    path: &str,
+    user: &str,
+) -> anyhow::Result<Duration> {
+    let file = topo.mesh.dir().join(file);
+    std::fs::write(&file, policy)?;
+    let applied = Instant::now();
+    let out = topo.custody(&["policy", "apply", "-f", file.to_str().context("path")?])?;
+    anyhow::ensure!(
+        out.status.success(),
+        "policy apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    loop {
+        let (status, _) = topo.request(path, user)?;
+        if status == 403 {
+            return Ok(applied.elapsed());
+        }
+        anyhow::ensure!(
+            applied.elapsed() < Duration::from_secs(10),
+            "the block did not hold"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The id of the newest chain `custody chains <filter>` lists.
+fn newest_chain(topo: &Topology, filter: &[&str]) -> anyhow::Result<Option<String>> {
+    let mut args = vec!["chains"];
+    args.extend_from_slice(filter);
+    let listed = topo.custody_json(&args)?;
+    Ok(listed
+        .get("chains")
+        .cloned()
+        .unwrap_or(listed)
+        .as_array()
+        .and_then(|c| c.first().cloned())
+        .and_then(|c| {
+            c.get("chain_id")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        }))
+}
+
 fn main() -> anyhow::Result<()> {
-    println!("building the mesh: control plane, web, orders, reports, two third parties ...");
+    println!(
+        "building the mesh: control plane, web, orders, reports, PostgreSQL, MariaDB, two AI agents, two third parties ..."
+    );
     let started = Instant::now();
     let topo = Topology::start("demo")?;
     println!("mesh up in {:.1}s", started.elapsed().as_secs_f64());
@@ -37,56 +103,72 @@ fn main() -> anyhow::Result<()> {
         ("/checkout", "bob@example.com"),
         ("/report", "carol@example.com"),
         ("/export", "alice@example.com"),
+        ("/order", "bob@example.com"),
+        ("/ssn-check", "erin@example.com"),
     ] {
         let (status, _) = topo.request(path, user)?;
-        println!("  {user:<20} GET web{path:<10} -> {status}");
+        println!("  {user:<20} GET web{path:<11} -> {status}");
     }
+    let (status, _) = topo.mcp_request("alice@example.com", ASSISTANT_AGENT, "research")?;
+    println!("  alice@example.com    MCP assistant tools/call research -> {status}");
 
-    let policy = topo.mesh.dir().join("contain-paste.yaml");
-    std::fs::write(&policy, BLOCK_PASTE)?;
-    let applied = Instant::now();
-    let out = topo.custody(&["policy", "apply", "-f", policy.to_str().context("path")?])?;
-    anyhow::ensure!(
-        out.status.success(),
-        "policy apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let refused_after = loop {
-        let (status, _) = topo.request("/export", "alice@example.com")?;
-        if status == 403 {
-            break applied.elapsed();
-        }
-        anyhow::ensure!(
-            applied.elapsed() < Duration::from_secs(10),
-            "the block did not hold"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let refused_after = apply_and_wait(
+        &topo,
+        "contain-paste.yaml",
+        BLOCK_PASTE,
+        "/export",
+        "alice@example.com",
+    )?;
     println!(
         "  custody policy apply -f contain-paste.yaml: first refusal {:.0} ms after the CLI call",
         refused_after.as_secs_f64() * 1000.0
     );
+    let refused_after = apply_and_wait(
+        &topo,
+        "no-ssn-to-partners.yaml",
+        NO_SSN_TO_PARTNERS,
+        "/ssn-check",
+        "frank@example.com",
+    )?;
+    println!(
+        "  custody policy apply -f no-ssn-to-partners.yaml: first refusal {:.0} ms after the CLI call",
+        refused_after.as_secs_f64() * 1000.0
+    );
+    for (path, user) in [
+        ("/ssn-check", "frank@example.com"),
+        ("/order", "grace@example.com"),
+    ] {
+        let (status, _) = topo.request(path, user)?;
+        println!("  {user:<20} GET web{path:<11} -> {status}");
+    }
 
     std::thread::sleep(Duration::from_millis(800));
     println!("\nassembled chains (custody chains):");
     let out = topo.custody(&["chains"])?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
-    let listed = topo.custody_json(&["chains", "--initiator", "carol@example.com"])?;
-    let chain_id = listed
-        .get("chains")
-        .cloned()
-        .unwrap_or(listed)
-        .as_array()
-        .and_then(|c| c.first().cloned())
-        .and_then(|c| {
-            c.get("chain_id")
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        });
-    if let Some(id) = chain_id {
-        println!("\none chain in full (custody chain {id}):");
-        let out = topo.custody(&["chain", &id])?;
-        print!("{}", String::from_utf8_lossy(&out.stdout));
+    for (what, filter) in [
+        (
+            "a legacy service stitched",
+            ["--initiator", "carol@example.com"],
+        ),
+        (
+            "a database read on the way to the partner",
+            ["--initiator", "bob@example.com"],
+        ),
+        (
+            "an agent delegating to a sub-agent",
+            ["--initiator", "researcher"],
+        ),
+        (
+            "SSNs read, the partner call refused",
+            ["--initiator", "frank@example.com"],
+        ),
+    ] {
+        if let Some(id) = newest_chain(&topo, &filter)? {
+            println!("\n{what} (custody chain {id}):");
+            let out = topo.custody(&["chain", &id])?;
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+        }
     }
 
     let control = topo.pod("control")?;

@@ -1,7 +1,7 @@
 //! A small HTTP application for end-to-end topologies.
 //!
 //! `custody-e2e-app --name web --listen 127.0.0.1:8080 [--forward] [--forge]
-//!  [--route PATH=URL]... [--delay-ms D [--jitter-ms J]]`
+//!  [--route PATH=URL]... [--sql PATH=URL|STATEMENT]... [--delay-ms D [--jitter-ms J]]`
 //!
 //! A request to `PATH` calls every `URL` routed from it, in order, and
 //! answers with the first non-2xx status it got (or 200) and a JSON body
@@ -17,6 +17,17 @@
 //! `--delay-ms`, each request is held `D` ms (± up to `J` ms, uniformly)
 //! before its calls and again after them, so requests overlap as they do
 //! under load.
+//!
+//! `--sql PATH=URL|STATEMENT` runs `STATEMENT` against the database at `URL`
+//! (`postgres://user:password@host:port/db` or `mysql://...`) on every
+//! request to `PATH`, before its calls, over a connection of its own; the
+//! answer's `queries` list the rows each returned (never their values). With
+//! `--forward` the statement carries the request's `traceparent` as a
+//! sqlcommenter comment (and a MySQL connection as a connection attribute),
+//! as an instrumented service's driver does. A route
+//! whose URL is written `mcp:AGENT:TOOL+http://...` is an MCP `tools/call`
+//! of `TOOL` (a JSON-RPC POST) with `params._meta.agent` set to `AGENT`, as
+//! an AI agent calls a tool or hands a task to a sub-agent.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -44,6 +55,8 @@ struct App {
     forward: bool,
     forge: bool,
     routes: HashMap<String, Vec<String>>,
+    /// Statements run on a path: database URL and SQL.
+    queries: HashMap<String, Vec<(String, String)>>,
     client: Client<HttpConnector, Full<Bytes>>,
     /// Hold before and after the calls, in microseconds: base and jitter.
     hold: (u64, u64),
@@ -68,6 +81,7 @@ fn parse_args() -> anyhow::Result<(App, SocketAddr)> {
     let mut forward = false;
     let mut forge = false;
     let mut routes: HashMap<String, Vec<String>> = HashMap::new();
+    let mut queries: HashMap<String, Vec<(String, String)>> = HashMap::new();
     let mut hold = (0, 0);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -83,6 +97,22 @@ fn parse_args() -> anyhow::Result<(App, SocketAddr)> {
                     .entry(path.to_owned())
                     .or_default()
                     .push(url.to_owned());
+            }
+            "--sql" => {
+                let spec = args.next().context("--sql needs PATH=URL|STATEMENT")?;
+                let (path, rest) = spec
+                    .split_once('=')
+                    .context("--sql needs PATH=URL|STATEMENT")?;
+                let (url, sql) = rest
+                    .split_once('|')
+                    .context("--sql needs PATH=URL|STATEMENT")?;
+                if !(url.starts_with("postgres") || url.starts_with("mysql://")) {
+                    bail!("--sql: the URL must be postgres://... or mysql://...");
+                }
+                queries
+                    .entry(path.to_owned())
+                    .or_default()
+                    .push((url.to_owned(), sql.to_owned()));
             }
             "--delay-ms" => hold.0 = millis(args.next(), "--delay-ms")?,
             "--jitter-ms" => hold.1 = millis(args.next(), "--jitter-ms")?,
@@ -100,6 +130,7 @@ fn parse_args() -> anyhow::Result<(App, SocketAddr)> {
             forward,
             forge,
             routes,
+            queries,
             client,
             hold,
         },
@@ -150,17 +181,58 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let mut calls = Vec::new();
+    let mut queries = Vec::new();
     let mut status = StatusCode::OK;
     if path != "/healthz" {
         hold(app.hold).await;
+        let traceparent = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .filter(|_| app.forward);
+        for (url, sql) in app.queries.get(&path).into_iter().flatten() {
+            let sql = match traceparent {
+                Some(tp) => format!("{sql} /*traceparent='{tp}'*/"),
+                None => sql.clone(),
+            };
+            match query(url, &sql, traceparent).await {
+                Ok(rows) => queries.push(serde_json::json!({"rows": rows})),
+                Err(e) => {
+                    status = StatusCode::BAD_GATEWAY;
+                    queries.push(serde_json::json!({"error": format!("{e:#}")}));
+                }
+            }
+        }
         let targets = app.routes.get(&path).or_else(|| app.routes.get("*"));
         for target in targets.into_iter().flatten() {
+            let (mcp, target) = match target.strip_prefix("mcp:") {
+                Some(rest) => {
+                    let (tool, url) = rest.split_once('+').unwrap_or((rest, ""));
+                    (tool.split_once(':'), url)
+                }
+                None => (None, target.as_str()),
+            };
             let (forge, url) = match target.strip_prefix("forge+") {
                 Some(url) => (true, url),
-                None => (app.forge, target.as_str()),
+                None => (app.forge, target),
             };
             let url = url.replace("{path}", &path);
-            let mut call = Request::get(&url);
+            let (mut call, body) = match mcp {
+                Some((agent, tool)) => {
+                    let body = serde_json::json!({
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "tools/call",
+                        "params": {"name": tool, "arguments": {}, "_meta": {"agent": agent}},
+                    })
+                    .to_string();
+                    let call = Request::post(&url)
+                        .header("content-type", "application/json")
+                        .header("content-length", body.len());
+                    (call, Bytes::from(body))
+                }
+                None => (Request::get(&url), Bytes::new()),
+            };
             if app.forward {
                 for name in IDENTITY_HEADERS {
                     if let Some(value) = req.headers().get(name)
@@ -174,7 +246,7 @@ async fn handle(
                 // Instead of the token it received, never beside it.
                 call = call.header("txn-token", forged_token());
             }
-            let result = match call.body(Full::new(Bytes::new())) {
+            let result = match call.body(Full::new(body)) {
                 Ok(call) => app.client.request(call).await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
@@ -204,6 +276,7 @@ async fn handle(
         "app": app.name,
         "path": path,
         "had_token": req.headers().contains_key("txn-token"),
+        "queries": queries,
         "calls": calls,
     });
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -213,6 +286,35 @@ async fn handle(
         http::HeaderValue::from_static("application/json"),
     );
     Ok(resp)
+}
+
+/// Runs `sql` against the database at `url` over a connection of its own and
+/// returns how many rows it gave. A MySQL connection also carries
+/// `traceparent` as a connection attribute, so the driver's own statements
+/// on it belong to the request too.
+async fn query(url: &str, sql: &str, traceparent: Option<&str>) -> anyhow::Result<usize> {
+    if url.starts_with("mysql://") {
+        use mysql_async::prelude::Queryable as _;
+        let opts = mysql_async::Opts::from_url(url).context("mysql URL")?;
+        let mut opts = mysql_async::OptsBuilder::from_opts(opts);
+        if let Some(tp) = traceparent {
+            opts = opts.connect_attribute("traceparent", tp);
+        }
+        let mut conn = mysql_async::Conn::new(opts).await?;
+        let rows: Vec<mysql_async::Row> = conn.query(sql).await?;
+        conn.disconnect().await?;
+        Ok(rows.len())
+    } else {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        let driver = tokio::spawn(connection);
+        let messages = client.simple_query(sql).await?;
+        drop(client);
+        let _ = driver.await;
+        Ok(messages
+            .iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+            .count())
+    }
 }
 
 #[tokio::main]
