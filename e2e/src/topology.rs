@@ -17,7 +17,7 @@
 //!
 //! ```text
 //!  client ──► web ──► orders ──► postgres (shop: customers, orders) ──► api.partner.example
-//!            /order reads emails, /ssn-check reads SSNs, then calls the partner
+//!       (gRPC PlaceOrder reads emails, HTTP /ssn-check reads SSNs, then calls the partner)
 //!  client ──MCP──► assistant ──MCP tools/call──► researcher ──► mariadb (crm)
 //!   (user)        (AI agent, for the user)      (sub-agent)
 //! ```
@@ -52,6 +52,8 @@ pub const NODE_TOKEN: &str = "e2e-node-token-0123456789";
 pub const GRPC_PORT: u16 = 7070;
 /// The control plane's HTTP port.
 pub const HTTP_PORT: u16 = 7080;
+/// The gRPC method of `orders` that `web` calls for `/order`.
+pub const PLACE_ORDER: &str = "/shop.Orders/PlaceOrder";
 /// The PostgreSQL pod's database (the shop fixtures).
 pub const PG_DATABASE: &str = "shop";
 /// The database user `orders` logs in to PostgreSQL as.
@@ -60,7 +62,7 @@ pub const PG_USER: &str = "orders_svc";
 pub const MARIADB_DATABASE: &str = "crm";
 /// The database user `researcher` logs in to MariaDB as.
 pub const MARIADB_USER: &str = "research_svc";
-/// The statement `orders` runs for `/order`: names and emails.
+/// The statement `orders` runs for [`PLACE_ORDER`]: names and emails.
 pub const SQL_EMAILS: &str = "SELECT name, email FROM customers ORDER BY id LIMIT 5";
 /// The statement `orders` runs for `/ssn-check`: names and SSNs.
 pub const SQL_SSNS: &str = "SELECT name, ssn FROM customers ORDER BY id LIMIT 5";
@@ -153,7 +155,7 @@ const APPS: [AppSpec; 3] = [
             "/export=http://paste.risky.example/upload",
             "/partner=http://api.partner.example/orders",
             "/forge=http://orders:8080/forge",
-            "/order=http://orders:8080/order",
+            "/order=grpc+http://orders:8080/shop.Orders/PlaceOrder",
             "/ssn-check=http://orders:8080/ssn-check",
         ],
         edge: true,
@@ -164,7 +166,7 @@ const APPS: [AppSpec; 3] = [
         routes: &[
             "/checkout=http://api.partner.example/orders",
             "/forge=forge+http://api.partner.example/orders",
-            "/order=http://api.partner.example/orders",
+            "/shop.Orders/PlaceOrder=http://api.partner.example/orders",
             "/ssn-check=http://api.partner.example/orders",
         ],
         edge: false,
@@ -424,12 +426,15 @@ impl Topology {
             options.database = database.to_owned();
             options
         };
-        let pg = Postgres::start_with(options(postgres, 5432, PG_USER, PG_DATABASE))
-            .context("starting PostgreSQL in its pod")?;
+        let log = self.mesh.dir().join("databases.log");
+        let pg = start_twice("PostgreSQL", &log, || {
+            Postgres::start_with(options(postgres, 5432, PG_USER, PG_DATABASE))
+        })?;
         fixtures::load_shop(&pg).context("loading the shop into PostgreSQL")?;
         self.databases.postgres = Some(pg);
-        let maria = MariaDb::start_with(options(mariadb, 3306, MARIADB_USER, MARIADB_DATABASE))
-            .context("starting MariaDB in its pod")?;
+        let maria = start_twice("MariaDB", &log, || {
+            MariaDb::start_with(options(mariadb, 3306, MARIADB_USER, MARIADB_DATABASE))
+        })?;
         fixtures::load_shop(&maria).context("loading the shop into MariaDB")?;
         self.databases.mariadb = Some(maria);
         Ok(())
@@ -456,7 +461,7 @@ impl Topology {
         });
         let queries: Vec<(&str, Option<&String>, &str)> = match name {
             "orders" => vec![
-                ("/order", pg.as_ref(), SQL_EMAILS),
+                (PLACE_ORDER, pg.as_ref(), SQL_EMAILS),
                 ("/ssn-check", pg.as_ref(), SQL_SSNS),
             ],
             "researcher" => vec![("/mcp", maria.as_ref(), SQL_RESEARCH)],
@@ -674,6 +679,20 @@ impl Topology {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// Starts a database server, once more if the first attempt fails: its
+/// bootstrap on a busy shared machine has failed once in a while (a temporary
+/// file of MariaDB's bootstrap gone from /tmp). The first failure goes to `log`.
+fn start_twice<T>(
+    what: &str,
+    log: &Path,
+    start: impl Fn() -> Result<T, custody_testkit::Error>,
+) -> anyhow::Result<T> {
+    start().or_else(|error| {
+        let _ = fs::write(log, format!("starting {what}, first attempt: {error}\n"));
+        start().with_context(|| format!("starting {what} in its pod"))
+    })
 }
 
 /// A body and the status `curl -w '\n%{http_code}'` printed after it.

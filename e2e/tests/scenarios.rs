@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use custody_e2e::topology::{
-    ASSISTANT_AGENT, MARIADB_DATABASE, MARIADB_USER, PG_DATABASE, PG_USER, RESEARCH_AGENT,
-    RESEARCH_TOOL, Topology,
+    ASSISTANT_AGENT, MARIADB_DATABASE, MARIADB_USER, PG_DATABASE, PG_USER, PLACE_ORDER,
+    RESEARCH_AGENT, RESEARCH_TOOL, Topology,
 };
 use serde_json::Value;
 
@@ -65,7 +65,8 @@ fn hop_index(tree: &Value, want: impl Fn(&Value) -> bool) -> Option<usize> {
 fn a_user_request_is_one_chain_across_services_and_the_database_to_the_partner() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut topo = Topology::start("one").unwrap();
-    // web -> orders; orders reads customers from PostgreSQL, then calls the partner.
+    // web -> orders over gRPC; orders reads customers from PostgreSQL, then
+    // calls the partner.
     let (status, body) = topo.request("/order", "alice@example.com").unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(
@@ -124,6 +125,8 @@ fn a_user_request_is_one_chain_across_services_and_the_database_to_the_partner()
         "{tree:#}"
     );
     let hops = tree["hops"].as_array().unwrap();
+    assert_eq!(hops[orders_in]["protocol"], "grpc", "{tree:#}");
+    assert_eq!(hops[orders_in]["operation"], PLACE_ORDER);
     let (query, call) = (&hops[query], &hops[call]);
     assert_eq!(query["workload"], workload("orders"));
     assert_eq!(

@@ -28,6 +28,14 @@
 //! whose URL is written `mcp:AGENT:TOOL+http://...` is an MCP `tools/call`
 //! of `TOOL` (a JSON-RPC POST) with `params._meta.agent` set to `AGENT`, as
 //! an AI agent calls a tool or hands a task to a sub-agent.
+//!
+//! gRPC: a route whose URL is written `grpc+http://host:port/pkg.Service/Method`
+//! is a unary gRPC call (tonic, HTTP/2 cleartext) of that method, with the
+//! identity headers as metadata. Every application also serves gRPC on its
+//! port: a unary call of any method is served as a request to the path of
+//! the same name (its `--sql` and `--route`s), answered with the status and
+//! the JSON body; a non-2xx outcome becomes the matching gRPC status
+//! (`PERMISSION_DENIED` for 403) with the body as its message.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -42,11 +50,13 @@ use custody_context::keys::SigningKey;
 use custody_context::token::InitiatorKind;
 use custody_context::traceparent::TraceId;
 use http::{Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tonic_prost::ProstCodec;
 
 const IDENTITY_HEADERS: [&str; 3] = ["txn-token", "traceparent", "tracestate"];
 
@@ -175,22 +185,160 @@ fn forged_token() -> String {
         .unwrap_or_default()
 }
 
-async fn handle(
-    app: Arc<App>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+/// A response body of either kind: plain HTTP or gRPC.
+type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let grpc = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    if grpc {
+        let mut server = tonic::server::Grpc::new(ProstCodec::<Answer, Call>::default());
+        let resp = server.unary(Unary(app), req).await;
+        return Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync()));
+    }
     let path = req.uri().path().to_owned();
+    let (status, body) = serve(&app, &path, req.headers()).await;
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+/// A unary gRPC method of any name: served as the HTTP path of the same name.
+struct Unary(Arc<App>);
+
+impl tonic::server::UnaryService<Call> for Unary {
+    type Response = Answer;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<tonic::Response<Answer>, tonic::Status>> + Send,
+        >,
+    >;
+
+    fn call(&mut self, request: tonic::Request<Call>) -> Self::Future {
+        let app = Arc::clone(&self.0);
+        Box::pin(async move {
+            let headers = request.metadata().clone().into_headers();
+            let path = request.into_inner().path;
+            let (status, body) = serve(&app, &path, &headers).await;
+            let body = body.to_string();
+            if status.is_success() {
+                Ok(tonic::Response::new(Answer {
+                    status: u32::from(status.as_u16()),
+                    body,
+                }))
+            } else {
+                // The answer rides in the message, for the caller to show.
+                Err(tonic::Status::new(grpc_code(status), body))
+            }
+        })
+    }
+}
+
+/// The request of every gRPC method of the sample application.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Call {
+    /// The method's full path, which names what to do.
+    #[prost(string, tag = "1")]
+    path: String,
+}
+
+/// The answer of every gRPC method: the status and the JSON body an HTTP
+/// request to the same path would have had.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Answer {
+    #[prost(uint32, tag = "1")]
+    status: u32,
+    #[prost(string, tag = "2")]
+    body: String,
+}
+
+fn grpc_code(status: StatusCode) -> tonic::Code {
+    match status.as_u16() {
+        401 => tonic::Code::Unauthenticated,
+        403 => tonic::Code::PermissionDenied,
+        404 => tonic::Code::NotFound,
+        503 => tonic::Code::Unavailable,
+        _ => tonic::Code::Unknown,
+    }
+}
+
+fn http_status(code: tonic::Code) -> StatusCode {
+    match code {
+        tonic::Code::Ok => StatusCode::OK,
+        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+        tonic::Code::NotFound => StatusCode::NOT_FOUND,
+        tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// A unary gRPC call to `url` (`http://host:port/package.Service/Method`)
+/// with `headers` as metadata: the answer's status and body.
+async fn grpc_call(
+    url: &str,
+    headers: &[(&'static str, http::HeaderValue)],
+) -> Result<(StatusCode, String), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    let authority = uri.authority().ok_or("no authority")?.to_string();
+    let path = uri.path_and_query().ok_or("no path")?.clone();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = tonic::client::Grpc::new(channel);
+    client.ready().await.map_err(|e| e.to_string())?;
+    let mut request = tonic::Request::new(Call {
+        path: path.path().to_owned(),
+    });
+    for (name, value) in headers {
+        let value = tonic::metadata::MetadataValue::try_from(value.as_bytes())
+            .map_err(|e| e.to_string())?;
+        request.metadata_mut().insert(*name, value);
+    }
+    let codec = ProstCodec::<Call, Answer>::default();
+    match client.unary(request, path, codec).await {
+        Ok(resp) => {
+            let answer = resp.into_inner();
+            let status = u16::try_from(answer.status)
+                .ok()
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .unwrap_or(StatusCode::OK);
+            Ok((status, answer.body))
+        }
+        Err(status) => Ok((http_status(status.code()), status.message().to_owned())),
+    }
+}
+
+/// Serves `path`: its statements, then its calls. The status is the first
+/// non-2xx one got (or 200); the body lists what was done.
+async fn serve(
+    app: &App,
+    path: &str,
+    headers: &http::HeaderMap,
+) -> (StatusCode, serde_json::Value) {
     let mut calls = Vec::new();
     let mut queries = Vec::new();
     let mut status = StatusCode::OK;
     if path != "/healthz" {
         hold(app.hold).await;
-        let traceparent = req
-            .headers()
+        let traceparent = headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .filter(|_| app.forward);
-        for (url, sql) in app.queries.get(&path).into_iter().flatten() {
+        for (url, sql) in app.queries.get(path).into_iter().flatten() {
             let sql = match traceparent {
                 Some(tp) => format!("{sql} /*traceparent='{tp}'*/"),
                 None => sql.clone(),
@@ -203,7 +351,7 @@ async fn handle(
                 }
             }
         }
-        let targets = app.routes.get(&path).or_else(|| app.routes.get("*"));
+        let targets = app.routes.get(path).or_else(|| app.routes.get("*"));
         for target in targets.into_iter().flatten() {
             let (mcp, target) = match target.strip_prefix("mcp:") {
                 Some(rest) => {
@@ -212,57 +360,37 @@ async fn handle(
                 }
                 None => (None, target.as_str()),
             };
+            let (grpc, target) = match target.strip_prefix("grpc+") {
+                Some(url) => (true, url),
+                None => (false, target),
+            };
             let (forge, url) = match target.strip_prefix("forge+") {
                 Some(url) => (true, url),
                 None => (app.forge, target),
             };
-            let url = url.replace("{path}", &path);
-            let (mut call, body) = match mcp {
-                Some((agent, tool)) => {
-                    let body = serde_json::json!({
-                        "jsonrpc": "2.0",
-                        "id": 1,
-                        "method": "tools/call",
-                        "params": {"name": tool, "arguments": {}, "_meta": {"agent": agent}},
-                    })
-                    .to_string();
-                    let call = Request::post(&url)
-                        .header("content-type", "application/json")
-                        .header("content-length", body.len());
-                    (call, Bytes::from(body))
-                }
-                None => (Request::get(&url), Bytes::new()),
-            };
+            let url = url.replace("{path}", path);
+            let mut send: Vec<(&'static str, http::HeaderValue)> = Vec::new();
             if app.forward {
                 for name in IDENTITY_HEADERS {
-                    if let Some(value) = req.headers().get(name)
+                    if let Some(value) = headers.get(name)
                         && !(forge && name == "txn-token")
                     {
-                        call = call.header(name, value);
+                        send.push((name, value.clone()));
                     }
                 }
             }
             if forge {
                 // Instead of the token it received, never beside it.
-                call = call.header("txn-token", forged_token());
-            }
-            let result = match call.body(Full::new(body)) {
-                Ok(call) => app.client.request(call).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            let (code, body) = match result {
-                Ok(resp) => {
-                    let code = resp.status();
-                    let body = resp
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                        .unwrap_or_default();
-                    (code, body)
+                if let Ok(value) = http::HeaderValue::from_str(&forged_token()) {
+                    send.push(("txn-token", value));
                 }
-                Err(e) => (StatusCode::BAD_GATEWAY, e),
+            }
+            let result = if grpc {
+                grpc_call(&url, &send).await
+            } else {
+                http_call(app, &url, mcp, &send).await
             };
+            let (code, body) = result.unwrap_or_else(|e| (StatusCode::BAD_GATEWAY, e));
             if status == StatusCode::OK && !code.is_success() {
                 status = code;
             }
@@ -275,17 +403,49 @@ async fn handle(
     let body = serde_json::json!({
         "app": app.name,
         "path": path,
-        "had_token": req.headers().contains_key("txn-token"),
+        "had_token": headers.contains_key("txn-token"),
         "queries": queries,
         "calls": calls,
     });
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
-    Ok(resp)
+    (status, body)
+}
+
+/// An HTTP call: a GET, or an MCP `tools/call` POST of `(agent, tool)`.
+async fn http_call(
+    app: &App,
+    url: &str,
+    mcp: Option<(&str, &str)>,
+    headers: &[(&'static str, http::HeaderValue)],
+) -> Result<(StatusCode, String), String> {
+    let (mut call, body) = match mcp {
+        Some((agent, tool)) => {
+            let body = serde_json::json!({
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": tool, "arguments": {}, "_meta": {"agent": agent}},
+            })
+            .to_string();
+            let call = Request::post(url)
+                .header("content-type", "application/json")
+                .header("content-length", body.len());
+            (call, Bytes::from(body))
+        }
+        None => (Request::get(url), Bytes::new()),
+    };
+    for (name, value) in headers {
+        call = call.header(*name, value);
+    }
+    let call = call.body(Full::new(body)).map_err(|e| e.to_string())?;
+    let resp = app.client.request(call).await.map_err(|e| e.to_string())?;
+    let code = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    Ok((code, body))
 }
 
 /// Runs `sql` against the database at `url` over a connection of its own and
