@@ -233,6 +233,28 @@ impl Proxy {
         }
     }
 
+    /// Waits until at least `n` hop events matching `pred` are exported, and
+    /// returns every hop exported so far.
+    pub(crate) async fn hops_where(&self, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&self.hops_file).unwrap_or_default();
+            let hops: Vec<Value> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            let matching = hops.iter().filter(|h| pred(h)).count();
+            if matching >= n {
+                return hops;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} matching hop events, have {matching}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until at least `n` hop events are exported, and returns them all.
     pub(crate) async fn hops(&self, n: usize) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(20);
