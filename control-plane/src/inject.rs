@@ -10,7 +10,9 @@
 //!   redirect as the end-to-end mesh (`e2e/src/mesh.rs`): chain
 //!   `CUSTODY_OUT` sends the pod's outbound TCP to the sidecar's outbound
 //!   port except traffic of the sidecar's own uid and loopback; chain
-//!   `CUSTODY_IN` sends inbound TCP to the inbound port except the admin port;
+//!   `CUSTODY_IN` sends inbound TCP for the application port to the inbound
+//!   port. The sidecar forwards inbound traffic to that one port, so other
+//!   ports (metrics, probes, admin) reach the pod untouched;
 //! - `custody-proxy`: the sidecar, as its own user, with its workload identity
 //!   from the pod's metadata (downward API environment), probes on the admin
 //!   listener, resources, and a configuration rendered for this pod;
@@ -87,9 +89,6 @@ pub struct InjectConfig {
     /// The sidecar's admin port: `/metrics`, `/ready`, `/live` (default 15020).
     #[serde(default = "default_admin")]
     pub admin_port: u16,
-    /// Inbound ports left out of the redirect (besides the admin port).
-    #[serde(default)]
-    pub exclude_inbound_ports: Vec<u16>,
     /// Outbound destination CIDRs left out of the redirect.
     #[serde(default)]
     pub exclude_outbound_cidrs: Vec<String>,
@@ -219,6 +218,8 @@ pub enum Skip {
     AlreadyInjected,
     /// The pod uses the host's network: a redirect would capture the node.
     HostNetwork,
+    /// The application port is one of the sidecar's ports.
+    PortConflict,
 }
 
 impl Skip {
@@ -229,6 +230,7 @@ impl Skip {
             Skip::OptedOut => "opted_out",
             Skip::AlreadyInjected => "already_injected",
             Skip::HostNetwork => "host_network",
+            Skip::PortConflict => "port_conflict",
         }
     }
 }
@@ -354,6 +356,9 @@ pub fn patch_for(
         .filter(|s| !s.is_empty())
         .unwrap_or("default");
     let app_port = app_port(config, annotations, spec);
+    if [config.inbound_port, config.outbound_port, config.admin_port].contains(&app_port) {
+        return Err(Skip::PortConflict);
+    }
 
     let mut ops = Vec::new();
     // Annotations: the map is created when the pod has none.
@@ -397,7 +402,7 @@ pub fn patch_for(
     // a working sidecar. Classic: the pod's init containers run first
     // (without the redirect), custody-init last, the sidecar first of the
     // containers.
-    let init = init_container(config);
+    let init = init_container(config, app_port);
     let sidecar = sidecar_container(config);
     let has_inits = spec
         .get("initContainers")
@@ -519,8 +524,9 @@ pub fn proxy_config(
     serde_json::to_string_pretty(&doc).unwrap_or_default()
 }
 
-/// The redirect of `e2e/src/mesh.rs`, as a shell script.
-pub fn redirect_script(config: &InjectConfig) -> String {
+/// The redirect of `e2e/src/mesh.rs`, as a shell script, with inbound
+/// capture limited to the application port (the sidecar's one upstream).
+pub fn redirect_script(config: &InjectConfig, app_port: u16) -> String {
     let mut s = String::from("set -eu\n");
     let mut line = |l: String| {
         s.push_str("iptables -t nat ");
@@ -545,24 +551,19 @@ pub fn redirect_script(config: &InjectConfig) -> String {
     ));
     line("-N CUSTODY_IN".into());
     line("-A PREROUTING -p tcp -j CUSTODY_IN".into());
-    let mut excluded = vec![config.admin_port];
-    excluded.extend(config.exclude_inbound_ports.iter().copied());
-    for port in excluded {
-        line(format!("-A CUSTODY_IN -p tcp --dport {port} -j RETURN"));
-    }
     line(format!(
-        "-A CUSTODY_IN -p tcp -j REDIRECT --to-ports {}",
+        "-A CUSTODY_IN -p tcp --dport {app_port} -j REDIRECT --to-ports {}",
         config.inbound_port
     ));
     s
 }
 
-fn init_container(config: &InjectConfig) -> Value {
+fn init_container(config: &InjectConfig, app_port: u16) -> Value {
     json!({
         "name": INIT_NAME,
         "image": config.init_image,
         "imagePullPolicy": config.image_pull_policy,
-        "command": ["sh", "-c", redirect_script(config)],
+        "command": ["sh", "-c", redirect_script(config, app_port)],
         "resources": config.init_resources,
         "securityContext": {
             "runAsUser": 0,

@@ -152,6 +152,11 @@ fn a_deployment_pod_gets_init_container_and_native_sidecar() {
     );
     let script = init["command"][2].as_str().unwrap();
     assert!(script.contains("--uid-owner 1337 -j RETURN"), "{script}");
+    // Inbound capture only for the port the sidecar forwards to.
+    assert!(
+        script.contains("-A CUSTODY_IN -p tcp --dport 8081 -j REDIRECT --to-ports 15006"),
+        "{script}"
+    );
 
     let annotations = &pod["metadata"]["annotations"];
     assert_eq!(annotations["custody.io/status"], "injected");
@@ -275,6 +280,13 @@ fn other_objects_and_operations_pass_unchanged() {
 }
 
 #[test]
+fn an_application_on_a_sidecar_port_is_left_alone() {
+    let sample = DEPLOYMENT_POD.replace(r#""containerPort": 8081"#, r#""containerPort": 15020"#);
+    let (reviewed, _) = run(&config(), &sample);
+    assert_eq!(reviewed.skipped, Some(Skip::PortConflict));
+}
+
+#[test]
 fn host_network_pods_are_left_alone() {
     let sample =
         DEPLOYMENT_POD.replace(r#""dnsPolicy": "ClusterFirst","#, r#""hostNetwork": true,"#);
@@ -302,10 +314,9 @@ fn malformed_reviews_are_refused() {
 #[test]
 fn the_redirect_matches_the_mesh_init_container() {
     let mut c = config();
-    c.exclude_inbound_ports = vec![9102];
     c.exclude_outbound_cidrs = vec!["10.96.0.1/32".into()];
     assert_eq!(
-        redirect_script(&c),
+        redirect_script(&c, 8081),
         "set -eu\n\
          iptables -t nat -N CUSTODY_OUT\n\
          iptables -t nat -A OUTPUT -p tcp -j CUSTODY_OUT\n\
@@ -315,9 +326,7 @@ fn the_redirect_matches_the_mesh_init_container() {
          iptables -t nat -A CUSTODY_OUT -p tcp -j REDIRECT --to-ports 15001\n\
          iptables -t nat -N CUSTODY_IN\n\
          iptables -t nat -A PREROUTING -p tcp -j CUSTODY_IN\n\
-         iptables -t nat -A CUSTODY_IN -p tcp --dport 15020 -j RETURN\n\
-         iptables -t nat -A CUSTODY_IN -p tcp --dport 9102 -j RETURN\n\
-         iptables -t nat -A CUSTODY_IN -p tcp -j REDIRECT --to-ports 15006\n"
+         iptables -t nat -A CUSTODY_IN -p tcp --dport 8081 -j REDIRECT --to-ports 15006\n"
     );
 }
 
