@@ -2,7 +2,8 @@
 # Tests the Helm chart without a cluster:
 #   1. helm lint --strict;
 #   2. helm template with the default values and variants (existing secrets,
-#      agent disabled, webhook disabled, cert-manager, classic sidecars),
+#      agent disabled, webhook disabled, cert-manager and Prometheus
+#      Operator monitors, classic sidecars),
 #      each rendered manifest validated against the Kubernetes schemas with
 #      kubernetes-validate --strict (unknown fields refused);
 #   3. the dashboard uses only metric names the code exports;
@@ -102,7 +103,7 @@ variants=(
     "webhook-disabled --set injection.enabled=false"
     "no-persistence-classic-sidecar --set controlPlane.persistence.enabled=false --set injection.nativeSidecar=false --set agent.privileged=true --set agent.policy.version=1"
     "token-namespaces --set injection.tokenNamespaces={shop,billing} --set dashboards.enabled=false"
-    "cert-manager --set injection.tls.mode=certManager"
+    "cert-manager-and-monitors --set injection.tls.mode=certManager --set metrics.serviceMonitor.enabled=true"
 )
 for variant in "${variants[@]}"; do
     read -r -a words <<<"$variant"
@@ -110,15 +111,20 @@ for variant in "${variants[@]}"; do
     step "helm template ($name)"
     out=$work/$name.yaml
     "$helm" template custody "$chart" --namespace custody --kube-version "$oldest_kube" "${words[@]:1}" >"$out"
-    if [[ $name == cert-manager ]]; then
-        # cert-manager's kinds have no schema in kubernetes-validate: check
-        # what it can, and that the CA injection is wired.
+    if [[ $name == cert-manager-and-monitors ]]; then
+        # cert-manager's and the Prometheus Operator's kinds have no schema
+        # in kubernetes-validate: check that they are there and wired, and
+        # validate the rest.
         grep -q 'cert-manager.io/inject-ca-from: custody/custody-injector' "$out"
         grep -q '^kind: Certificate$' "$out"
+        grep -q '^kind: ServiceMonitor$' "$out"
+        grep -q 'custody.io/injected: "true"' "$out"
         python3 - "$out" "$work/$name-core.yaml" <<'EOF'
 import sys
 docs = open(sys.argv[1]).read().split("\n---\n")
-keep = [d for d in docs if "apiVersion: cert-manager.io/" not in d]
+keep = [d for d in docs if "apiVersion: cert-manager.io/" not in d
+        and "apiVersion: monitoring.coreos.com/" not in d]
+assert len(keep) < len(docs)
 open(sys.argv[2], "w").write("\n---\n".join(keep))
 EOF
         out=$work/$name-core.yaml
@@ -239,6 +245,7 @@ pod["metadata"]["name"] = pod["metadata"]["generateName"] + "x2x9q"
 names = [c["name"] for c in pod["spec"]["initContainers"]]
 assert names == ["custody-init", "custody-proxy"], names
 assert pod["spec"]["initContainers"][1]["image"] == "ghcr.io/custody-mesh/custody-proxy:0.1.0"
+assert pod["metadata"]["labels"]["custody.io/injected"] == "true"  # what the PodMonitor selects
 json.dump(pod, open(sys.argv[3], "w"))
 open(sys.argv[3] + ".proxy.yaml", "w").write(pod["metadata"]["annotations"]["custody.io/proxy-config"])
 print("injected:", ", ".join(names))

@@ -18,7 +18,7 @@
 //!   listener, resources, and a configuration rendered for this pod;
 //! - the volumes it reads, and annotations: `custody.io/status`, the
 //!   rendered configuration, and Prometheus scrape annotations when the pod
-//!   has none of its own.
+//!   has none of its own; the label `custody.io/injected: "true"`.
 //!
 //! Never twice: a pod that already has the sidecar (or the status annotation)
 //! is admitted unchanged, so a re-invocation (`reinvocationPolicy`) or a
@@ -41,6 +41,8 @@ pub const STATUS_ANNOTATION: &str = "custody.io/status";
 pub const CONFIG_ANNOTATION: &str = "custody.io/proxy-config";
 /// The annotation that names the application port inbound traffic goes to.
 pub const INBOUND_PORT_ANNOTATION: &str = "custody.io/inbound-port";
+/// The label on injected pods (`"true"`), for a PodMonitor's selector.
+pub const INJECTED_LABEL: &str = "custody.io/injected";
 /// The sidecar container's name.
 pub const SIDECAR_NAME: &str = "custody-proxy";
 /// The init container's name.
@@ -378,24 +380,14 @@ pub fn patch_for(
     if meta.is_none() {
         ops.push(json!({"op": "add", "path": "/metadata", "value": {}}));
     }
-    if meta
-        .and_then(|m| m.get("annotations"))
-        .is_none_or(Value::is_null)
-    {
-        let map: Map<String, Value> = add_annotations
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), Value::String(v)))
-            .collect();
-        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": map}));
-    } else {
-        for (k, v) in add_annotations {
-            ops.push(json!({
-                "op": "add",
-                "path": format!("/metadata/annotations/{}", escape(k)),
-                "value": v,
-            }));
-        }
-    }
+    add_entries(&mut ops, meta, "annotations", add_annotations);
+    // A label, so a PodMonitor can select injected pods.
+    add_entries(
+        &mut ops,
+        meta,
+        "labels",
+        vec![(INJECTED_LABEL, "true".to_owned())],
+    );
 
     // Containers. Native sidecar: [custody-init, custody-proxy, ...the pod's
     // init containers], so the pod's own init containers already run behind
@@ -453,6 +445,30 @@ pub fn patch_for(
         ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
     }
     Ok(ops)
+}
+
+/// Adds `entries` to `metadata.<map>`, creating the map when the pod has none.
+fn add_entries(
+    ops: &mut Vec<Value>,
+    meta: Option<&Map<String, Value>>,
+    map: &str,
+    entries: Vec<(&str, String)>,
+) {
+    if meta.and_then(|m| m.get(map)).is_none_or(Value::is_null) {
+        let value: Map<String, Value> = entries
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), Value::String(v)))
+            .collect();
+        ops.push(json!({"op": "add", "path": format!("/metadata/{map}"), "value": value}));
+    } else {
+        for (k, v) in entries {
+            ops.push(json!({
+                "op": "add",
+                "path": format!("/metadata/{map}/{}", escape(k)),
+                "value": v,
+            }));
+        }
+    }
 }
 
 /// JSON Pointer escaping (RFC 6901) of one path segment.

@@ -160,6 +160,8 @@ fn a_deployment_pod_gets_init_container_and_native_sidecar() {
 
     let annotations = &pod["metadata"]["annotations"];
     assert_eq!(annotations["custody.io/status"], "injected");
+    assert_eq!(pod["metadata"]["labels"]["custody.io/injected"], "true");
+    assert_eq!(pod["metadata"]["labels"]["app"], "web");
     assert_eq!(annotations["prometheus.io/scrape"], "true");
     assert_eq!(annotations["prometheus.io/port"], "15020");
     assert_eq!(annotations["prometheus.io/path"], "/metrics");
@@ -225,6 +227,11 @@ fn the_opt_out_annotation_is_honoured() {
         names(&pod, "initContainers"),
         ["custody-init", "custody-proxy"]
     );
+    // A pod without labels gets the label map.
+    assert_eq!(
+        pod["metadata"]["labels"],
+        json!({"custody.io/injected": "true"})
+    );
 }
 
 #[test]
@@ -244,6 +251,8 @@ fn existing_annotations_init_containers_and_scrape_settings_are_kept() {
     assert!(a.get("prometheus.io/path").is_none());
     assert_eq!(a["kubectl.kubernetes.io/last-applied-configuration"], "{}");
     assert_eq!(a["custody.io/status"], "injected");
+    assert_eq!(pod["metadata"]["labels"]["custody.io/injected"], "true");
+    assert_eq!(pod["metadata"]["labels"]["app"], "ledger");
     let proxy_config: Value =
         serde_norway::from_str(a["custody.io/proxy-config"].as_str().unwrap()).unwrap();
     assert_eq!(proxy_config["inbound"]["upstream"], "127.0.0.1:7000");
