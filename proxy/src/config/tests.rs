@@ -93,3 +93,42 @@ fn errors_name_the_field() {
     let bad_ns = MINIMAL.replace("namespace: shop", "namespace: \"Shop/x\"");
     assert!(err(&bad_ns).starts_with("workload"), "{}", err(&bad_ns));
 }
+
+#[test]
+fn the_workload_comes_from_the_environment_when_set() {
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    };
+    let config = Config::from_yaml_with_env(
+        MINIMAL,
+        env(&[
+            ("CUSTODY_WORKLOAD_NAMESPACE", "billing"),
+            ("CUSTODY_WORKLOAD_SERVICE_ACCOUNT", "ledger"),
+            ("CUSTODY_WORKLOAD_POD", "ledger-7c9d8b6f5-x2x9q"),
+        ]),
+    )
+    .unwrap();
+    let id = config.workload_id().unwrap();
+    assert_eq!(id.uri(), "spiffe://td/ns/billing/sa/ledger");
+    assert_eq!(
+        config.workload.pod.as_deref(),
+        Some("ledger-7c9d8b6f5-x2x9q")
+    );
+    // Empty variables are ignored; the file's values stay.
+    let config =
+        Config::from_yaml_with_env(MINIMAL, env(&[("CUSTODY_WORKLOAD_NAMESPACE", "")])).unwrap();
+    assert_eq!(config.workload.namespace, "shop");
+    // Overridden values are checked like the file's.
+    let error = Config::from_yaml_with_env(
+        MINIMAL,
+        env(&[("CUSTODY_WORKLOAD_SERVICE_ACCOUNT", "no/slashes")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.starts_with("workload"), "{error}");
+}
