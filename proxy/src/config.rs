@@ -360,7 +360,7 @@ pub enum OutboundMode {
 }
 
 /// The signing key.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SigningConfig {
     /// A file holding the 32-byte Ed25519 seed as 64 hex digits; a fresh key
@@ -373,6 +373,33 @@ pub struct SigningConfig {
     /// Lifetime of the tokens this sidecar issues (default 300 s).
     #[serde(default)]
     pub token_ttl_secs: Option<u64>,
+    /// Have the control plane (`policy.control_plane`) issue the signing
+    /// key: the public half is registered with this workload's identity,
+    /// the control plane assigns the key id, binds the key to the workload
+    /// for a bounded lifetime and publishes it to every sidecar; the key is
+    /// renewed at two thirds of its lifetime. The sidecar does not start
+    /// without it.
+    #[serde(default)]
+    pub register: bool,
+    /// How long to wait for the control plane at start (default 30 s).
+    #[serde(default = "default_register_timeout")]
+    pub register_timeout_secs: u64,
+}
+
+fn default_register_timeout() -> u64 {
+    30
+}
+
+impl Default for SigningConfig {
+    fn default() -> Self {
+        SigningConfig {
+            seed_file: None,
+            kid: None,
+            token_ttl_secs: None,
+            register: false,
+            register_timeout_secs: default_register_timeout(),
+        }
+    }
 }
 
 /// Credentials for the control plane (used by the policy stream, the hop
@@ -637,6 +664,12 @@ impl Config {
                     format!("{header:?} is not a header name"),
                 ));
             }
+        }
+        if self.signing.register && self.policy.control_plane.is_none() {
+            return Err(ConfigError::field(
+                "signing.register",
+                "needs policy.control_plane, the control plane that issues the key",
+            ));
         }
         self.validate_databases()?;
         if let Some(file) = &self.signing.seed_file

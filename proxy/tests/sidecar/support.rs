@@ -91,6 +91,8 @@ pub(crate) struct Spec<'a> {
     pub(crate) upstreams: Vec<(String, SocketAddr)>,
     pub(crate) extra_inbound: &'a str,
     pub(crate) extra: &'a str,
+    /// More fields of the `signing` section.
+    pub(crate) signing: &'a str,
 }
 
 impl<'a> Spec<'a> {
@@ -101,6 +103,7 @@ impl<'a> Spec<'a> {
             upstreams: vec![],
             extra_inbound: "",
             extra: "",
+            signing: "",
         }
     }
 }
@@ -137,7 +140,7 @@ inbound:
     - {{ type: mcp, agent_key: agent }}
 {extra_inbound}
 outbound: {{ mode: explicit, upstreams: {{ {upstreams} }} }}
-signing: {{ seed_file: "{seed}" }}
+signing: {{ seed_file: "{seed}", {signing} }}
 trust: {{ key_set_file: "{keys}" }}
 exporter: {{ jsonl_file: "{hops}", flush_interval_ms: 20 }}
 shutdown: {{ grace_period_secs: 0, final_timeout_secs: 1 }}
@@ -153,6 +156,7 @@ shutdown: {{ grace_period_secs: 0, final_timeout_secs: 1 }}
         keys = trust.key_set.display(),
         hops = dir.join("hops.jsonl").display(),
         extra = spec.extra,
+        signing = spec.signing,
     )
 }
 
