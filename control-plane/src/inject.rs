@@ -534,6 +534,9 @@ pub fn proxy_config(
         "inbound": { "upstream": format!("127.0.0.1:{app_port}") },
         "outbound": { "mode": "transparent" },
         "control_plane": { "token_file": "/var/run/custody/token" },
+        // The control plane issues the signing key, bound to this workload,
+        // and publishes it mesh-wide; it is renewed before it expires.
+        "signing": { "register": true },
         "policy": { "control_plane": config.control_plane_url, "state_dir": "/var/lib/custody" },
         "exporter": { "control_plane": config.control_plane_url },
     });
