@@ -238,6 +238,27 @@ impl Issuer {
         self.sign(claims)
     }
 
+    /// Re-signs a token this workload issued with more taint: the data
+    /// classes the chain touched here after the token was issued. Nothing
+    /// else changes (`req_wl` already ends with this workload); the lifetime
+    /// never grows.
+    pub fn retaint(
+        &self,
+        prior: &VerifiedToken,
+        taint: impl IntoIterator<Item = String>,
+        now: u64,
+    ) -> Result<SignedToken, IssueError> {
+        let prior = &prior.claims;
+        if now >= prior.exp {
+            return Err(IssueError::PriorExpired);
+        }
+        let mut claims = prior.clone();
+        claims.iss = Some(self.workload.clone());
+        claims.iat = now;
+        claims.custody.taint.extend(taint);
+        self.sign(claims)
+    }
+
     fn sign(&self, claims: TxnClaims) -> Result<SignedToken, IssueError> {
         // Serializing claims made of strings, numbers and maps cannot fail.
         let claims_json = serde_json::to_vec(&claims).unwrap_or_default();

@@ -99,6 +99,127 @@ pub struct Config {
     /// 3306, SMTP 25): passed through as TCP without waiting to sniff.
     #[serde(default)]
     pub tcp_ports: Vec<u16>,
+    /// Database sessions decoded, attributed and classified. When unset,
+    /// PostgreSQL on port 5432 and MySQL on port 3306 are recognised on the
+    /// outbound listener, and PostgreSQL on any port by its first bytes.
+    #[serde(default = "default_databases")]
+    pub databases: Vec<DatabaseConfig>,
+    /// How database results are classified.
+    #[serde(default)]
+    pub classification: ClassificationConfig,
+}
+
+fn default_databases() -> Vec<DatabaseConfig> {
+    vec![
+        DatabaseConfig::recognised(DatabaseProtocol::Postgres, 5432),
+        DatabaseConfig::recognised(DatabaseProtocol::Mysql, 3306),
+    ]
+}
+
+/// A database wire protocol the sidecar decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatabaseProtocol {
+    /// PostgreSQL (frontend/backend protocol 3.0).
+    Postgres,
+    /// MySQL and MariaDB (client/server protocol 4.1).
+    Mysql,
+}
+
+impl DatabaseProtocol {
+    /// The name used in metrics and in hop events (`postgresql`, `mysql`).
+    pub fn system(self) -> &'static str {
+        match self {
+            DatabaseProtocol::Postgres => "postgresql",
+            DatabaseProtocol::Mysql => "mysql",
+        }
+    }
+}
+
+/// What the sidecar does when a database client asks for TLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatabaseTls {
+    /// The session passes through encrypted, end to end between client and
+    /// server; it is recorded as `encrypted, not inspected`.
+    #[default]
+    Passthrough,
+}
+
+/// One database the sidecar decodes.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// The wire protocol.
+    pub protocol: DatabaseProtocol,
+    /// Destination ports recognised on the outbound listener (transparent mode).
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// A listener of its own that forwards to `upstream` (explicit mode:
+    /// local runs, benchmarks, applications configured with a proxy address).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// The server behind `listen`.
+    #[serde(default)]
+    pub upstream: Option<SocketAddr>,
+    /// Sessions that ask for TLS.
+    #[serde(default)]
+    pub tls: DatabaseTls,
+}
+
+impl DatabaseConfig {
+    /// A database recognised on one port, with the defaults.
+    pub fn recognised(protocol: DatabaseProtocol, port: u16) -> Self {
+        DatabaseConfig {
+            protocol,
+            ports: vec![port],
+            listen: None,
+            upstream: None,
+            tls: DatabaseTls::Passthrough,
+        }
+    }
+}
+
+/// Classification of database results.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassificationConfig {
+    /// Rows of each result set whose values are examined (default 64).
+    #[serde(default = "default_sample_rows")]
+    pub sample_rows: u64,
+    /// Value bytes of each result set examined (default 64 KiB).
+    #[serde(default = "default_sample_bytes")]
+    pub sample_bytes: u64,
+    /// Findings below this confidence are not reported (default 0.3).
+    #[serde(default = "default_min_confidence")]
+    pub min_confidence: f32,
+    /// Findings at or above this confidence join the chain's taint (default 0.5).
+    #[serde(default = "default_taint_confidence")]
+    pub taint_min_confidence: f32,
+}
+
+fn default_sample_rows() -> u64 {
+    64
+}
+fn default_sample_bytes() -> u64 {
+    64 << 10
+}
+fn default_min_confidence() -> f32 {
+    0.3
+}
+fn default_taint_confidence() -> f32 {
+    0.5
+}
+
+impl Default for ClassificationConfig {
+    fn default() -> Self {
+        ClassificationConfig {
+            sample_rows: default_sample_rows(),
+            sample_bytes: default_sample_bytes(),
+            min_confidence: default_min_confidence(),
+            taint_min_confidence: default_taint_confidence(),
+        }
+    }
 }
 
 fn default_threads() -> usize {
@@ -486,12 +607,87 @@ impl Config {
                 ));
             }
         }
+        self.validate_databases()?;
         if let Some(file) = &self.signing.seed_file
             && file.as_os_str().is_empty()
         {
             return Err(ConfigError::field("signing.seed_file", "must not be empty"));
         }
         Ok(())
+    }
+
+    fn validate_databases(&self) -> Result<(), ConfigError> {
+        let listeners = &self.listeners;
+        let mut ports = std::collections::BTreeSet::new();
+        for (i, db) in self.databases.iter().enumerate() {
+            for (j, port) in db.ports.iter().enumerate() {
+                if *port == 0 {
+                    return Err(ConfigError::field(
+                        format!("databases[{i}].ports[{j}]"),
+                        "must not be 0",
+                    ));
+                }
+                if !ports.insert(*port) {
+                    return Err(ConfigError::field(
+                        format!("databases[{i}].ports[{j}]"),
+                        format!("port {port} is listed twice"),
+                    ));
+                }
+            }
+            match (db.listen, db.upstream) {
+                (Some(listen), Some(_)) => {
+                    if [listeners.inbound, listeners.outbound, listeners.admin].contains(&listen) {
+                        return Err(ConfigError::field(
+                            format!("databases[{i}].listen"),
+                            format!("{listen} is already a listener of the sidecar"),
+                        ));
+                    }
+                }
+                (Some(_), None) => {
+                    return Err(ConfigError::field(
+                        format!("databases[{i}].upstream"),
+                        "is required with listen",
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::field(
+                        format!("databases[{i}].listen"),
+                        "is required with upstream",
+                    ));
+                }
+                (None, None) => {}
+            }
+        }
+        let c = &self.classification;
+        if c.sample_rows == 0 || c.sample_rows > 1_000_000 {
+            return Err(ConfigError::field(
+                "classification.sample_rows",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if c.sample_bytes == 0 || c.sample_bytes > 256 << 20 {
+            return Err(ConfigError::field(
+                "classification.sample_bytes",
+                "must be between 1 and 268435456",
+            ));
+        }
+        for (name, value) in [
+            ("classification.min_confidence", c.min_confidence),
+            (
+                "classification.taint_min_confidence",
+                c.taint_min_confidence,
+            ),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(ConfigError::field(name, "must be between 0 and 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The database protocol recognised on outbound connections to `port`.
+    pub fn database_on_port(&self, port: u16) -> Option<&DatabaseConfig> {
+        self.databases.iter().find(|d| d.ports.contains(&port))
     }
 }
 

@@ -339,6 +339,23 @@ pub fn hop_json(hop: &HopEvent) -> Value {
             "dst_ip": c.dst_ip, "dst_port": c.dst_port,
             "transport": c.transport,
         })),
+        "data": hop.data.iter().map(|d| json!({
+            "class": d.class, "count": d.count, "confidence": d.confidence,
+        })).collect::<Vec<_>>(),
+        "database": hop.database.as_ref().map(|d| json!({
+            "system": d.system,
+            "database": d.database,
+            "user": d.user,
+            "statement_kind": d.statement_kind,
+            "fingerprint": d.fingerprint,
+            "tables_read": d.tables_read,
+            "tables_written": d.tables_written,
+            "columns": d.columns,
+            "rows_returned": d.rows_returned,
+            "rows_affected": d.rows_affected,
+            "error_code": d.error_code,
+            "parsed": d.parsed,
+        })),
         "taint": hop.taint,
         "key_id": hop.key_id,
     })

@@ -98,6 +98,17 @@ impl InFlightTable {
         self.len() == 0
     }
 
+    /// The request in flight of chain `txn`, the newest if several.
+    pub fn find(&self, txn: custody_context::traceparent::TraceId) -> Option<InFlightRequest> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner
+            .requests
+            .values()
+            .rev()
+            .find(|r| r.token.claims.txn == txn)
+            .cloned()
+    }
+
     /// Attributes an outbound call: the most recently started request, with
     /// confidence `1 / n`. `None` when nothing is in flight.
     pub fn stitch(&self) -> Option<Stitch> {

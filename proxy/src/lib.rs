@@ -6,6 +6,9 @@
 //!   (the phase chart is there): token verification, minting and extension,
 //!   local stitching, `traceparent`, egress enforcement, hop events.
 //! - [`tcp`]: connections that are not HTTP, passed through as TCP.
+//! - [`db`]: PostgreSQL and MySQL sessions, decoded on the side: each
+//!   statement attributed, analysed and classified.
+//! - [`taint`]: the data classes each chain touched in this pod.
 //! - [`inflight`]: the pod's inbound requests in flight, for stitching.
 //! - [`policy_store`]: the policy in force, hot-swapped and persisted.
 //! - [`control`]: the control plane's policy and key stream.
@@ -19,12 +22,14 @@ pub mod bearer;
 pub mod config;
 pub mod control;
 pub mod control_auth;
+pub mod db;
 pub mod export;
 pub mod inflight;
 pub mod metrics;
 pub mod policy_store;
 pub mod proxy;
 pub mod server;
+pub mod taint;
 pub mod tcp;
 pub mod trust;
 

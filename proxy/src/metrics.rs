@@ -41,6 +41,53 @@ pub struct VerdictLabels {
     pub policy: String,
 }
 
+/// Labels of `custody_proxy_db_connections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DbConnectionLabels {
+    /// `postgresql` or `mysql`.
+    pub system: &'static str,
+    /// `decoded`, `encrypted` (TLS, not inspected), `unparsed` (a decoder
+    /// gave up; forwarded untouched) or `blocked` (egress policy).
+    pub inspection: &'static str,
+}
+
+/// Labels of `custody_proxy_db_queries_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DbQueryLabels {
+    /// `postgresql` or `mysql`.
+    pub system: &'static str,
+    /// `select`, `insert`, `update`, `delete`, `merge`, `ddl`, `copy`,
+    /// `transaction` or `other`.
+    pub kind: &'static str,
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
+/// Labels of `custody_proxy_db_bytes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DbBytesLabels {
+    /// `postgresql` or `mysql`.
+    pub system: &'static str,
+    /// `client` (sent by the client) or `server`.
+    pub direction: &'static str,
+}
+
+/// Labels of `custody_proxy_db_decode_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DbDecodeLabels {
+    /// `postgresql` or `mysql`.
+    pub system: &'static str,
+    /// `client` or `server`: whose bytes the decoder gave up on.
+    pub side: &'static str,
+}
+
+/// Labels of `custody_proxy_data_classes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    /// The data class (`pii.email`, ...): the built-in classes.
+    pub class: String,
+}
+
 /// All metrics of one sidecar.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -60,6 +107,16 @@ pub struct Metrics {
     pub exporter_failed: Counter,
     /// The version of the policy bundle in force.
     pub policy_version: Gauge<u64, AtomicU64>,
+    /// Database connections ended, by how far they were inspected.
+    pub db_connections: Family<DbConnectionLabels, Counter>,
+    /// Database statements completed.
+    pub db_queries: Family<DbQueryLabels, Counter>,
+    /// Database bytes relayed.
+    pub db_bytes: Family<DbBytesLabels, Counter>,
+    /// Database sessions a decoder gave up on (forwarded untouched).
+    pub db_decode_errors: Family<DbDecodeLabels, Counter>,
+    /// Statements whose results held a data class.
+    pub data_classes: Family<ClassLabels, Counter>,
 }
 
 impl Metrics {
@@ -105,6 +162,31 @@ impl Metrics {
             "policy_version",
             "Version of the policy bundle in force",
             self.policy_version.clone(),
+        );
+        r.register(
+            "db_connections",
+            "Database connections ended, by how far they were inspected",
+            self.db_connections.clone(),
+        );
+        r.register(
+            "db_queries",
+            "Database statements completed, by kind and outcome",
+            self.db_queries.clone(),
+        );
+        r.register(
+            "db_bytes",
+            "Database bytes relayed, by sender",
+            self.db_bytes.clone(),
+        );
+        r.register(
+            "db_decode_errors",
+            "Database sessions a decoder gave up on (then forwarded untouched)",
+            self.db_decode_errors.clone(),
+        );
+        r.register(
+            "data_classes",
+            "Database statements whose results held a data class",
+            self.data_classes.clone(),
         );
     }
 }

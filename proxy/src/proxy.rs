@@ -64,6 +64,10 @@ pub struct Shared {
     pub hops: HopSink,
     /// Bearer-JWT verifiers, by index in `inbound.identity_sources`.
     pub bearer: Vec<Option<crate::bearer::BearerVerifier>>,
+    /// Data classes each chain touched in this pod.
+    pub taint: crate::taint::TaintTable,
+    /// SQL analysis and classification for database sessions.
+    pub db: crate::db::Engines,
 }
 
 /// Which side of the application a proxy serves.
@@ -190,7 +194,7 @@ fn verified_from_signed(signed: SignedToken, kid: &str) -> Arc<VerifiedToken> {
 }
 
 impl Shared {
-    fn verify(&self, token: &str) -> Result<Arc<VerifiedToken>, VerifyError> {
+    pub(crate) fn verify(&self, token: &str) -> Result<Arc<VerifiedToken>, VerifyError> {
         let verified = self.verifier.verify_now(token)?;
         if self
             .policy
@@ -304,16 +308,48 @@ impl Shared {
         }
     }
 
-    fn extend(
+    /// A token this workload issued, with the taint the chain has gained
+    /// here since; the same token when there is none.
+    fn with_pod_taint(
+        &self,
+        token: Arc<VerifiedToken>,
+        encoded: String,
+    ) -> (Arc<VerifiedToken>, String) {
+        let missing = self
+            .taint
+            .missing_from(token.claims.txn, &token.claims.custody.taint);
+        if missing.is_empty() {
+            return (token, encoded);
+        }
+        match self
+            .issuer
+            .retaint(&token, missing, custody_context::unix_now())
+        {
+            Ok(signed) => {
+                let encoded = signed.encoded.clone();
+                (verified_from_signed(signed, self.issuer.kid()), encoded)
+            }
+            Err(error) => {
+                tracing::warn!(message = "cannot add taint to token", %error);
+                (token, encoded)
+            }
+        }
+    }
+
+    pub(crate) fn extend(
         &self,
         prior: &VerifiedToken,
         attribution: HopAttribution,
     ) -> Option<(Arc<VerifiedToken>, String)> {
-        match self.issuer.extend(
-            prior,
-            Extension::new(attribution),
-            custody_context::unix_now(),
-        ) {
+        let mut extension = Extension::new(attribution);
+        // What the chain touched in this pod travels on with it.
+        extension.taint = self
+            .taint
+            .missing_from(prior.claims.txn, &prior.claims.custody.taint);
+        match self
+            .issuer
+            .extend(prior, extension, custody_context::unix_now())
+        {
             Ok(signed) => {
                 let encoded = signed.encoded.clone();
                 Some((verified_from_signed(signed, self.issuer.kid()), encoded))
@@ -590,7 +626,7 @@ impl DirectionProxy {
                     if v.claims.last_workload() == Some(shared.workload_uri.as_str()) {
                         // Issued by this workload's own sidecar: already names it.
                         ctx.outcome = v1::ContextOutcome::Propagated;
-                        chosen = Some((v, token));
+                        chosen = Some(shared.with_pod_taint(v, token));
                     } else {
                         ctx.outcome = v1::ContextOutcome::Extended;
                         chosen = shared.extend(&v, HopAttribution::PROPAGATED);
@@ -614,7 +650,7 @@ impl DirectionProxy {
             let prior = &stitch.request.token;
             chosen = if prior.claims.last_workload() == Some(shared.workload_uri.as_str()) {
                 // The inbound token was minted here and already names this workload.
-                Some((Arc::clone(prior), stitch.request.encoded.to_string()))
+                Some(shared.with_pod_taint(Arc::clone(prior), stitch.request.encoded.to_string()))
             } else {
                 shared.extend(prior, attribution)
             };

@@ -48,6 +48,9 @@ pub enum BuildError {
     /// The own key could not join the key set.
     #[error("signing key: {0}")]
     OwnKey(String),
+    /// The SQL analyzer or the classifier could not be built.
+    #[error("{0}")]
+    Database(String),
 }
 
 /// A sidecar ready to run.
@@ -184,7 +187,12 @@ impl Sidecar {
                 _ => Ok(None),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let db = crate::db::Engines::new(&config.classification).map_err(BuildError::Database)?;
+        let taint_ttl =
+            std::time::Duration::from_secs(config.signing.token_ttl_secs.unwrap_or(300).max(60));
         let shared = Arc::new(Shared {
+            taint: crate::taint::TaintTable::new(16_384, taint_ttl),
+            db,
             bearer,
             workload,
             workload_uri,
@@ -217,6 +225,16 @@ impl Sidecar {
             );
             service.add_tcp(&addr.to_string());
             server.add_service(service);
+        }
+        for (index, database) in shared.config.databases.iter().enumerate() {
+            if let Some(listen) = database.listen {
+                let mut service = Service::new(
+                    format!("custody database {index}"),
+                    crate::db::DatabaseListener::new(Arc::clone(&shared), index),
+                );
+                service.add_tcp(&listen.to_string());
+                server.add_service(service);
+            }
         }
         let mut admin = Service::new(
             "custody admin".to_owned(),

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use custody_context::api::{SCHEMA_VERSION, v1};
 use custody_context::hop::HopEvent;
-use custody_context::policy::{ChainFacts, DestinationFacts, Verdict};
+use custody_context::policy::{ChainFacts, Decision, DestinationFacts, Verdict};
 use custody_context::token::InitiatorKind;
 use custody_context::traceparent::SpanId;
 use pingora::apps::ServerApp;
@@ -26,7 +26,8 @@ use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 
-use crate::config::OutboundMode;
+use crate::config::{DatabaseConfig, DatabaseProtocol, OutboundMode};
+use crate::inflight::Stitch;
 use crate::metrics::{RequestLabels, VerdictLabels};
 use crate::proxy::{Direction, DirectionProxy, Shared};
 
@@ -100,6 +101,49 @@ pub fn client_hello_sni(record: &[u8]) -> Option<String> {
     None
 }
 
+/// Evaluates egress policy for a connection to `dest` (named `host` by SNI,
+/// when known) made by the chain of `stitch`, and counts the verdict. The
+/// chain's taint includes what it touched in this pod.
+pub(crate) fn egress_decision(
+    shared: &Shared,
+    dest: SocketAddr,
+    host: Option<&str>,
+    stitch: Option<&Stitch>,
+) -> (Decision, v1::Destination) {
+    let claims = stitch.map(|s| &s.request.token.claims);
+    let mut taint = claims.map(|c| c.custody.taint.clone());
+    if let (Some(c), Some(taint)) = (claims, taint.as_mut()) {
+        taint.extend(shared.taint.missing_from(c.txn, &c.custody.taint));
+    }
+    let decision = shared.policy.current().evaluate(
+        &DestinationFacts {
+            host,
+            ip: Some(dest.ip()),
+            port: dest.port(),
+        },
+        &ChainFacts {
+            initiator_kind: Some(claims.map_or(InitiatorKind::Service, |c| c.custody.ini)),
+            principal: Some(claims.map_or(shared.workload_uri.as_str(), |c| c.sub.as_str())),
+            service: Some(&shared.workload_uri),
+            taint: taint.as_ref(),
+        },
+    );
+    shared
+        .metrics
+        .egress_verdicts
+        .get_or_create(&VerdictLabels {
+            verdict: decision.verdict.as_str(),
+            policy: decision.policy.clone().unwrap_or_else(|| "default".into()),
+        })
+        .inc();
+    let destination = v1::Destination {
+        host: host.unwrap_or_default().to_owned(),
+        ip: dest.ip().to_string(),
+        port: u32::from(dest.port()),
+    };
+    (decision, destination)
+}
+
 /// A listener app: HTTP to the proxy, everything else through as TCP.
 pub struct Sniffing {
     http: Arc<HttpProxy<DirectionProxy>>,
@@ -160,6 +204,22 @@ impl Sniffing {
         }
     }
 
+    /// A database session to `dest`, with the chain in flight for its
+    /// egress check.
+    async fn database(&self, stream: Stream, dest: SocketAddr, database: DatabaseConfig) {
+        let stitch = self.shared.inflight.stitch();
+        let egress = egress_decision(&self.shared, dest, None, stitch.as_ref());
+        crate::db::serve(
+            Arc::clone(&self.shared),
+            &database,
+            stream,
+            dest,
+            Some(egress),
+            stitch,
+        )
+        .await;
+    }
+
     async fn pass_through(
         &self,
         mut stream: Stream,
@@ -180,35 +240,18 @@ impl Sniffing {
             Direction::Inbound => None,
         };
         let claims = stitch.as_ref().map(|s| &s.request.token.claims);
-        let mut egress = None;
-        let mut blocked = false;
-        if let (Direction::Outbound, Some(dest)) = (self.direction, dest) {
-            let decision = shared.policy.current().evaluate(
-                &DestinationFacts {
-                    host: sni.as_deref(),
-                    ip: Some(dest.ip()),
-                    port: dest.port(),
-                },
-                &ChainFacts {
-                    initiator_kind: Some(claims.map_or(InitiatorKind::Service, |c| c.custody.ini)),
-                    principal: Some(
-                        claims.map_or(shared.workload_uri.as_str(), |c| c.sub.as_str()),
-                    ),
-                    service: Some(&shared.workload_uri),
-                    taint: claims.map(|c| &c.custody.taint),
-                },
-            );
-            shared
-                .metrics
-                .egress_verdicts
-                .get_or_create(&VerdictLabels {
-                    verdict: decision.verdict.as_str(),
-                    policy: decision.policy.clone().unwrap_or_else(|| "default".into()),
-                })
-                .inc();
-            blocked = decision.verdict == Verdict::Block;
-            egress = Some(decision);
-        }
+        let egress = match (self.direction, dest) {
+            (Direction::Outbound, Some(dest)) => Some(egress_decision(
+                shared,
+                dest,
+                sni.as_deref(),
+                stitch.as_ref(),
+            )),
+            _ => None,
+        };
+        let blocked = egress
+            .as_ref()
+            .is_some_and(|(d, _)| d.verdict == Verdict::Block);
         let (mut bytes_in, mut bytes_out) = (0, 0);
         if !blocked && let Some(dest) = dest {
             match tokio::net::TcpStream::connect(dest).await {
@@ -279,12 +322,8 @@ impl Sniffing {
             bytes_out,
             start_unix_nanos,
             duration_nanos: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
-            egress: egress.map(|d| v1::EgressDecision {
-                destination: dest.map(|a| v1::Destination {
-                    host: sni.clone().unwrap_or_default(),
-                    ip: a.ip().to_string(),
-                    port: u32::from(a.port()),
-                }),
+            egress: egress.map(|(d, destination)| v1::EgressDecision {
+                destination: Some(destination),
                 verdict: v1::Verdict::from(d.verdict) as i32,
                 policy: d.policy.unwrap_or_default(),
                 rule: d.rule.unwrap_or_default(),
@@ -307,13 +346,37 @@ impl ServerApp for Sniffing {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let dest = self.destination(&stream);
-        let server_first = dest.is_some_and(|d| self.shared.config.tcp_ports.contains(&d.port()));
+        let config = &self.shared.config;
+        if self.direction == Direction::Outbound
+            && let Some(dest) = dest
+            && let Some(database) = config.database_on_port(dest.port())
+        {
+            self.database(stream, dest, database.clone()).await;
+            return None;
+        }
+        let server_first = dest.is_some_and(|d| config.tcp_ports.contains(&d.port()));
         let mut sni = None;
         if !server_first {
-            let mut head = [0u8; 4];
+            let mut head = [0u8; 8];
             match tokio::time::timeout(IDLE, stream.try_peek(&mut head)).await {
-                Ok(Ok(true)) if looks_like_http(&head) => {
+                Ok(Ok(true)) if looks_like_http(&[head[0], head[1], head[2], head[3]]) => {
                     return ServerApp::process_new(&self.http, stream, shutdown).await;
+                }
+                Ok(Ok(true))
+                    if self.direction == Direction::Outbound
+                        && crate::db::looks_like_postgres(&head)
+                        && let Some(dest) = dest =>
+                {
+                    let database = config
+                        .databases
+                        .iter()
+                        .find(|d| d.protocol == DatabaseProtocol::Postgres && d.listen.is_none())
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            DatabaseConfig::recognised(DatabaseProtocol::Postgres, dest.port())
+                        });
+                    self.database(stream, dest, database).await;
+                    return None;
                 }
                 Ok(Ok(true)) if head[0] == 0x16 && head[1] == 0x03 => {
                     sni = Self::peek_sni(&mut stream).await;

@@ -619,3 +619,25 @@ fn unbound_keys_verify_any_workload() {
         .unwrap();
     assert!(verifier(&keys).verify(&token.encoded, NOW).is_ok());
 }
+
+#[test]
+fn retainting_adds_classes_without_another_workload_hop() {
+    let m = mesh();
+    let v = verifier(&m.keys);
+    let minted = m.web.mint(mint_request(), NOW).unwrap();
+    let first = v.verify(&minted.encoded, NOW + 1).unwrap();
+    let retainted = m
+        .web
+        .retaint(&first, ["pii.ssn".to_owned()], NOW + 1)
+        .unwrap();
+    let end = v.verify(&retainted.encoded, NOW + 2).unwrap();
+    assert_eq!(end.claims.req_wl, vec![WEB]);
+    assert_eq!(end.claims.custody.att, minted.claims.custody.att);
+    assert_eq!(
+        end.claims.custody.taint.iter().collect::<Vec<_>>(),
+        vec!["pii.ssn"]
+    );
+    assert!(end.claims.exp <= minted.claims.exp);
+    // An expired token is not brought back to life.
+    assert!(m.web.retaint(&first, [], minted.claims.exp).is_err());
+}

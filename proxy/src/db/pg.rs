@@ -1,0 +1,195 @@
+//! The PostgreSQL side: the decoders and the session of
+//! [`custody_protocols::pg`], wired so the inspector can read the session
+//! between messages.
+
+use custody_protocols::classify::{Classifier, Report};
+use custody_protocols::pg::{
+    BackendDecoder, BackendMessage, FrontendDecoder, FrontendMessage, Limits, QueryEvent,
+    QuerySource, Session, SessionLimits,
+};
+
+use super::relay::Inspect;
+use super::{Carrier, Conn, End, Inspection, Sampler, Statement};
+
+/// A completed statement with its result column names and classification.
+type Completed = (QueryEvent, Vec<String>, Option<Report>);
+
+/// Inspects one PostgreSQL session.
+pub(crate) struct Inspector<'c> {
+    conn: Conn,
+    classifier: &'c Classifier,
+    frontend: FrontendDecoder,
+    backend: BackendDecoder,
+    session: Session,
+    sampler: Sampler,
+    carrier: Option<Carrier>,
+    encrypted: bool,
+    failed: bool,
+}
+
+impl std::fmt::Debug for Inspector<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("pg::Inspector")
+            .field("queries", &self.conn.queries)
+            .field("encrypted", &self.encrypted)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'c> Inspector<'c> {
+    pub(crate) fn new(conn: Conn, classifier: &'c Classifier) -> Self {
+        let sampler = Sampler::new(&conn.shared.config.classification);
+        Inspector {
+            conn,
+            classifier,
+            frontend: FrontendDecoder::new(Limits::default()),
+            backend: BackendDecoder::new(Limits::default()),
+            session: Session::new(SessionLimits::default()),
+            sampler,
+            carrier: None,
+            encrypted: false,
+            failed: false,
+        }
+    }
+
+    /// Ends the session: the connection and how it went.
+    pub(crate) fn finish(self) -> (Conn, End) {
+        let inspection = if self.encrypted {
+            Inspection::Encrypted
+        } else if self.failed {
+            Inspection::Unparsed
+        } else {
+            Inspection::Decoded
+        };
+        let end = End {
+            inspection,
+            user: self.session.user().map(str::to_owned),
+            database: self.session.database().map(str::to_owned),
+        };
+        (self.conn, end)
+    }
+
+    fn decoder_failed(&mut self, side: &'static str) {
+        if !self.failed {
+            self.failed = true;
+            tracing::info!(
+                message = "postgresql session no longer decoded; forwarding untouched",
+                side,
+                dest = %self.conn.dest
+            );
+            self.conn
+                .shared
+                .metrics
+                .db_decode_errors
+                .get_or_create(&crate::metrics::DbDecodeLabels {
+                    system: "postgresql",
+                    side,
+                })
+                .inc();
+        }
+    }
+
+    fn carrier(&mut self) -> Carrier {
+        if self.carrier.is_none() && self.session.authenticated() {
+            self.carrier = Some(
+                self.session
+                    .application_name()
+                    .map(Carrier::from_application_name)
+                    .unwrap_or_default(),
+            );
+        }
+        self.carrier.clone().unwrap_or_default()
+    }
+
+    fn completed(&mut self, (event, columns, report): Completed) {
+        let index = match event.source {
+            QuerySource::Simple { index } => usize::try_from(index).unwrap_or(usize::MAX),
+            _ => 0,
+        };
+        let statement = Statement {
+            rows_affected: event.rows_affected().unwrap_or(0),
+            sql: event.sql.clone(),
+            index,
+            command: event.command.as_deref().map(str::to_owned),
+            rows_returned: event.rows_returned,
+            error_code: event.error.as_ref().map(|e| e.sqlstate.to_string()),
+            columns,
+            report,
+            user: self.session.user().map(str::to_owned),
+            database: self.session.database().map(str::to_owned),
+        };
+        let carrier = self.carrier();
+        self.conn.statement_done(statement, &carrier);
+    }
+}
+
+impl Inspect for Inspector<'_> {
+    fn client_bytes(&mut self, data: &[u8]) {
+        if self.failed || self.encrypted {
+            return;
+        }
+        let mut sent = false;
+        let session = &mut self.session;
+        let result = self.frontend.feed(data, |frame| {
+            let msg = FrontendMessage::parse(&frame);
+            session.on_frontend(&msg);
+            sent |= matches!(
+                msg,
+                FrontendMessage::Query { .. }
+                    | FrontendMessage::Execute { .. }
+                    | FrontendMessage::FunctionCall { .. }
+            );
+        });
+        if let Some(kind) = self.frontend.take_encryption_request() {
+            self.backend.expect_encryption_response(kind);
+        }
+        if sent {
+            self.conn.statement_sent();
+        }
+        if result.is_err() {
+            self.decoder_failed("client");
+        }
+    }
+
+    fn server_bytes(&mut self, data: &[u8]) {
+        if self.failed || self.encrypted {
+            return;
+        }
+        let mut accepted = false;
+        let mut done: Vec<Completed> = Vec::new();
+        let session = &mut self.session;
+        let sampler = &mut self.sampler;
+        let classifier = self.classifier;
+        let result = self.backend.feed(data, |frame| {
+            let msg = BackendMessage::parse(&frame);
+            match &msg {
+                BackendMessage::EncryptionResponse { accepted: true } => accepted = true,
+                BackendMessage::DataRow(row) if sampler.wants() => {
+                    sampler.push_row(row.values().map_while(Result::ok));
+                }
+                _ => {}
+            }
+            if let Some(event) = session.on_backend(&msg) {
+                // The rows sampled so far are this statement's.
+                let columns: Vec<String> = event
+                    .columns
+                    .as_deref()
+                    .map(|c| c.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default();
+                let report = sampler.classify(classifier, &columns, event.rows_returned);
+                done.push((event, columns, report));
+            }
+        });
+        if accepted {
+            self.frontend.encryption_accepted();
+            self.encrypted = true;
+        }
+        for event in done {
+            self.completed(event);
+        }
+        if result.is_err() {
+            self.decoder_failed("server");
+        }
+    }
+}
