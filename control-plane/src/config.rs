@@ -11,6 +11,15 @@
 //! retention: { max_age_secs: 604800, max_bytes: 10737418240, interval_secs: 60 }
 //! trust: { signing_key_ttl_secs: 3600 }
 //! assembly: { interval_millis: 200, max_request_secs: 10 }
+//! https:                         # optional: the same HTTP API over TLS (admission webhooks)
+//!   listen: 0.0.0.0:19443
+//!   cert_file: /etc/custody/tls/tls.crt   # PEM chain, re-read when it changes
+//!   key_file: /etc/custody/tls/tls.key
+//! inject:                        # optional: sidecar injection (`POST /inject`), see `inject.rs`
+//!   proxy_image: ghcr.io/custody-mesh/custody-proxy:0.1.0
+//!   init_image: ghcr.io/custody-mesh/custody-init:0.1.0
+//!   trust_domain: cluster.local
+//!   control_plane_url: http://custody-control.custody.svc:19001
 //! ```
 //!
 //! Every error names the field at fault.
@@ -205,6 +214,26 @@ pub struct Config {
     /// Assembly.
     #[serde(default)]
     pub assembly: AssemblyConfig,
+    /// A TLS listener serving the same HTTP API (the Kubernetes API server
+    /// calls admission webhooks over HTTPS only); off when unset.
+    #[serde(default)]
+    pub https: Option<HttpsConfig>,
+    /// Sidecar injection (`POST /inject`); off when unset.
+    #[serde(default)]
+    pub inject: Option<crate::inject::InjectConfig>,
+}
+
+/// The TLS listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsConfig {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The certificate chain (PEM); re-read when the file changes, so a
+    /// rotated certificate (cert-manager) is served without a restart.
+    pub cert_file: PathBuf,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 /// A token with its secret resolved.
@@ -251,6 +280,9 @@ impl Config {
         }
         if config.trust.signing_key_ttl_secs == 0 {
             return Err(field("trust.signing_key_ttl_secs", "must be at least 1"));
+        }
+        if let Some(inject) = &config.inject {
+            inject.validate().map_err(|(f, m)| field(f, m))?;
         }
         Ok(config)
     }

@@ -2,7 +2,9 @@
 //! `control-plane/openapi.yaml`), and `/metrics`.
 //!
 //! Every `/v1` route requires an admin bearer token; `/metrics` and
-//! `/healthz` are open (counts only, no chain data).
+//! `/healthz` are open (counts only, no chain data), and so is `/inject`
+//! when injection is configured (it answers with a patch for the pod it is
+//! sent, nothing else).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -149,6 +151,29 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(shared)
+}
+
+/// `POST /inject`: the sidecar injection webhook ([`crate::inject`]).
+pub fn inject_router(config: Arc<crate::inject::InjectConfig>) -> Router {
+    Router::new()
+        .route("/inject", post(inject))
+        .with_state(config)
+}
+
+async fn inject(
+    State(config): State<Arc<crate::inject::InjectConfig>>,
+    body: axum::body::Bytes,
+) -> Response {
+    match crate::inject::review(&config, &body) {
+        Ok(reviewed) => {
+            let outcome = reviewed
+                .skipped
+                .map_or("injected", crate::inject::Skip::as_str);
+            tracing::info!(outcome, "admission review");
+            Json(reviewed.response).into_response()
+        }
+        Err(e) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

@@ -8,6 +8,8 @@
 //! - [`auth`]: bearer tokens for every API.
 //! - [`grpc`]: the `custody.v1` services (Ingest, PolicyDistribution, Trust).
 //! - [`http`]: the investigation and policy API and `/metrics`.
+//! - [`inject`]: sidecar injection, the admission webhook's pure core.
+//! - [`tls`]: the HTTPS listener (webhooks), with certificate reload.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`config`]: the typed configuration.
 //! - [`server`]: the wiring.
@@ -21,10 +23,12 @@ pub mod config;
 pub mod distribution;
 pub mod grpc;
 pub mod http;
+pub mod inject;
 pub mod metrics;
 pub mod render;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod trust;
 
 /// The current Unix time in nanoseconds (0 before 1970).

@@ -90,6 +90,9 @@ pub enum StartError {
     /// The root key could not be loaded.
     #[error(transparent)]
     Trust(#[from] TrustError),
+    /// The HTTPS certificate could not be loaded.
+    #[error("https: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -107,6 +110,8 @@ pub struct Running {
     pub grpc_addr: SocketAddr,
     /// Where HTTP listens.
     pub http_addr: SocketAddr,
+    /// Where HTTPS listens, when configured.
+    pub https_addr: Option<SocketAddr>,
     /// The shared state (for tests and embedding).
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
@@ -206,7 +211,38 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             tracing::error!(%error, "gRPC server failed");
         }
     }));
-    let app = crate::http::router(shared.clone());
+    let mut app = crate::http::router(shared.clone());
+    if let Some(inject) = &config.inject {
+        app = app.merge(crate::http::inject_router(Arc::new(inject.clone())));
+    }
+    let https_addr = match &config.https {
+        Some(https) => {
+            let cert = Arc::new(crate::tls::ReloadingCert::new(
+                &https.cert_file,
+                &https.key_file,
+            )?);
+            let tls = crate::tls::server_config(cert)?;
+            let tcp = bind(https.listen).await?;
+            let listener =
+                crate::tls::TlsListener::new(tcp, tls).map_err(|source| StartError::Bind {
+                    addr: https.listen,
+                    source,
+                })?;
+            let addr = axum::serve::Listener::local_addr(&listener).ok();
+            let app = app.clone();
+            let https_stop = stopped(stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let result = axum::serve(listener, app)
+                    .with_graceful_shutdown(https_stop)
+                    .await;
+                if let Err(error) = result {
+                    tracing::error!(%error, "HTTPS server failed");
+                }
+            }));
+            addr
+        }
+        None => None,
+    };
     let http_stop = stopped(stop.clone());
     tasks.push(tokio::spawn(async move {
         let result = axum::serve(http_listener, app)
@@ -300,10 +336,11 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         }
     }));
 
-    tracing::info!(%grpc_addr, %http_addr, "custody-control listening");
+    tracing::info!(%grpc_addr, %http_addr, ?https_addr, "custody-control listening");
     Ok(Running {
         grpc_addr,
         http_addr,
+        https_addr,
         shared,
         shutdown,
         tasks,

@@ -226,7 +226,18 @@ fn default_threads() -> usize {
     1
 }
 
-/// The workload identity: the Helm chart fills it from the pod's metadata.
+/// Environment variables that override `workload.namespace`,
+/// `workload.service_account` and `workload.pod` when set and not empty: the
+/// Helm chart's injector sets them from the pod's metadata (downward API),
+/// since a pod's name is not known when its configuration is rendered.
+pub const WORKLOAD_ENV: [&str; 3] = [
+    "CUSTODY_WORKLOAD_NAMESPACE",
+    "CUSTODY_WORKLOAD_SERVICE_ACCOUNT",
+    "CUSTODY_WORKLOAD_POD",
+];
+
+/// The workload identity: the Helm chart fills it from the pod's metadata
+/// (see [`WORKLOAD_ENV`]).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadConfig {
@@ -349,7 +360,7 @@ pub enum OutboundMode {
 }
 
 /// The signing key.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SigningConfig {
     /// A file holding the 32-byte Ed25519 seed as 64 hex digits; a fresh key
@@ -362,6 +373,33 @@ pub struct SigningConfig {
     /// Lifetime of the tokens this sidecar issues (default 300 s).
     #[serde(default)]
     pub token_ttl_secs: Option<u64>,
+    /// Have the control plane (`policy.control_plane`) issue the signing
+    /// key: the public half is registered with this workload's identity,
+    /// the control plane assigns the key id, binds the key to the workload
+    /// for a bounded lifetime and publishes it to every sidecar; the key is
+    /// renewed at two thirds of its lifetime. The sidecar does not start
+    /// without it.
+    #[serde(default)]
+    pub register: bool,
+    /// How long to wait for the control plane at start (default 30 s).
+    #[serde(default = "default_register_timeout")]
+    pub register_timeout_secs: u64,
+}
+
+fn default_register_timeout() -> u64 {
+    30
+}
+
+impl Default for SigningConfig {
+    fn default() -> Self {
+        SigningConfig {
+            seed_file: None,
+            kid: None,
+            token_ttl_secs: None,
+            register: false,
+            register_timeout_secs: default_register_timeout(),
+        }
+    }
 }
 
 /// Credentials for the control plane (used by the policy stream, the hop
@@ -518,22 +556,42 @@ impl Default for ShutdownConfig {
 impl Config {
     /// Parses and checks a YAML document.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        Config::from_yaml_with_env(text, |_| None)
+    }
+
+    /// Parses a YAML document, lets the variables of [`WORKLOAD_ENV`] found
+    /// by `env` override the workload fields, and checks the result.
+    pub fn from_yaml_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let de = serde_norway::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
             ConfigError::field(field, e.into_inner().to_string())
         })?;
+        let value = |name: &str| env(name).filter(|v| !v.is_empty());
+        if let Some(v) = value(WORKLOAD_ENV[0]) {
+            config.workload.namespace = v;
+        }
+        if let Some(v) = value(WORKLOAD_ENV[1]) {
+            config.workload.service_account = v;
+        }
+        if let Some(v) = value(WORKLOAD_ENV[2]) {
+            config.workload.pod = Some(v);
+        }
         config.validate()?;
         Ok(config)
     }
 
-    /// Reads, parses and checks a YAML file.
+    /// Reads, parses and checks a YAML file; the variables of
+    /// [`WORKLOAD_ENV`], when set, override the workload fields.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::from_yaml(&text)
+        Config::from_yaml_with_env(&text, |name| std::env::var(name).ok())
     }
 
     /// The workload identity.
@@ -606,6 +664,12 @@ impl Config {
                     format!("{header:?} is not a header name"),
                 ));
             }
+        }
+        if self.signing.register && self.policy.control_plane.is_none() {
+            return Err(ConfigError::field(
+                "signing.register",
+                "needs policy.control_plane, the control plane that issues the key",
+            ));
         }
         self.validate_databases()?;
         if let Some(file) = &self.signing.seed_file

@@ -36,7 +36,7 @@ pub fn apply_update(shared: &Shared, update: &v1::PolicyUpdate) -> Result<u64, S
         // The pushed set joins the anchors (own key, key-set file); it never
         // removes them, so a control plane that does not know a key from the
         // file cannot break chains signed with it.
-        let mut keys = shared.anchor_keys.clone();
+        let mut keys = (**shared.anchor_keys.load()).clone();
         keys.set_version(pushed.version());
         for key in pushed.keys() {
             if keys.keys().all(|k| k.kid() != key.kid()) {

@@ -14,6 +14,7 @@
 //! - [`control`]: the control plane's policy and key stream.
 //! - [`export`]: the bounded hop queue and its exporter.
 //! - [`trust`]: the signing key and key-set files.
+//! - [`registration`]: signing keys issued and renewed by the control plane.
 //! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener.
 //! - [`server`]: wiring into a pingora server, graceful shutdown.
 
@@ -28,6 +29,7 @@ pub mod inflight;
 pub mod metrics;
 pub mod policy_store;
 pub mod proxy;
+pub mod registration;
 pub mod server;
 pub mod taint;
 pub mod tcp;

@@ -45,15 +45,14 @@ pub struct Shared {
     pub workload: WorkloadId,
     /// Its URI, as it appears in `req_wl`.
     pub workload_uri: String,
-    /// Signs minted and replacement tokens.
-    pub issuer: Issuer,
+    /// Signs minted and replacement tokens (swapped when the key is renewed).
+    pub issuer: arc_swap::ArcSwap<Issuer>,
     /// Verifies arriving tokens (cached).
     pub verifier: Verifier,
-    /// This sidecar's public key, always trusted.
-    pub own_key: custody_context::keys::PublicKey,
     /// The keys trusted whatever the control plane says: this sidecar's own
-    /// and those of the configured key-set file.
-    pub anchor_keys: custody_context::keys::KeySet,
+    /// (every one it signed with that is still valid) and those of the
+    /// configured key-set file.
+    pub anchor_keys: arc_swap::ArcSwap<custody_context::keys::KeySet>,
     /// The egress policy in force.
     pub policy: Arc<PolicyStore>,
     /// Inbound requests in flight, for stitching.
@@ -295,11 +294,12 @@ impl Shared {
             rctx: Some(rctx),
             taint: vec![],
         };
-        match self.issuer.mint(mint, custody_context::unix_now()) {
+        let issuer = self.issuer.load();
+        match issuer.mint(mint, custody_context::unix_now()) {
             Ok(signed) => {
                 self.metrics.chains_started.inc();
                 let encoded = signed.encoded.clone();
-                Some((verified_from_signed(signed, self.issuer.kid()), encoded))
+                Some((verified_from_signed(signed, issuer.kid()), encoded))
             }
             Err(error) => {
                 tracing::warn!(message = "cannot mint token", %error);
@@ -321,13 +321,11 @@ impl Shared {
         if missing.is_empty() {
             return (token, encoded);
         }
-        match self
-            .issuer
-            .retaint(&token, missing, custody_context::unix_now())
-        {
+        let issuer = self.issuer.load();
+        match issuer.retaint(&token, missing, custody_context::unix_now()) {
             Ok(signed) => {
                 let encoded = signed.encoded.clone();
-                (verified_from_signed(signed, self.issuer.kid()), encoded)
+                (verified_from_signed(signed, issuer.kid()), encoded)
             }
             Err(error) => {
                 tracing::warn!(message = "cannot add taint to token", %error);
@@ -345,13 +343,11 @@ impl Shared {
     ) -> Option<(Arc<VerifiedToken>, String)> {
         let mut extension = Extension::new(attribution);
         extension.delegate_to = Some(agent.to_owned());
-        match self
-            .issuer
-            .extend(prior, extension, custody_context::unix_now())
-        {
+        let issuer = self.issuer.load();
+        match issuer.extend(prior, extension, custody_context::unix_now()) {
             Ok(signed) => {
                 let encoded = signed.encoded.clone();
-                Some((verified_from_signed(signed, self.issuer.kid()), encoded))
+                Some((verified_from_signed(signed, issuer.kid()), encoded))
             }
             Err(error) => {
                 tracing::warn!(message = "cannot extend token with a delegation", %error);
@@ -370,13 +366,11 @@ impl Shared {
         extension.taint = self
             .taint
             .missing_from(prior.claims.txn, &prior.claims.custody.taint);
-        match self
-            .issuer
-            .extend(prior, extension, custody_context::unix_now())
-        {
+        let issuer = self.issuer.load();
+        match issuer.extend(prior, extension, custody_context::unix_now()) {
             Ok(signed) => {
                 let encoded = signed.encoded.clone();
-                Some((verified_from_signed(signed, self.issuer.kid()), encoded))
+                Some((verified_from_signed(signed, issuer.kid()), encoded))
             }
             Err(error) => {
                 tracing::warn!(message = "cannot extend token", %error);

@@ -48,6 +48,9 @@ pub enum BuildError {
     /// The own key could not join the key set.
     #[error("signing key: {0}")]
     OwnKey(String),
+    /// The control plane did not issue a signing key.
+    #[error("{0}")]
+    Registration(String),
     /// The SQL analyzer or the classifier could not be built.
     #[error("{0}")]
     Database(String),
@@ -73,6 +76,8 @@ struct Tasks {
     queue: Mutex<Option<HopQueue>>,
     target: ExportTarget,
     auth: ControlPlaneAuth,
+    /// When the control-plane-issued signing key expires, if there is one.
+    key_not_after: Option<u64>,
 }
 
 #[async_trait]
@@ -94,6 +99,16 @@ impl BackgroundService for Tasks {
                 shutdown.clone(),
             ))
         });
+        let renewal = match (config.policy.control_plane.clone(), self.key_not_after) {
+            (Some(address), Some(not_after)) => Some(tokio::spawn(crate::registration::renew(
+                Arc::clone(&self.shared),
+                address,
+                self.auth.clone(),
+                not_after,
+                shutdown.clone(),
+            ))),
+            _ => None,
+        };
         if let Some(queue) = self.queue.lock().await.take() {
             queue
                 .run(
@@ -104,7 +119,7 @@ impl BackgroundService for Tasks {
                 )
                 .await;
         }
-        for task in [watcher, subscription].into_iter().flatten() {
+        for task in [watcher, subscription, renewal].into_iter().flatten() {
             task.abort();
         }
     }
@@ -116,18 +131,42 @@ impl Sidecar {
     pub fn build(config: Config) -> Result<Self, BuildError> {
         let workload = config.workload_id()?;
         let workload_uri = workload.uri();
-        let signing = match &config.signing.seed_file {
-            Some(path) => {
-                let seed = trust::load_seed(path)?;
-                trust::signing_key_from_seed(&seed, config.signing.kid.as_deref())
-            }
-            None => SigningKey::generate(),
+        let seed = match &config.signing.seed_file {
+            Some(path) => Some(trust::load_seed(path)?),
+            None => None,
+        };
+        let auth = match &config.control_plane.token_file {
+            Some(path) => ControlPlaneAuth::from_file(path)?,
+            None => ControlPlaneAuth::none(),
         };
         let mut keys = match &config.trust.key_set_file {
             Some(path) => KeySetFile::load(path)?,
             None => custody_context::keys::KeySet::new(),
         };
-        let own = signing.public_key().bound_to(&workload_uri);
+        let (signing, own, key_not_after) =
+            match (&config.policy.control_plane, config.signing.register) {
+                (Some(address), true) => {
+                    let granted = crate::registration::register_blocking(
+                        address.clone(),
+                        auth.clone(),
+                        workload.clone(),
+                        seed,
+                        Duration::from_secs(config.signing.register_timeout_secs),
+                    )
+                    .map_err(BuildError::Registration)?;
+                    (granted.key, granted.public, Some(granted.not_after))
+                }
+                _ => {
+                    let signing = match seed {
+                        Some(seed) => {
+                            trust::signing_key_from_seed(&seed, config.signing.kid.as_deref())
+                        }
+                        None => SigningKey::generate(),
+                    };
+                    let own = signing.public_key().bound_to(&workload_uri);
+                    (signing, own, None)
+                }
+            };
         if keys.keys().all(|k| k.kid() != own.kid()) {
             keys.insert(own.clone())
                 .map_err(|e| BuildError::OwnKey(e.to_string()))?;
@@ -152,10 +191,6 @@ impl Sidecar {
         if let Some(path) = &config.policy.file {
             policy.apply(policy_store::load_bundle(path)?);
         }
-        let auth = match &config.control_plane.token_file {
-            Some(path) => ControlPlaneAuth::from_file(path)?,
-            None => ControlPlaneAuth::none(),
-        };
         let (hops, queue) = export::queue(config.exporter.queue_size, Arc::clone(&metrics));
         let target = match (&config.exporter.control_plane, &config.exporter.jsonl_file) {
             (Some(address), _) => ExportTarget::ControlPlane(address.clone(), auth.clone()),
@@ -196,10 +231,9 @@ impl Sidecar {
             bearer,
             workload,
             workload_uri,
-            issuer,
+            issuer: arc_swap::ArcSwap::from_pointee(issuer),
             verifier,
-            own_key: own,
-            anchor_keys,
+            anchor_keys: arc_swap::ArcSwap::from_pointee(anchor_keys),
             policy,
             inflight: InFlightTable::new(),
             metrics,
@@ -249,6 +283,7 @@ impl Sidecar {
                 queue: Mutex::new(Some(queue)),
                 target,
                 auth,
+                key_not_after,
             },
         ));
         Ok(Sidecar { server, shared })

@@ -204,6 +204,15 @@ impl Sniffing {
         }
     }
 
+    /// Whether the connection's first 8 bytes are a PostgreSQL startup packet.
+    async fn peeks_postgres(&self, stream: &mut Stream) -> bool {
+        let mut head = [0u8; 8];
+        matches!(
+            tokio::time::timeout(IDLE, stream.try_peek(&mut head)).await,
+            Ok(Ok(true)) if crate::db::looks_like_postgres(&head)
+        )
+    }
+
     /// A database session to `dest`, with the chain in flight for its
     /// egress check.
     async fn database(&self, stream: Stream, dest: SocketAddr, database: DatabaseConfig) {
@@ -357,15 +366,18 @@ impl ServerApp for Sniffing {
         let server_first = dest.is_some_and(|d| config.tcp_ports.contains(&d.port()));
         let mut sni = None;
         if !server_first {
-            let mut head = [0u8; 8];
+            let mut head = [0u8; 4];
             match tokio::time::timeout(IDLE, stream.try_peek(&mut head)).await {
-                Ok(Ok(true)) if looks_like_http(&[head[0], head[1], head[2], head[3]]) => {
+                Ok(Ok(true)) if looks_like_http(&head) => {
                     return ServerApp::process_new(&self.http, stream, shutdown).await;
                 }
+                // A length prefix below 64 KiB: perhaps a PostgreSQL startup
+                // packet, which is at least 8 bytes and sent whole.
                 Ok(Ok(true))
                     if self.direction == Direction::Outbound
-                        && crate::db::looks_like_postgres(&head)
-                        && let Some(dest) = dest =>
+                        && head[..2] == [0, 0]
+                        && let Some(dest) = dest
+                        && self.peeks_postgres(&mut stream).await =>
                 {
                     let database = config
                         .databases

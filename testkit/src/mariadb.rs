@@ -54,7 +54,7 @@ impl MariaDb {
         sys::remove_stale();
         let owner = sys::server_user(&opts.os_user)?;
         let dir = sys::server_dir("mariadb", owner.as_ref())?;
-        let os_user = owner.map(|(name, _, _)| name);
+        let os_user = owner.as_ref().map(|(name, _, _)| name.clone());
         let mut db = MariaDb {
             dir,
             child: None,
@@ -64,13 +64,25 @@ impl MariaDb {
             password: opts.password.clone().unwrap_or_else(sys::random_password),
             database: opts.database.clone(),
         };
+        // A temporary directory of its own: concurrent servers sharing /tmp
+        // have collided on their temporary table names.
+        let tmp = db.dir.path().join("tmp");
+        std::fs::create_dir(&tmp).map_err(|source| Error::Io {
+            what: format!("creating {}", tmp.display()),
+            source,
+        })?;
+        if let Some((_, uid, gid)) = &owner {
+            sys::chown(&tmp, *uid, *gid)?;
+        }
         let datadir = format!("--datadir={}", db.data_dir().display());
+        let tmpdir = format!("--tmpdir={}", tmp.display());
         let mut install = Command::new("mariadb-install-db");
         install.current_dir(db.dir.path()).args([
             "--no-defaults",
             &datadir,
             "--auth-root-authentication-method=normal",
             "--skip-test-db",
+            &tmpdir,
         ]);
         if let Some(user) = &os_user {
             install.arg(format!("--user={user}"));
@@ -120,6 +132,7 @@ impl MariaDb {
             .arg(format!("--socket={}", self.socket().display()))
             .arg(format!("--pid-file={}", dir.join("mariadbd.pid").display()))
             .arg(format!("--log-error={}", self.log_file().display()))
+            .arg(format!("--tmpdir={}", dir.join("tmp").display()))
             .arg("--skip-name-resolve")
             .arg("--skip-log-bin")
             .arg("--max-connections=500")

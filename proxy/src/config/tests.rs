@@ -93,3 +93,98 @@ fn errors_name_the_field() {
     let bad_ns = MINIMAL.replace("namespace: shop", "namespace: \"Shop/x\"");
     assert!(err(&bad_ns).starts_with("workload"), "{}", err(&bad_ns));
 }
+
+#[test]
+fn the_workload_comes_from_the_environment_when_set() {
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    };
+    let config = Config::from_yaml_with_env(
+        MINIMAL,
+        env(&[
+            ("CUSTODY_WORKLOAD_NAMESPACE", "billing"),
+            ("CUSTODY_WORKLOAD_SERVICE_ACCOUNT", "ledger"),
+            ("CUSTODY_WORKLOAD_POD", "ledger-7c9d8b6f5-x2x9q"),
+        ]),
+    )
+    .unwrap();
+    let id = config.workload_id().unwrap();
+    assert_eq!(id.uri(), "spiffe://td/ns/billing/sa/ledger");
+    assert_eq!(
+        config.workload.pod.as_deref(),
+        Some("ledger-7c9d8b6f5-x2x9q")
+    );
+    // Empty variables are ignored; the file's values stay.
+    let config =
+        Config::from_yaml_with_env(MINIMAL, env(&[("CUSTODY_WORKLOAD_NAMESPACE", "")])).unwrap();
+    assert_eq!(config.workload.namespace, "shop");
+    // Overridden values are checked like the file's.
+    let error = Config::from_yaml_with_env(
+        MINIMAL,
+        env(&[("CUSTODY_WORKLOAD_SERVICE_ACCOUNT", "no/slashes")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.starts_with("workload"), "{error}");
+}
+
+#[test]
+fn databases_default_to_the_standard_ports_and_are_checked() {
+    let config = Config::from_yaml(MINIMAL).unwrap();
+    assert_eq!(
+        config.database_on_port(5432).map(|d| d.protocol),
+        Some(DatabaseProtocol::Postgres)
+    );
+    assert_eq!(
+        config.database_on_port(3306).map(|d| d.protocol),
+        Some(DatabaseProtocol::Mysql)
+    );
+    assert!(config.database_on_port(80).is_none());
+
+    let listen_only =
+        MINIMAL.to_string() + "databases: [{ protocol: postgres, listen: \"127.0.0.1:9\" }]\n";
+    assert_eq!(
+        err(&listen_only),
+        "databases[0].upstream: is required with listen"
+    );
+    let twice = MINIMAL.to_string()
+        + "databases: [{ protocol: postgres, ports: [5432] }, { protocol: mysql, ports: [5432] }]\n";
+    assert_eq!(
+        err(&twice),
+        "databases[1].ports[0]: port 5432 is listed twice"
+    );
+    let clash = MINIMAL.to_string()
+        + "databases: [{ protocol: mysql, listen: \"127.0.0.1:3\", upstream: \"127.0.0.1:3306\" }]\n";
+    assert!(
+        err(&clash).starts_with("databases[0].listen"),
+        "{}",
+        err(&clash)
+    );
+    let unknown = MINIMAL.to_string() + "databases: [{ protocol: oracle }]\n";
+    assert!(
+        err(&unknown).starts_with("databases[0].protocol"),
+        "{}",
+        err(&unknown)
+    );
+    let confidence = MINIMAL.to_string() + "classification: { taint_min_confidence: 2 }\n";
+    assert_eq!(
+        err(&confidence),
+        "classification.taint_min_confidence: must be between 0 and 1"
+    );
+}
+
+#[test]
+fn key_registration_needs_a_control_plane() {
+    let text = MINIMAL.to_string() + "signing: { register: true }\n";
+    assert!(err(&text).starts_with("signing.register"), "{}", err(&text));
+    let text = MINIMAL.to_string()
+        + "signing: { register: true }\npolicy: { control_plane: \"http://127.0.0.1:7070\" }\n";
+    let config = Config::from_yaml(&text).unwrap();
+    assert!(config.signing.register);
+    assert_eq!(config.signing.register_timeout_secs, 30);
+}

@@ -16,6 +16,7 @@ mod mcp;
 mod mysql;
 mod postgres;
 mod refusal;
+mod registration;
 mod shutdown;
 mod traffic;
 mod transparent;

@@ -139,14 +139,12 @@ async fn statements_are_forwarded_unchanged_and_recorded_classified() {
         let email: String = row.get(0);
         assert_eq!(email, shop.customers[i % shop.customers.len()].email);
     }
-    let hops = sc.hops(1000).await;
-    let executions: Vec<&Value> = hops
-        .iter()
-        .filter(|h| {
-            db(h)["columns"] == serde_json::json!(["customers.email", "customers.id"])
-                && db(h)["statement_kind"] == "select"
-        })
-        .collect();
+    let is_execution = |h: &Value| {
+        db(h)["columns"] == serde_json::json!(["customers.email", "customers.id"])
+            && db(h)["statement_kind"] == "select"
+    };
+    let hops = sc.hops_where(1000, is_execution).await;
+    let executions: Vec<&Value> = hops.iter().filter(|h| is_execution(h)).collect();
     assert!(executions.len() >= 1000, "{} executions", executions.len());
     assert!(
         executions

@@ -91,6 +91,8 @@ pub(crate) struct Spec<'a> {
     pub(crate) upstreams: Vec<(String, SocketAddr)>,
     pub(crate) extra_inbound: &'a str,
     pub(crate) extra: &'a str,
+    /// More fields of the `signing` section.
+    pub(crate) signing: &'a str,
 }
 
 impl<'a> Spec<'a> {
@@ -101,6 +103,7 @@ impl<'a> Spec<'a> {
             upstreams: vec![],
             extra_inbound: "",
             extra: "",
+            signing: "",
         }
     }
 }
@@ -137,7 +140,7 @@ inbound:
     - {{ type: mcp, agent_key: agent }}
 {extra_inbound}
 outbound: {{ mode: explicit, upstreams: {{ {upstreams} }} }}
-signing: {{ seed_file: "{seed}" }}
+signing: {{ seed_file: "{seed}", {signing} }}
 trust: {{ key_set_file: "{keys}" }}
 exporter: {{ jsonl_file: "{hops}", flush_interval_ms: 20 }}
 shutdown: {{ grace_period_secs: 0, final_timeout_secs: 1 }}
@@ -153,6 +156,7 @@ shutdown: {{ grace_period_secs: 0, final_timeout_secs: 1 }}
         keys = trust.key_set.display(),
         hops = dir.join("hops.jsonl").display(),
         extra = spec.extra,
+        signing = spec.signing,
     )
 }
 
@@ -229,6 +233,28 @@ impl Proxy {
                 return hop;
             }
             assert!(Instant::now() < deadline, "no matching hop event:\n{text}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until at least `n` hop events matching `pred` are exported, and
+    /// returns every hop exported so far.
+    pub(crate) async fn hops_where(&self, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&self.hops_file).unwrap_or_default();
+            let hops: Vec<Value> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            let matching = hops.iter().filter(|h| pred(h)).count();
+            if matching >= n {
+                return hops;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} matching hop events, have {matching}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

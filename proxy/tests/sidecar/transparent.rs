@@ -153,7 +153,7 @@ outbound: {{ mode: transparent }}
 policy: {{ file: "{}" }}
 exporter: {{ jsonl_file: "{}", flush_interval_ms: 20 }}
 shutdown: {{ grace_period_secs: 0 }}
-tcp_ports: [3306]
+tcp_ports: [2525]
 "#,
             policy.display(),
             hops.display()
@@ -263,7 +263,7 @@ tcp_ports: [3306]
         .exec(&[
             "python3",
             "-c",
-            "import socket; socket.create_connection(('10.99.0.2', 3306), 1)",
+            "import socket; socket.create_connection(('10.99.0.2', 2525), 1)",
         ])
         .status()
         .map_or(true, |s| !s.success())
@@ -272,7 +272,7 @@ tcp_ports: [3306]
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(tcp("10.99.0.2", "7000", "20060", "0"), "ping\n");
-    assert_eq!(tcp("10.99.0.2", "3306", "20061", "1"), "greeting\nping\n");
+    assert_eq!(tcp("10.99.0.2", "2525", "20061", "1"), "greeting\nping\n");
     assert_eq!(tcp("10.99.0.3", "7000", "20062", "0"), "");
 
     // TLS: the server name decides; the bytes pass through untouched.
@@ -351,7 +351,7 @@ tcp_ports: [3306]
     };
     assert_eq!(to(7000, "10.99.0.2")["bytes_in"], 5);
     assert_eq!(to(7000, "10.99.0.2")["bytes_out"], 5);
-    assert_eq!(to(3306, "10.99.0.2")["bytes_out"], 14);
+    assert_eq!(to(2525, "10.99.0.2")["bytes_out"], 14);
     assert_eq!(to(7000, "10.99.0.3")["egress"]["verdict"], "VERDICT_BLOCK");
     assert_eq!(to(7000, "10.99.0.3")["bytes_out"], 0);
 
@@ -414,7 +414,7 @@ def serve(port, greet):
         threading.Thread(target=handle, args=(c,), daemon=True).start()
 
 threading.Thread(target=serve, args=(7000, False), daemon=True).start()
-serve(3306, True)
+serve(2525, True)
 "#;
 
 const TCP_CLIENT: &str = r#"

@@ -27,6 +27,7 @@ pub(crate) struct Netns(pub(crate) String);
 
 impl Netns {
     pub(crate) fn new(tag: &str) -> Netns {
+        remove_stale_namespaces();
         let name = format!("ctk-{}-{tag}", std::process::id());
         output(Command::new("ip").args(["netns", "add", &name]));
         let ns = Netns(name);
@@ -42,5 +43,20 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Removes namespaces left by test runs that were killed.
+fn remove_stale_namespaces() {
+    let list = output(Command::new("ip").args(["netns", "list"]));
+    for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let mut parts = ns.split('-');
+        if parts.next() != Some("ctk") {
+            continue;
+        }
+        let Some(pid) = parts.next() else { continue };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
     }
 }
