@@ -426,15 +426,12 @@ impl Topology {
             options.database = database.to_owned();
             options
         };
-        let log = self.mesh.dir().join("databases.log");
-        let pg = start_twice("PostgreSQL", &log, || {
-            Postgres::start_with(options(postgres, 5432, PG_USER, PG_DATABASE))
-        })?;
+        let pg = Postgres::start_with(options(postgres, 5432, PG_USER, PG_DATABASE))
+            .context("starting PostgreSQL in its pod")?;
         fixtures::load_shop(&pg).context("loading the shop into PostgreSQL")?;
         self.databases.postgres = Some(pg);
-        let maria = start_twice("MariaDB", &log, || {
-            MariaDb::start_with(options(mariadb, 3306, MARIADB_USER, MARIADB_DATABASE))
-        })?;
+        let maria = MariaDb::start_with(options(mariadb, 3306, MARIADB_USER, MARIADB_DATABASE))
+            .context("starting MariaDB in its pod")?;
         fixtures::load_shop(&maria).context("loading the shop into MariaDB")?;
         self.databases.mariadb = Some(maria);
         Ok(())
@@ -679,20 +676,6 @@ impl Topology {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-}
-
-/// Starts a database server, once more if the first attempt fails: its
-/// bootstrap on a busy shared machine has failed once in a while (a temporary
-/// file of MariaDB's bootstrap gone from /tmp). The first failure goes to `log`.
-fn start_twice<T>(
-    what: &str,
-    log: &Path,
-    start: impl Fn() -> Result<T, custody_testkit::Error>,
-) -> anyhow::Result<T> {
-    start().or_else(|error| {
-        let _ = fs::write(log, format!("starting {what}, first attempt: {error}\n"));
-        start().with_context(|| format!("starting {what} in its pod"))
-    })
 }
 
 /// A body and the status `curl -w '\n%{http_code}'` printed after it.
