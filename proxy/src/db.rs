@@ -33,7 +33,7 @@ use custody_context::policy::{Decision, Verdict};
 use custody_context::traceparent::SpanId;
 use custody_context::verify::VerifiedToken;
 use custody_protocols::classify::{Classifier, ClassifierConfig, Report};
-use custody_protocols::sql::{Analyzer, AnalyzerConfig, Dialect};
+use custody_protocols::sql::{Analysis, Analyzer, AnalyzerConfig, Dialect};
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
@@ -106,7 +106,13 @@ pub(crate) struct Conn {
     pub queries: u64,
     /// When the latest statement was sent and the request in flight then.
     sent: Option<(Instant, Option<Stitch>)>,
+    /// The analyses of this session's statements, by text: a statement
+    /// prepared once and executed many times is analysed once.
+    analyses: std::collections::HashMap<Arc<str>, Arc<Analysis>>,
 }
+
+/// Statement texts whose analysis a session remembers.
+const SESSION_ANALYSES: usize = 256;
 
 /// One statement, complete, in protocol-neutral form.
 #[derive(Debug, Default)]
@@ -156,6 +162,18 @@ impl Conn {
         }
     }
 
+    fn analysis(&mut self, sql: &Arc<str>) -> Arc<Analysis> {
+        if let Some(found) = self.analyses.get(sql) {
+            return Arc::clone(found);
+        }
+        let analysis = self.shared.db.analyzer.analyze(sql, self.dialect());
+        if self.analyses.len() >= SESSION_ANALYSES {
+            self.analyses.clear();
+        }
+        self.analyses.insert(Arc::clone(sql), Arc::clone(&analysis));
+        analysis
+    }
+
     /// The client sent a statement: remember when, and which inbound
     /// request was in flight at that moment.
     pub(crate) fn statement_sent(&mut self) {
@@ -179,10 +197,7 @@ impl Conn {
             carrier,
             stitch,
         );
-        let analysis = statement
-            .sql
-            .as_deref()
-            .map(|sql| engines.analyzer.analyze(sql, self.dialect()));
+        let analysis = statement.sql.as_ref().map(|sql| self.analysis(sql));
         let analysed = analysis.as_ref().and_then(|a| {
             a.statements
                 .get(statement.index)
@@ -618,6 +633,7 @@ pub(crate) async fn serve(
         egress,
         queries: 0,
         sent: None,
+        analyses: std::collections::HashMap::new(),
     };
     let facts = |inspection, user, database, (bytes_up, bytes_down), stitch| ConnectionFacts {
         inspection,

@@ -20,6 +20,9 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 
+/// How often the exporter collects queued events (at most the flush interval).
+const COLLECT_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Where the exporter sends batches.
 #[derive(Clone, Debug)]
 pub enum ExportTarget {
@@ -100,20 +103,41 @@ impl HopQueue {
         let mut writer = Writer::new(target);
         let mut retry = Retry::new(self.rx.max_capacity(), batch_size.max(1));
         let mut batch = Vec::with_capacity(batch_size);
-        let mut tick = tokio::time::interval(flush_interval);
+        // The exporter collects on a short tick rather than waiting on the
+        // queue: a waiting receiver would be woken by every event, a
+        // cross-thread wake-up per request on the request path.
+        let mut tick = tokio::time::interval(flush_interval.min(COLLECT_INTERVAL));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_flush = Instant::now();
         let mut draining = false;
         loop {
             tokio::select! {
-                hop = self.rx.recv() => match hop {
-                    Some(hop) => {
-                        batch.push(hop);
-                        if draining || batch.len() >= batch_size {
-                            self.flush(&mut writer, &mut retry, &mut batch).await;
+                _ = tick.tick() => {
+                    let mut closed = false;
+                    loop {
+                        match self.rx.try_recv() {
+                            Ok(hop) => {
+                                batch.push(hop);
+                                if batch.len() >= batch_size {
+                                    self.flush(&mut writer, &mut retry, &mut batch).await;
+                                    last_flush = Instant::now();
+                                }
+                            }
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            Err(mpsc::error::TryRecvError::Disconnected) => {
+                                closed = true;
+                                break;
+                            }
                         }
                     }
-                    None => break,
-                },
-                _ = tick.tick() => self.flush(&mut writer, &mut retry, &mut batch).await,
+                    if draining || closed || last_flush.elapsed() >= flush_interval {
+                        self.flush(&mut writer, &mut retry, &mut batch).await;
+                        last_flush = Instant::now();
+                    }
+                    if closed {
+                        break;
+                    }
+                }
                 changed = stop.changed(), if !draining => {
                     if changed.is_err() || *stop.borrow() {
                         draining = true;
@@ -143,10 +167,9 @@ impl HopQueue {
         }
         while !retry.pending.is_empty() {
             let n = retry.pending.len().min(retry.batch_size);
-            let chunk: Vec<HopEvent> = retry.pending.iter().take(n).cloned().collect();
+            let chunk: Vec<HopEvent> = retry.pending.drain(..n).collect();
             match writer.write(chunk).await {
                 Ok(()) => {
-                    retry.pending.drain(..n);
                     if retry.failing {
                         tracing::info!(
                             message = "hop export recovered",
@@ -155,7 +178,11 @@ impl HopQueue {
                     }
                     retry.succeeded();
                 }
-                Err(error) => {
+                Err((error, chunk)) => {
+                    // Back in front, in order, for the next attempt.
+                    for hop in chunk.into_iter().rev() {
+                        retry.pending.push_front(hop);
+                    }
                     self.metrics.exporter_failed.inc_by(n as u64);
                     if !retry.failing {
                         tracing::warn!(message = "hop export failed; keeping events to retry", %error, pending = retry.pending.len());
@@ -235,18 +262,21 @@ impl Writer {
         }
     }
 
-    async fn write(&mut self, hops: Vec<HopEvent>) -> Result<(), String> {
+    /// Writes a batch; on failure, hands it back with the reason.
+    async fn write(&mut self, hops: Vec<HopEvent>) -> Result<(), (String, Vec<HopEvent>)> {
         match &self.target {
             ExportTarget::Discard => Ok(()),
             ExportTarget::JsonlFile(path) => {
                 if self.file.is_none() {
-                    let file = tokio::fs::OpenOptions::new()
+                    match tokio::fs::OpenOptions::new()
                         .create(true)
                         .append(true)
                         .open(path)
                         .await
-                        .map_err(|e| format!("open {}: {e}", path.display()))?;
-                    self.file = Some(file);
+                    {
+                        Ok(file) => self.file = Some(file),
+                        Err(e) => return Err((format!("open {}: {e}", path.display()), hops)),
+                    }
                 }
                 let mut out = Vec::with_capacity(hops.len() * 512);
                 for hop in &hops {
@@ -254,25 +284,36 @@ impl Writer {
                     serde_json::to_writer(&mut out, &hop_json(hop)).unwrap_or_default();
                     out.push(b'\n');
                 }
-                let file = self.file.as_mut().ok_or("file closed")?;
-                file.write_all(&out).await.map_err(|e| e.to_string())?;
-                file.flush().await.map_err(|e| e.to_string())
+                let Some(file) = self.file.as_mut() else {
+                    return Err(("file closed".into(), hops));
+                };
+                let written = match file.write_all(&out).await {
+                    Ok(()) => file.flush().await,
+                    Err(e) => Err(e),
+                };
+                written.map_err(|e| (e.to_string(), hops))
             }
             ExportTarget::ControlPlane(address, auth) => {
                 if self.client.is_none() {
-                    let endpoint = tonic::transport::Endpoint::from_shared(address.clone())
-                        .map_err(|e| e.to_string())?;
-                    self.client = Some(v1::ingest_client::IngestClient::with_interceptor(
-                        endpoint.connect_lazy(),
-                        auth.clone(),
-                    ));
+                    match tonic::transport::Endpoint::from_shared(address.clone()) {
+                        Ok(endpoint) => {
+                            self.client = Some(v1::ingest_client::IngestClient::with_interceptor(
+                                endpoint.connect_lazy(),
+                                auth.clone(),
+                            ));
+                        }
+                        Err(e) => return Err((e.to_string(), hops)),
+                    }
                 }
-                let client = self.client.as_mut().ok_or("no client")?;
+                let Some(client) = self.client.as_mut() else {
+                    return Err(("no client".into(), hops));
+                };
+                // The request consumes its batch: a copy stays for a retry.
                 client
-                    .report_hops(v1::HopBatch { hops })
+                    .report_hops(v1::HopBatch { hops: hops.clone() })
                     .await
                     .map(|_| ())
-                    .map_err(|status| status.to_string())
+                    .map_err(|status| (status.to_string(), hops))
             }
         }
     }
