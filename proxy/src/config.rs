@@ -137,13 +137,28 @@ impl DatabaseProtocol {
 }
 
 /// What the sidecar does when a database client asks for TLS.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
 pub enum DatabaseTls {
     /// The session passes through encrypted, end to end between client and
     /// server; it is recorded as `encrypted, not inspected`.
     #[default]
     Passthrough,
+    /// PostgreSQL only: the sidecar ends the client's TLS with its own
+    /// certificate and opens TLS to the server, verified against
+    /// `upstream_ca_file`; the session in between is decoded.
+    Terminate {
+        /// The certificate chain shown to clients (PEM).
+        cert_file: PathBuf,
+        /// Its private key (PEM).
+        key_file: PathBuf,
+        /// The CA the server's certificate must chain to (PEM).
+        upstream_ca_file: PathBuf,
+        /// The name the server's certificate must carry; its IP address
+        /// when unset.
+        #[serde(default)]
+        upstream_server_name: Option<String>,
+    },
 }
 
 /// One database the sidecar decodes.
@@ -697,6 +712,14 @@ impl Config {
                         format!("port {port} is listed twice"),
                     ));
                 }
+            }
+            if matches!(db.tls, DatabaseTls::Terminate { .. })
+                && db.protocol != DatabaseProtocol::Postgres
+            {
+                return Err(ConfigError::field(
+                    format!("databases[{i}].tls"),
+                    "terminate is supported for postgres only",
+                ));
             }
             match (db.listen, db.upstream) {
                 (Some(listen), Some(_)) => {

@@ -21,6 +21,9 @@ mod attribution;
 mod mysql;
 mod pg;
 mod relay;
+mod tls;
+
+pub use tls::Terminator;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,7 +41,7 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 
-use crate::config::{ClassificationConfig, DatabaseConfig, DatabaseProtocol};
+use crate::config::{ClassificationConfig, DatabaseConfig, DatabaseProtocol, DatabaseTls};
 use crate::inflight::Stitch;
 use crate::metrics::{DbConnectionLabels, DbQueryLabels};
 use crate::proxy::Shared;
@@ -50,6 +53,8 @@ pub struct Engines {
     analyzer: Analyzer,
     classifier: Classifier,
     taint_min_confidence: f32,
+    /// TLS ends of the databases configured to terminate, by certificate file.
+    terminators: std::collections::HashMap<std::path::PathBuf, Arc<Terminator>>,
 }
 
 impl std::fmt::Debug for Engines {
@@ -62,7 +67,32 @@ impl std::fmt::Debug for Engines {
 
 impl Engines {
     /// Builds them from the configuration.
-    pub fn new(config: &ClassificationConfig) -> Result<Self, String> {
+    pub fn new(config: &crate::config::Config) -> Result<Self, String> {
+        let mut terminators = std::collections::HashMap::new();
+        for (i, database) in config.databases.iter().enumerate() {
+            if let DatabaseTls::Terminate {
+                cert_file,
+                key_file,
+                upstream_ca_file,
+                upstream_server_name,
+            } = &database.tls
+            {
+                let terminator = Terminator::load(
+                    cert_file,
+                    key_file,
+                    upstream_ca_file,
+                    upstream_server_name.as_deref(),
+                    &format!("databases[{i}].tls.terminate"),
+                )?;
+                terminators.insert(cert_file.clone(), Arc::new(terminator));
+            }
+        }
+        let mut engines = Engines::classifying(&config.classification)?;
+        engines.terminators = terminators;
+        Ok(engines)
+    }
+
+    fn classifying(config: &ClassificationConfig) -> Result<Self, String> {
         let classifier = Classifier::new(&ClassifierConfig {
             max_rows: config.sample_rows,
             max_bytes: config.sample_bytes,
@@ -76,6 +106,7 @@ impl Engines {
             analyzer,
             classifier,
             taint_min_confidence: config.taint_min_confidence,
+            terminators: std::collections::HashMap::new(),
         })
     }
 }
@@ -106,6 +137,8 @@ pub(crate) struct Conn {
     pub queries: u64,
     /// When the latest statement was sent and the request in flight then.
     sent: Option<(Instant, Option<Stitch>)>,
+    /// `plaintext`, `tls_terminated` or `tls_passthrough`.
+    transport: &'static str,
     /// The analyses of this session's statements, by text: a statement
     /// prepared once and executed many times is analysed once.
     analyses: std::collections::HashMap<Arc<str>, Arc<Analysis>>,
@@ -346,6 +379,7 @@ impl Conn {
                 rows_affected: statement.rows_affected,
                 error_code: statement.error_code.unwrap_or_default(),
                 parsed: analysis.as_ref().is_some_and(|a| a.parsed),
+                transport: self.transport.to_owned(),
             }),
             connection: crate::proxy::tcp_five_tuple(self.src, Some(self.dest)),
             taint: taint.into_iter().collect(),
@@ -423,6 +457,12 @@ impl Conn {
                 user: facts.user.unwrap_or_default(),
                 statement_kind: String::new(),
                 parsed: false,
+                transport: if facts.inspection == Inspection::Encrypted {
+                    "tls_passthrough"
+                } else {
+                    self.transport
+                }
+                .to_owned(),
                 ..v1::DatabaseAccess::default()
             }),
             connection: crate::proxy::tcp_five_tuple(self.src, Some(self.dest)),
@@ -633,6 +673,7 @@ pub(crate) async fn serve(
         egress,
         queries: 0,
         sent: None,
+        transport: "plaintext",
         analyses: std::collections::HashMap::new(),
     };
     let facts = |inspection, user, database, (bytes_up, bytes_down), stitch| ConnectionFacts {
@@ -672,6 +713,64 @@ pub(crate) async fn serve(
     let engines = &shared.db;
     match database.protocol {
         DatabaseProtocol::Postgres => {
+            let terminator = match &database.tls {
+                DatabaseTls::Terminate { cert_file, .. } => engines.terminators.get(cert_file),
+                DatabaseTls::Passthrough => None,
+            };
+            let mut client = client;
+            let mut head = [0u8; 8];
+            let asks_tls = terminator.is_some()
+                && matches!(client.try_peek(&mut head).await, Ok(true))
+                && head == tls::SSL_REQUEST;
+            if let (Some(terminator), true) = (terminator, asks_tls) {
+                use tokio::io::AsyncReadExt as _;
+                if client.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                match tls::negotiate(terminator, client, upstream, dest).await {
+                    Ok(tls::Negotiated::Tls(client, upstream)) => {
+                        let mut conn = conn;
+                        conn.transport = "tls_terminated";
+                        let inspector = pg::Inspector::new(conn, &engines.classifier);
+                        let (inspector, bytes) =
+                            relay::run(client, upstream, inspector, &shared.metrics, "postgresql")
+                                .await;
+                        let (conn, end) = inspector.finish();
+                        conn.connection_done(facts(
+                            end.inspection,
+                            end.user,
+                            end.database,
+                            bytes,
+                            stitch,
+                        ));
+                    }
+                    Ok(tls::Negotiated::Plain(client, upstream)) => {
+                        let inspector = pg::Inspector::new(conn, &engines.classifier);
+                        let (inspector, bytes) =
+                            relay::run(client, upstream, inspector, &shared.metrics, "postgresql")
+                                .await;
+                        let (conn, end) = inspector.finish();
+                        conn.connection_done(facts(
+                            end.inspection,
+                            end.user,
+                            end.database,
+                            bytes,
+                            stitch,
+                        ));
+                    }
+                    Err(error) => {
+                        tracing::info!(message = "database TLS termination failed", %dest, %error);
+                        conn.connection_done(facts(
+                            Inspection::Unparsed,
+                            None,
+                            None,
+                            (8, 0),
+                            stitch,
+                        ));
+                    }
+                }
+                return;
+            }
             let inspector = pg::Inspector::new(conn, &engines.classifier);
             let (inspector, bytes) =
                 relay::run(client, upstream, inspector, &shared.metrics, "postgresql").await;

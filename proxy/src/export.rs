@@ -396,6 +396,7 @@ pub fn hop_json(hop: &HopEvent) -> Value {
             "rows_affected": d.rows_affected,
             "error_code": d.error_code,
             "parsed": d.parsed,
+            "transport": d.transport,
         })),
         "taint": hop.taint,
         "key_id": hop.key_id,

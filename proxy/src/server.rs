@@ -222,7 +222,7 @@ impl Sidecar {
                 _ => Ok(None),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let db = crate::db::Engines::new(&config.classification).map_err(BuildError::Database)?;
+        let db = crate::db::Engines::new(&config).map_err(BuildError::Database)?;
         let taint_ttl =
             std::time::Duration::from_secs(config.signing.token_ttl_secs.unwrap_or(300).max(60));
         let shared = Arc::new(Shared {

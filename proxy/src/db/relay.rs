@@ -12,9 +12,7 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use pingora::protocols::Stream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::metrics::{DbBytesLabels, Metrics};
 
@@ -54,16 +52,21 @@ where
 
 /// Relays until both directions are done; returns the inspector and the
 /// bytes sent (client to server, server to client).
-pub(crate) async fn run<I: Inspect>(
-    client: Stream,
-    server: TcpStream,
+pub(crate) async fn run<I, C, S>(
+    client: C,
+    server: S,
     inspector: I,
     metrics: &Metrics,
     system: &'static str,
-) -> (I, (u64, u64)) {
+) -> (I, (u64, u64))
+where
+    I: Inspect,
+    C: AsyncRead + AsyncWrite + Send,
+    S: AsyncRead + AsyncWrite + Send,
+{
     let inspector = Mutex::new(inspector);
     let (client_read, client_write) = tokio::io::split(client);
-    let (server_read, server_write) = server.into_split();
+    let (server_read, server_write) = tokio::io::split(server);
     let lock = || inspector.lock().unwrap_or_else(PoisonError::into_inner);
     let up = pump(client_read, server_write, |data| lock().client_bytes(data));
     let down = pump(server_read, client_write, |data| lock().server_bytes(data));

@@ -532,3 +532,134 @@ async fn an_encrypted_session_passes_through_and_says_it_was_not_inspected() {
             >= 1.0
     );
 }
+
+/// A CA and a server certificate for `db.test` signed by it, in `dir`.
+fn ca_and_server_cert(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        "/CN=db.test",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:db.test\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_tls_session_is_decoded_between_the_two_tls_ends() {
+    use std::os::unix::fs::MetadataExt;
+    let pg = Postgres::start().unwrap();
+    let shop = fixtures::load_shop(&pg).unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    ca_and_server_cert(certs.path());
+    // The server presents the CA-signed certificate.
+    let data = pg.data_dir();
+    let owner = std::fs::metadata(&data).unwrap();
+    for name in ["server.crt", "server.key"] {
+        std::fs::copy(certs.path().join(name), data.join(name)).unwrap();
+        std::os::unix::fs::chown(data.join(name), Some(owner.uid()), Some(owner.gid())).unwrap();
+    }
+    std::fs::set_permissions(
+        data.join("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    pg.superuser_sql("ALTER SYSTEM SET ssl = on").unwrap();
+    pg.superuser_sql("SELECT pg_reload_conf()").unwrap();
+
+    let trust = Trust::new(&["orders"]);
+    let listen = free_port();
+    let c = certs.path();
+    let extra = format!(
+        "databases:\n  - protocol: postgres\n    listen: \"{listen}\"\n    upstream: \"{}\"\n    \
+         tls: {{ mode: terminate, cert_file: \"{}\", key_file: \"{}\", upstream_ca_file: \"{}\", upstream_server_name: db.test }}\n",
+        pg.addr(),
+        c.join("server.crt").display(),
+        c.join("server.key").display(),
+        c.join("ca.crt").display(),
+    );
+    let mut spec = Spec::new("orders", free_port());
+    spec.extra = &extra;
+    let sc = start(spec, &trust).await;
+    wait_listening(listen).await;
+
+    let via = conninfo(&pg, listen).replace("sslmode=disable", "sslmode=require");
+    let mut answer = String::new();
+    for _ in 0..50 {
+        // The server sees TLS (from the sidecar); the client got TLS (from the sidecar).
+        answer = try_psql(
+            &via,
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        )
+        .unwrap_or_default();
+        if answer.trim() == "t" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer.trim(), "t");
+    let sql = "SELECT email, ssn FROM customers ORDER BY id";
+    assert_eq!(psql(&via, sql), psql(&conninfo(&pg, pg.addr()), sql));
+    let hop = sc
+        .wait_hop(|h| db(h)["tables_read"] == serde_json::json!(["customers"]))
+        .await;
+    assert_eq!(db(&hop)["transport"], "tls_terminated");
+    assert_eq!(db(&hop)["user"], pg.user());
+    let found = classes(&hop);
+    assert!(found.iter().any(|c| c == "pii.ssn"), "{found:?}");
+    let text = std::fs::read_to_string(&sc.hops_file).unwrap();
+    assert_no_raw_values(&shop, &text);
+}
