@@ -261,8 +261,10 @@ impl Assembler {
                     })
                     .inc();
             }
-            // Nobody listening is fine.
-            let _ = self.updates.send(Arc::new(s.clone()));
+            if self.updates.receiver_count() > 0 {
+                // A listener gone since is fine.
+                let _ = self.updates.send(Arc::new(s.clone()));
+            }
         }
         Ok(())
     }
@@ -328,3 +330,6 @@ fn window(hops: &[HopEvent]) -> Option<(u64, u64)> {
         to.saturating_add(SLACK_NANOS),
     ))
 }
+
+#[cfg(test)]
+mod tests;

@@ -148,6 +148,14 @@ impl SqliteStore {
         let path = options.data_dir.join("custody.db");
         let writer = Connection::open(&path)?;
         writer.pragma_update(None, "journal_mode", "WAL")?;
+        // An ingest acknowledgement means "durable": in WAL mode `FULL`
+        // syncs the log at every commit, so an acknowledged batch survives
+        // a power loss as well as a crash. `NORMAL` syncs only at
+        // checkpoints: it survives SIGKILL (the log is in the page cache)
+        // but may lose the last acknowledged batches on power loss, so it
+        // is an explicit choice (`sync: normal`), never the default. The
+        // sync costs little here: each commit covers a whole batch, and
+        // profiles put `fsync` at 1-2% of the CPU time of ingest.
         writer.pragma_update(
             None,
             "synchronous",
@@ -364,13 +372,16 @@ impl Store for SqliteStore {
     fn hops_of_chains(&self, chain_ids: &[String]) -> Result<Vec<HopEvent>, StoreError> {
         let conn = lock(&self.reader);
         let mut stmt = conn.prepare_cached("SELECT body FROM hops WHERE chain_id = ?1")?;
-        let mut rows = Vec::new();
+        let mut out = Vec::with_capacity(chain_ids.len() * 4);
         for id in chain_ids {
-            for body in stmt.query_map([id], |r| r.get::<_, Vec<u8>>(0))? {
-                rows.push(body?);
+            let mut rows = stmt.query([id])?;
+            while let Some(row) = rows.next()? {
+                // Decoded in place, without copying the blob first.
+                let body = row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
+                out.push(HopEvent::decode(body)?);
             }
         }
-        decode_hops(rows)
+        Ok(out)
     }
 
     fn hops_in_window(
