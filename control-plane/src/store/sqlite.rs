@@ -61,8 +61,9 @@ CREATE INDEX IF NOT EXISTS chains_coverage ON chains (coverage, last_ns);
 CREATE TABLE IF NOT EXISTS chain_facts (
     kind TEXT NOT NULL,
     value TEXT NOT NULL,
+    last_ns INTEGER NOT NULL,
     chain_id TEXT NOT NULL,
-    PRIMARY KEY (kind, value, chain_id)
+    PRIMARY KEY (kind, value, last_ns, chain_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chain_facts_chain ON chain_facts (chain_id);
 CREATE TABLE IF NOT EXISTS policy_current (
@@ -189,18 +190,21 @@ impl SqliteStore {
 
 /// Moves a store written by an earlier layout to this one: chains kept
 /// their whole tree as JSON (now only its shape; the nodes are rebuilt from
-/// the stored hops), so their tables are dropped and every chain is queued
-/// for assembly again; one parent-search index was wider.
+/// the stored hops) and facts had no time, so those tables are dropped and
+/// every chain is queued for assembly again; one parent-search index was
+/// wider.
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let old_chains: i64 = conn.query_row(
-        "SELECT count(*) FROM pragma_table_info('chains') WHERE name = 'tree'",
+        "SELECT (SELECT count(*) FROM pragma_table_info('chains') WHERE name = 'tree')
+              + (SELECT count(*) FROM sqlite_schema WHERE name = 'chain_facts')
+              - (SELECT count(*) FROM pragma_table_info('chain_facts') WHERE name = 'last_ns')",
         [],
         |r| r.get(0),
     )?;
     if old_chains > 0 {
         conn.execute_batch(
             "BEGIN;
-             DROP TABLE chains;
+             DROP TABLE IF EXISTS chains;
              DROP TABLE IF EXISTS chain_facts;
              CREATE TABLE IF NOT EXISTS pending (
                  chain_id TEXT PRIMARY KEY,
@@ -530,7 +534,7 @@ impl Store for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             let mut fact = tx.prepare_cached(
-                "INSERT OR IGNORE INTO chain_facts (kind, value, chain_id) VALUES (?1, ?2, ?3)",
+                "INSERT OR IGNORE INTO chain_facts (kind, value, last_ns, chain_id) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for (tree, (summary, shape)) in trees.iter().zip(&rows) {
                 let s = &tree.summary;
@@ -550,7 +554,7 @@ impl Store for SqliteStore {
                     shape,
                 ])?;
                 for (kind, value) in facts(tree) {
-                    fact.execute(params![kind, value, s.chain_id])?;
+                    fact.execute(params![kind, value, i64_of(s.last_unix_nanos), s.chain_id])?;
                 }
             }
         }
@@ -580,28 +584,54 @@ impl Store for SqliteStore {
     }
 
     fn chains(&self, q: &ChainQuery) -> Result<Vec<ChainSummary>, StoreError> {
-        let mut sql = String::from("SELECT summary FROM chains c WHERE 1 = 1");
+        // Workload identities are stored once, as `service` facts (a
+        // workload URI is the only identity that starts with `spiffe://`).
+        let identity_kind = match &q.identity {
+            Some(v) if v.starts_with("spiffe://") => "service",
+            _ => "identity",
+        };
+        let filters = [
+            ("principal", &q.initiator),
+            ("service", &q.service),
+            ("class", &q.data_class),
+            ("destination", &q.destination),
+            ("verdict", &q.verdict),
+            (identity_kind, &q.identity),
+        ];
         let mut args: Vec<Value> = Vec::new();
-        let mut fact = |kind: &str, value: &Option<String>, sql: &mut String| {
-            if let Some(v) = value {
+        // With a fact to filter on, its index (newest first) drives the
+        // query, so only about `limit` chains are read; otherwise the
+        // chains' time index does.
+        let driver = filters.iter().position(|(_, v)| v.is_some());
+        let (mut sql, order) = match driver.and_then(|d| filters[d].1.as_ref().map(|v| (d, v))) {
+            Some((d, v)) => {
+                args.push(Value::Text(filters[d].0.to_owned()));
+                args.push(Value::Text(v.clone()));
+                (
+                    String::from(
+                        "SELECT c.summary FROM chain_facts f CROSS JOIN chains c
+                         WHERE f.kind = ? AND f.value = ? AND c.chain_id = f.chain_id",
+                    ),
+                    " ORDER BY f.last_ns DESC, f.chain_id LIMIT ?",
+                )
+            }
+            None => (
+                String::from("SELECT c.summary FROM chains c WHERE 1 = 1"),
+                " ORDER BY c.last_ns DESC, c.chain_id LIMIT ?",
+            ),
+        };
+        for (i, (kind, value)) in filters.iter().enumerate() {
+            if let Some(v) = value
+                && Some(i) != driver
+            {
+                // A point lookup per candidate chain: facts carry its time.
                 sql.push_str(
-                    " AND c.chain_id IN (SELECT chain_id FROM chain_facts WHERE kind = ? AND value = ?)",
+                    " AND EXISTS (SELECT 1 FROM chain_facts g WHERE g.kind = ? AND g.value = ?
+                      AND g.last_ns = c.last_ns AND g.chain_id = c.chain_id)",
                 );
-                args.push(Value::Text(kind.to_owned()));
+                args.push(Value::Text((*kind).to_owned()));
                 args.push(Value::Text(v.clone()));
             }
-        };
-        fact("principal", &q.initiator, &mut sql);
-        fact("service", &q.service, &mut sql);
-        fact("class", &q.data_class, &mut sql);
-        fact("destination", &q.destination, &mut sql);
-        fact("verdict", &q.verdict, &mut sql);
-        if let Some(v) = &q.identity {
-            // Workload identities are stored once, as `service` facts.
-            sql.push_str(
-                " AND c.chain_id IN (SELECT chain_id FROM chain_facts WHERE kind IN ('identity', 'service') AND value = ?)",
-            );
-            args.push(Value::Text(v.clone()));
         }
         if let Some(c) = q.coverage {
             sql.push_str(" AND c.coverage = ?");
@@ -610,12 +640,16 @@ impl Store for SqliteStore {
         if let Some(since) = q.since {
             sql.push_str(" AND c.last_ns >= ?");
             args.push(Value::Integer(i64_of(since)));
+            if driver.is_some() {
+                sql.push_str(" AND f.last_ns >= ?");
+                args.push(Value::Integer(i64_of(since)));
+            }
         }
         if let Some(until) = q.until {
             sql.push_str(" AND c.first_ns <= ?");
             args.push(Value::Integer(i64_of(until)));
         }
-        sql.push_str(" ORDER BY c.last_ns DESC, c.chain_id LIMIT ?");
+        sql.push_str(order);
         let limit = if q.limit == 0 { 100 } else { q.limit };
         args.push(Value::Integer(i64::from(limit)));
         let conn = lock(&self.reader);
