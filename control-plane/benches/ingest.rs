@@ -4,12 +4,19 @@
 //!
 //! ```text
 //! CUSTODY_BENCH_HOPS=1000000 cargo bench -p custody-control --bench ingest
+//! CUSTODY_BENCH_HOPS=10000000 CUSTODY_BENCH_INGEST_HOPS=1000000 cargo bench -p custody-control --bench ingest
 //! ```
 //!
 //! Chains of 5 hops (one in 10 with a call that lost its context, joined by
-//! time containment), batches of 1,000 hops from 4 concurrent clients,
-//! `sync: full` (`CUSTODY_BENCH_SYNC=normal` to compare). Prints ingest-only and ingest-with-assembly rates, then
-//! p50/p99 of `GET /v1/chains/{id}` and of a filtered `GET /v1/chains`.
+//! time containment). `CUSTODY_BENCH_HOPS` hops end up stored: the first
+//! `CUSTODY_BENCH_HOPS - CUSTODY_BENCH_INGEST_HOPS` are loaded straight
+//! through the store API in batches of 50,000 (and assembled by the
+//! server's assembler), the last `CUSTODY_BENCH_INGEST_HOPS` (default: all
+//! of them, at most 1,000,000) are sent over gRPC in batches of 1,000 hops
+//! from 4 concurrent clients and timed, `sync: full`
+//! (`CUSTODY_BENCH_SYNC=normal` to compare). Prints ingest-only and
+//! ingest-with-assembly rates, then p50/p99 of `GET /v1/chains/{id}` and of
+//! a filtered `GET /v1/chains` over every stored chain.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)] // a benchmark's report; failures abort it
 
@@ -122,6 +129,24 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
+/// Waits until at most `left` chains are pending assembly (pending chains
+/// are cleared in the transaction that stores their trees).
+async fn wait_assembled(server: &custody_control::server::Running, left: usize) {
+    loop {
+        let store = server.shared.store.clone();
+        let pending = tokio::task::spawn_blocking(move || {
+            store.pending_chains(left as u32 + 1).unwrap().len()
+        })
+        .await
+        .unwrap();
+        if pending <= left {
+            break;
+        }
+        let pause = if left == 0 { 20 } else { 200 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     let hops: u64 = std::env::var("CUSTODY_BENCH_HOPS")
@@ -143,11 +168,49 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let ingest_hops: u64 = std::env::var("CUSTODY_BENCH_INGEST_HOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| hops.min(1_000_000))
+        .min(hops);
+    let preload_chains = (hops - ingest_hops) / HOPS_PER_CHAIN;
     rt.block_on(async move {
         let server = custody_control::server::start(&config).await.unwrap();
         let base_time = custody_control::unix_nanos() - chains * 1_000_000 - 3_600_000_000_000;
+
+        // Stored data first, straight through the store, assembled by the server.
+        if preload_chains > 0 {
+            let started = Instant::now();
+            let per_batch = 50_000 / HOPS_PER_CHAIN;
+            let mut from = 0;
+            while from < preload_chains {
+                let to = (from + per_batch).min(preload_chains);
+                let shared = server.shared.clone();
+                let backlog = tokio::task::spawn_blocking(move || {
+                    let hops: Vec<_> = (from..to).flat_map(|n| chain(n, base_time)).collect();
+                    let out = shared.store.put_hops(&hops).unwrap();
+                    shared.dirty.mark(out.chains);
+                    shared.store.pending_chains(200_000).unwrap().len()
+                })
+                .await
+                .unwrap();
+                // Keep the assembler's backlog bounded, as ingest would.
+                if backlog > 100_000 {
+                    wait_assembled(&server, 50_000).await;
+                }
+                from = to;
+            }
+            wait_assembled(&server, 0).await;
+            println!(
+                "preloaded through the store: {} hops in {:.1} s ({:.0} hops/s with assembly)",
+                preload_chains * HOPS_PER_CHAIN,
+                started.elapsed().as_secs_f64(),
+                (preload_chains * HOPS_PER_CHAIN) as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+
         let chains_per_batch = BATCH / HOPS_PER_CHAIN;
-        let batches = chains.div_ceil(chains_per_batch);
+        let batches = (chains - preload_chains).div_ceil(chains_per_batch);
         let started = Instant::now();
         let mut tasks = Vec::new();
         for c in 0..CLIENTS {
@@ -163,7 +226,7 @@ fn main() {
                     .max_encoding_message_size(64 << 20);
                 let mut b = c;
                 while b < batches {
-                    let from = b * chains_per_batch;
+                    let from = preload_chains + b * chains_per_batch;
                     let to = (from + chains_per_batch).min(chains);
                     let hops: Vec<_> = (from..to).flat_map(|n| chain(n, base_time)).collect();
                     let ack = client
@@ -180,20 +243,13 @@ fn main() {
             t.await.unwrap();
         }
         let ingested = started.elapsed();
-        // Pending chains are cleared in the transaction that stores their trees.
-        loop {
-            let store = server.shared.store.clone();
-            let pending = tokio::task::spawn_blocking(move || store.pending_chains(1).unwrap())
-                .await
-                .unwrap();
-            if pending.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_assembled(&server, 0).await;
         let assembled = started.elapsed();
-        let total = chains * HOPS_PER_CHAIN;
-        println!("stored hops: {total} ({chains} chains)");
+        let total = (chains - preload_chains) * HOPS_PER_CHAIN;
+        println!(
+            "stored hops: {} ({chains} chains), {total} of them over gRPC",
+            chains * HOPS_PER_CHAIN
+        );
         println!(
             "ingest (acknowledged, durable): {:.1} s, {:.0} hops/s",
             ingested.as_secs_f64(),

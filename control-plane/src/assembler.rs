@@ -17,14 +17,14 @@
 //! with the hops, cleared with the trees), so a restart resumes assembly of
 //! everything acknowledged before a crash.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, broadcast};
 
 use custody_context::api::v1::HopEvent;
 
-use crate::assembly::{self, ChainSummary, ChainTree, Coverage, workload_uri};
+use crate::assembly::{self, ChainSummary, ChainTree, workload_uri};
 use crate::metrics::{CoverageLabel, Metrics};
 use crate::store::{Store, StoreError};
 
@@ -83,12 +83,11 @@ impl Dirty {
     }
 }
 
-/// Assembles and stores; remembers each chain's last class for the metric.
+/// Assembles and stores; counts chains entering a coverage class.
 pub struct Assembler {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     dirty: Arc<Dirty>,
-    classes: Mutex<HashMap<String, Coverage>>,
     updates: broadcast::Sender<Arc<ChainSummary>>,
     max_request_nanos: u64,
 }
@@ -114,7 +113,6 @@ impl Assembler {
             store,
             metrics,
             dirty,
-            classes: Mutex::new(HashMap::new()),
             updates,
             max_request_nanos: max_request_secs.saturating_mul(1_000_000_000),
         }
@@ -148,11 +146,19 @@ impl Assembler {
         // whole chains (and their own adopted hops), so every stored tree is whole.
         for _ in 0..3 {
             let mut found = Vec::new();
-            // Contextless hops a loaded chain may adopt.
+            // Contextless hops a loaded chain may adopt: every kind of
+            // evidence needs a loaded hop that contains the adopted one in
+            // time or shares its connection, so the others are left out.
             if let Some((from, to)) = window(&hops)
                 && to - from <= MAX_WINDOW_NANOS
             {
-                found.extend(self.store.contextless_in_window(from, to)?);
+                let near = Near::new(&hops);
+                found.extend(
+                    self.store
+                        .contextless_in_window(from, to)?
+                        .into_iter()
+                        .filter(|h| near.may_adopt(h)),
+                );
             }
             // Parents for contextless groups: same workload in time, same
             // connection, or the caller a node-agent flow names.
@@ -204,23 +210,14 @@ impl Assembler {
                 }
                 flows.extend(seen);
             }
-            for (workload, spans) in &roots {
-                let earliest = spans.iter().map(|s| s.0).min().unwrap_or(0);
-                let latest = spans.iter().map(|s| s.0).max().unwrap_or(0);
-                let ended_by = spans.iter().map(|s| s.1).min().unwrap_or(0);
-                let candidates = self.store.hops_in_window(
-                    std::slice::from_ref(workload),
-                    earliest.saturating_sub(self.max_request_nanos),
-                    latest,
-                    ended_by,
-                )?;
-                // Keep only the hops that contain one of the roots.
-                found.extend(candidates.into_iter().filter(|c| {
-                    let end = c.start_unix_nanos.saturating_add(c.duration_nanos);
-                    spans
-                        .iter()
-                        .any(|(s, e)| c.start_unix_nanos <= *s && end >= *e)
-                }));
+            for (workload, spans) in &mut roots {
+                spans.sort_unstable();
+                // Only the hops that contain one of the roots.
+                found.extend(self.store.hops_containing(
+                    workload,
+                    spans,
+                    self.max_request_nanos,
+                )?);
             }
             let new: Vec<String> = found
                 .iter()
@@ -249,17 +246,14 @@ impl Assembler {
             .iter()
             .flat_map(|t| t.summary.joined_chains.iter().cloned())
             .collect();
-        self.store.put_chains(&trees, &superseded, &generations)?;
-        let mut classes = self
-            .classes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if classes.len() > 1_000_000 {
-            classes.clear();
-        }
-        for t in &trees {
+        let before = self.store.put_chains(&trees, &superseded, &generations)?;
+        for (t, before) in trees.iter().zip(before) {
             let s = &t.summary;
-            if classes.insert(s.chain_id.clone(), s.coverage) != Some(s.coverage) {
+            // Counted when the chain enters a class: once when first stored,
+            // again only when re-assembly moves it to another class. The
+            // previous class comes from the store, so neither new hops for
+            // the same chain nor a restart count it again.
+            if before != Some(s.coverage) {
                 self.metrics
                     .chains
                     .get_or_create(&CoverageLabel {
@@ -267,10 +261,61 @@ impl Assembler {
                     })
                     .inc();
             }
-            // Nobody listening is fine.
-            let _ = self.updates.send(Arc::new(s.clone()));
+            if self.updates.receiver_count() > 0 {
+                // A listener gone since is fine.
+                let _ = self.updates.send(Arc::new(s.clone()));
+            }
         }
         Ok(())
+    }
+}
+
+/// The intervals and connections of loaded hops, to tell which contextless
+/// hops one of them may adopt.
+struct Near {
+    /// `(start, end)` sorted by start, with the greatest end so far.
+    spans: Vec<(u64, u64)>,
+    connections: HashSet<String>,
+}
+
+impl Near {
+    fn new(hops: &[HopEvent]) -> Self {
+        let mut spans: Vec<(u64, u64)> = hops
+            .iter()
+            .map(|h| {
+                (
+                    h.start_unix_nanos,
+                    h.start_unix_nanos.saturating_add(h.duration_nanos),
+                )
+            })
+            .collect();
+        spans.sort_unstable();
+        let mut furthest = 0;
+        for s in &mut spans {
+            furthest = furthest.max(s.1);
+            s.1 = furthest;
+        }
+        let connections = hops
+            .iter()
+            .filter_map(|h| h.connection.as_ref())
+            .map(assembly::connection_key)
+            .filter(|k| !k.is_empty())
+            .collect();
+        Near { spans, connections }
+    }
+
+    fn may_adopt(&self, h: &HopEvent) -> bool {
+        let end = h.start_unix_nanos.saturating_add(h.duration_nanos);
+        // The last loaded hop starting at or before `h`, and the furthest
+        // end of those: some loaded hop contains `h` exactly when it is
+        // at least `h`'s end.
+        let before = self.spans.partition_point(|s| s.0 <= h.start_unix_nanos);
+        if before > 0 && self.spans[before - 1].1 >= end {
+            return true;
+        }
+        h.connection
+            .as_ref()
+            .is_some_and(|c| self.connections.contains(&assembly::connection_key(c)))
     }
 }
 
@@ -285,3 +330,6 @@ fn window(hops: &[HopEvent]) -> Option<(u64, u64)> {
         to.saturating_add(SLACK_NANOS),
     ))
 }
+
+#[cfg(test)]
+mod tests;

@@ -271,12 +271,26 @@ pub struct ChainTree {
 
 /// The workload URI of a protobuf workload id (without the pod).
 pub fn workload_uri(id: Option<&v1::WorkloadId>) -> String {
-    match id {
-        Some(w) if !w.trust_domain.is_empty() => format!(
-            "spiffe://{}/ns/{}/sa/{}",
-            w.trust_domain, w.namespace, w.service_account
-        ),
-        _ => String::new(),
+    let mut out = String::new();
+    write_workload_uri(&mut out, id);
+    out
+}
+
+/// Appends the workload URI of `id` to `out` (nothing for no workload).
+pub fn write_workload_uri(out: &mut String, id: Option<&v1::WorkloadId>) {
+    if let Some(w) = id
+        && !w.trust_domain.is_empty()
+    {
+        for part in [
+            "spiffe://",
+            &w.trust_domain,
+            "/ns/",
+            &w.namespace,
+            "/sa/",
+            &w.service_account,
+        ] {
+            out.push_str(part);
+        }
     }
 }
 
@@ -483,7 +497,15 @@ pub fn assemble(hops: &[HopEvent], flows: &[FlowEvent]) -> Vec<ChainTree> {
         }
     }
 
-    let mut out = Vec::new();
+    // The groups joined under each chain, in chain id order.
+    let mut adopted: HashMap<&str, Vec<(&str, Link)>> = HashMap::new();
+    for (other, link) in &joined {
+        adopted
+            .entry(hops[link.0].chain_id.as_str())
+            .or_default()
+            .push((other, *link));
+    }
+    let mut out = Vec::with_capacity(groups.len() - joined.len());
     for (id, members) in &groups {
         if joined.contains_key(id) {
             continue;
@@ -491,13 +513,11 @@ pub fn assemble(hops: &[HopEvent], flows: &[FlowEvent]) -> Vec<ChainTree> {
         let mut all: Vec<usize> = members.clone();
         let mut links: HashMap<usize, Link> = HashMap::new();
         let mut joined_chains = Vec::new();
-        for (other, link) in &joined {
-            if hops[link.0].chain_id == *id {
-                let other_members = &groups[other];
-                links.insert(group_root(&hops, other_members), *link);
-                all.extend(other_members);
-                joined_chains.push((*other).to_owned());
-            }
+        for (other, link) in adopted.get(id).map_or(&[][..], Vec::as_slice) {
+            let other_members = &groups[other];
+            links.insert(group_root(&hops, other_members), *link);
+            all.extend(other_members);
+            joined_chains.push((*other).to_owned());
         }
         out.push(build_tree(
             &hops,
@@ -739,7 +759,11 @@ fn name_of<T: std::fmt::Debug>(value: Option<T>) -> String {
     )
 }
 
-fn node(h: &HopEvent, parent: Option<String>, depth: u32, join: Join) -> HopNode {
+/// The tree node of hop `h` under the hop `parent` (an event id), at
+/// `depth`, tied in by `join`. Stores keep only the tree's shape (parent,
+/// depth, join per event id) and rebuild the nodes from the stored hops
+/// with this function.
+pub fn node(h: &HopEvent, parent: Option<String>, depth: u32, join: Join) -> HopNode {
     HopNode {
         event_id: h.event_id.clone(),
         chain_id: h.chain_id.clone(),

@@ -92,16 +92,23 @@ impl Ingest for IngestService {
             Ok((out, valid))
         })
         .await?;
+        // One metric update per attribution method, not per hop.
+        let mut by_attribution: Vec<(&'static str, u64)> = Vec::new();
         for (h, fresh) in valid.iter().zip(&outcome.fresh) {
             if *fresh {
-                shared
-                    .metrics
-                    .hops
-                    .get_or_create(&AttributionLabel {
-                        attribution: attribution_label(h),
-                    })
-                    .inc();
+                let label = attribution_label(h);
+                match by_attribution.iter_mut().find(|(l, _)| *l == label) {
+                    Some((_, n)) => *n += 1,
+                    None => by_attribution.push((label, 1)),
+                }
             }
+        }
+        for (attribution, n) in by_attribution {
+            shared
+                .metrics
+                .hops
+                .get_or_create(&AttributionLabel { attribution })
+                .inc_by(n);
         }
         shared
             .metrics

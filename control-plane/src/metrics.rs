@@ -2,7 +2,7 @@
 //!
 //! | name | type | labels |
 //! |---|---|---|
-//! | `custody_chains_total` | counter | `coverage`: chains assembled into a class (a chain re-assembled into another class counts again) |
+//! | `custody_chains_total` | counter | `coverage`: chains entering a class: once when first assembled, again only when re-assembly moves the chain to another class (the previous class is read from the store, so new hops or a restart do not count it again) |
 //! | `custody_hops_total` | counter | `attribution`: accepted hops by attribution method (the coverage dashboard's ratio) |
 //! | `custody_ingest_hops_total` | counter | accepted hops |
 //! | `custody_ingest_duplicates_total` | counter | hops ignored as already stored |

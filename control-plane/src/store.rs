@@ -196,6 +196,36 @@ pub trait Store: Send + Sync {
         latest: u64,
         ended_by: u64,
     ) -> Result<Vec<HopEvent>, StoreError>;
+    /// Hops with identity context of `workload` whose interval contains one
+    /// of `spans` (`(start, end)`, Unix nanoseconds, sorted by start) and
+    /// that started at most `max_request_nanos` before it: the candidate
+    /// parents of contextless hops. The default filters
+    /// [`Store::hops_in_window`]; a backend may filter before decoding.
+    fn hops_containing(
+        &self,
+        workload: &str,
+        spans: &[(u64, u64)],
+        max_request_nanos: u64,
+    ) -> Result<Vec<HopEvent>, StoreError> {
+        let (Some(first), Some(last)) = (spans.first(), spans.last()) else {
+            return Ok(Vec::new());
+        };
+        let ended_by = spans.iter().map(|s| s.1).min().unwrap_or(0);
+        let mut hops = self.hops_in_window(
+            &[workload.to_owned()],
+            first.0.saturating_sub(max_request_nanos),
+            last.0,
+            ended_by,
+        )?;
+        hops.retain(|h| {
+            contains_any(
+                spans,
+                h.start_unix_nanos,
+                h.start_unix_nanos.saturating_add(h.duration_nanos),
+            )
+        });
+        Ok(hops)
+    }
     /// Hops without identity context that started in `[from, to]`.
     fn contextless_in_window(&self, from: u64, to: u64) -> Result<Vec<HopEvent>, StoreError>;
     /// Hops whose connection has one of these keys ([`crate::assembly::connection_key`]).
@@ -207,13 +237,16 @@ pub trait Store: Send + Sync {
     /// Replaces the assembled chains (by chain id), deletes `superseded`
     /// ones (joined into another chain since), and clears `assembled` from
     /// the chains pending assembly, each only if its pending generation is
-    /// still the one given (no hop arrived since it was read).
+    /// still the one given (no hop arrived since it was read). Returns, for
+    /// each tree in order, the coverage class its chain was stored with
+    /// before (`None` for a chain stored for the first time), read in the
+    /// same transaction.
     fn put_chains(
         &self,
         trees: &[ChainTree],
         superseded: &[String],
         assembled: &[(String, u64)],
-    ) -> Result<(), StoreError>;
+    ) -> Result<Vec<Option<Coverage>>, StoreError>;
     /// Chains with hops stored since their last assembly (at most `limit`).
     fn pending_chains(&self, limit: u32) -> Result<Vec<String>, StoreError>;
     /// The pending generation of these chains (it grows with every batch
@@ -248,6 +281,15 @@ pub trait Store: Send + Sync {
     fn size_bytes(&self) -> Result<u64, StoreError>;
     /// Hops stored.
     fn hop_count(&self) -> Result<u64, StoreError>;
+}
+
+/// Whether `[start, end]` contains one of `spans` (sorted by start).
+pub(crate) fn contains_any(spans: &[(u64, u64)], start: u64, end: u64) -> bool {
+    let from = spans.partition_point(|s| s.0 < start);
+    spans[from..]
+        .iter()
+        .take_while(|s| s.0 <= end)
+        .any(|s| s.1 <= end)
 }
 
 #[cfg(test)]

@@ -369,3 +369,43 @@ fn neighbours_are_found_by_context_and_connection() {
             == 1
     );
 }
+
+#[test]
+fn sqlite_chains_of_the_earlier_layout_are_assembled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let hops = [
+        hop("a", C1, "1111111111111111", "", 100),
+        hop("b", C1, "2222222222222222", "1111111111111111", 101),
+    ];
+    {
+        let store = open(dir.path());
+        store.put_hops(&hops).unwrap();
+        store
+            .put_chains(&assemble(&hops, &[]), &[], &[(C1.to_owned(), 1)])
+            .unwrap();
+        assert!(store.pending_chains(10).unwrap().is_empty());
+    }
+    // The chain tables as the earlier layout wrote them (whole trees as JSON).
+    rusqlite::Connection::open(dir.path().join("custody.db"))
+        .unwrap()
+        .execute_batch(
+            "DROP TABLE chains; DROP TABLE chain_facts;
+             CREATE TABLE chains (chain_id TEXT PRIMARY KEY, initiator TEXT NOT NULL,
+                 coverage TEXT NOT NULL, first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL,
+                 summary TEXT NOT NULL, tree TEXT NOT NULL);
+             CREATE TABLE chain_facts (kind TEXT NOT NULL, value TEXT NOT NULL,
+                 chain_id TEXT NOT NULL, PRIMARY KEY (kind, value, chain_id)) WITHOUT ROWID;
+             INSERT INTO chains VALUES ('x', 'alice', 'propagated', 0, 0, '{}', '[]');",
+        )
+        .unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.pending_chains(10).unwrap(), vec![C1.to_owned()]);
+    assert!(store.chain(C1).unwrap().is_none());
+    let stored = store.hops_of_chains(&[C1.to_owned()]).unwrap();
+    store
+        .put_chains(&assemble(&stored, &[]), &[], &[(C1.to_owned(), 1)])
+        .unwrap();
+    let tree = store.chain(C1).unwrap().unwrap();
+    assert_eq!(tree.hops, assemble(&hops, &[])[0].hops);
+    assert!(store.pending_chains(10).unwrap().is_empty());
+}
