@@ -436,10 +436,10 @@ impl Topology {
         if !spec.edge {
             return self.start_sidecar_pod(spec.name, false, pod, control, &args);
         }
-        // The edge trusts the login service's JWTs, and no header a client
-        // could set to name a user.
+        // The edge trusts the login service's JWTs only: no header a client
+        // could set names anyone.
         let sources = format!(
-            "  identity_sources:\n    - {{ type: bearer_jwt, issuer: \"{ISSUER}\", audience: {AUDIENCE}, jwks_file: \"{}\", kind: human }}\n    - {{ type: agent_header, header: x-custody-agent }}\n",
+            "  identity_sources:\n    - {{ type: bearer_jwt, issuer: \"{ISSUER}\", audience: {AUDIENCE}, jwks_file: \"{}\", kind: human }}\n",
             self.jwks_file().display()
         );
         self.start_sidecar_pod_with(spec.name, &sources, pod, control, &args)
@@ -684,7 +684,6 @@ impl Topology {
                 text(&app)?,
                 "--name",
                 JOB,
-                "--forward",
                 "--route",
                 &route,
                 "--once",
