@@ -10,8 +10,16 @@
 //!
 //! `web`, `orders` and `reports` run the sample application behind a
 //! `custody-proxy` sidecar (own user, iptables redirect, transparent
-//! outbound); `web` is the mesh edge and starts chains from the
-//! `x-custody-user` header. The third parties and the client have no sidecar.
+//! outbound); `web` is the mesh edge and starts chains from the user's
+//! `Authorization: Bearer` JWT, signed by the shop's login service
+//! ([`ISSUER`]): the harness makes that issuer's Ed25519 key pair at start,
+//! keeps the private half in memory and writes the public half as the JWKS
+//! file of `web`'s sidecar. The third parties and the client have no sidecar.
+//!
+//! `job` is background work: a sidecar and no server. [`Topology::run_job`]
+//! runs its nightly task, a process of the pod that places an order with
+//! `orders` over gRPC with no request behind it; the chain starts at the
+//! job's sidecar, with the job's workload as initiator.
 //!
 //! The data pods and the agents:
 //!
@@ -37,8 +45,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use custody_context::keys::SigningKey;
 use custody_testkit::{MariaDb, Options, Postgres, fixtures};
+use ed25519_dalek::Signer as _;
 
 use crate::mesh::{ADMIN_PORT, Mesh, Pod, sidecar_uid};
 
@@ -74,6 +85,16 @@ pub const ASSISTANT_AGENT: &str = "assistant";
 pub const RESEARCH_AGENT: &str = "researcher";
 /// The tool `assistant` calls on `researcher`.
 pub const RESEARCH_TOOL: &str = "lookup_customers";
+/// The issuer of the users' JWTs that `web` accepts (the shop's login service).
+pub const ISSUER: &str = "https://login.shop.example";
+/// The audience of the users' JWTs that `web` accepts.
+pub const AUDIENCE: &str = "shop";
+/// The key id of the issuer's signing key in `web`'s JWKS.
+pub const ISSUER_KID: &str = "login-1";
+/// The background job's pod, service and service-account name.
+pub const JOB: &str = "job";
+/// What the background job does: a gRPC `PlaceOrder` on `orders`.
+pub const JOB_ROUTE: &str = "grpc+http://orders:8080/shop.Orders/PlaceOrder";
 
 /// Where the workspace's binaries are: next to the running executable (or
 /// its parent, for test executables in `deps/`).
@@ -115,6 +136,8 @@ pub struct Topology {
     pub mesh: Mesh,
     uid: u32,
     keys: Vec<(String, SigningKey)>,
+    /// The users' JWT issuer's key (in memory only; its JWKS is on disk).
+    login: ed25519_dalek::SigningKey,
 }
 
 impl std::fmt::Debug for Topology {
@@ -222,23 +245,29 @@ impl Topology {
         for agent in &AGENTS {
             agent_pods.push(mesh.add_pod(agent.name)?);
         }
+        let job = mesh.add_pod(JOB)?;
         let mut topology = Topology {
             databases: Databases::default(),
             mesh,
             uid,
             keys: Vec::new(),
+            login: ed25519_dalek::SigningKey::from_bytes(&rand_seed()),
         };
         topology.start_control(&control)?;
         topology.start_databases(&postgres, &mariadb)?;
         let names = APPS.iter().map(|spec| spec.name);
-        topology.write_keys(names.chain(AGENTS.iter().map(|agent| agent.name)))?;
+        let names = names.chain(AGENTS.iter().map(|agent| agent.name));
+        topology.write_keys(names.chain([JOB]))?;
+        topology.write_jwks()?;
         for (spec, pod) in APPS.iter().zip(&app_pods) {
             topology.start_app_pod(spec, pod, &control)?;
         }
         for (agent, pod) in AGENTS.iter().zip(&agent_pods) {
             topology.start_agent_pod(agent, pod, &control)?;
         }
+        topology.start_sidecar(JOB, "", &job, &control)?;
         app_pods.extend(agent_pods);
+        app_pods.push(job);
         for pod in [&partner, &risky] {
             let app = binary("custody-e2e-app")?;
             let name = pod.name.clone();
@@ -283,6 +312,7 @@ impl Topology {
             mesh,
             uid,
             keys: Vec::new(),
+            login: ed25519_dalek::SigningKey::from_bytes(&rand_seed()),
         };
         topology.start_control(&control)?;
         topology.write_keys(apps.iter().map(|a| a.name.as_str()))?;
@@ -379,6 +409,20 @@ impl Topology {
         Ok(())
     }
 
+    /// The JWKS of the users' JWT issuer: its public key, for `web`'s sidecar.
+    fn write_jwks(&self) -> anyhow::Result<()> {
+        let jwks = serde_json::json!({ "keys": [{
+            "kty": "OKP", "crv": "Ed25519", "kid": ISSUER_KID, "alg": "EdDSA", "use": "sig",
+            "x": URL_SAFE_NO_PAD.encode(self.login.verifying_key().to_bytes()),
+        }]});
+        fs::write(self.jwks_file(), jwks.to_string())?;
+        Ok(())
+    }
+
+    fn jwks_file(&self) -> PathBuf {
+        self.mesh.dir().join("login-jwks.json")
+    }
+
     fn start_app_pod(&mut self, spec: &AppSpec, pod: &Pod, control: &Pod) -> anyhow::Result<()> {
         let mut args = Vec::new();
         if spec.forward {
@@ -389,7 +433,16 @@ impl Topology {
             args.push((*route).to_owned());
         }
         args.extend(self.sql_args(spec.name));
-        self.start_sidecar_pod(spec.name, spec.edge, pod, control, &args)
+        if !spec.edge {
+            return self.start_sidecar_pod(spec.name, false, pod, control, &args);
+        }
+        // The edge trusts the login service's JWTs only: no header a client
+        // could set names anyone.
+        let sources = format!(
+            "  identity_sources:\n    - {{ type: bearer_jwt, issuer: \"{ISSUER}\", audience: {AUDIENCE}, jwks_file: \"{}\", kind: human }}\n",
+            self.jwks_file().display()
+        );
+        self.start_sidecar_pod_with(spec.name, &sources, pod, control, &args)
     }
 
     fn start_agent_pod(
@@ -501,6 +554,29 @@ impl Topology {
         control: &Pod,
         app_args: &[String],
     ) -> anyhow::Result<()> {
+        let app = binary("custody-e2e-app")?;
+        let mut args = vec![
+            text(&app)?.to_owned(),
+            "--name".into(),
+            name.into(),
+            "--listen".into(),
+            "127.0.0.1:8080".into(),
+        ];
+        args.extend_from_slice(app_args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.mesh.spawn(pod, None, &format!("{name}-app"), &args)?;
+        self.start_sidecar(name, sources, pod, control)
+    }
+
+    /// The sidecar of the workload `name` in `pod`, its
+    /// `inbound.identity_sources` YAML given, and the pod's redirect.
+    fn start_sidecar(
+        &mut self,
+        name: &str,
+        sources: &str,
+        pod: &Pod,
+        control: &Pod,
+    ) -> anyhow::Result<()> {
         let dir = self.mesh.dir().to_path_buf();
         let state = dir.join(format!("{name}-state"));
         fs::create_dir_all(&state)?;
@@ -532,17 +608,6 @@ impl Topology {
             ),
         )?;
         self.mesh.redirect(pod, self.uid)?;
-        let app = binary("custody-e2e-app")?;
-        let mut args = vec![
-            text(&app)?.to_owned(),
-            "--name".into(),
-            name.into(),
-            "--listen".into(),
-            "127.0.0.1:8080".into(),
-        ];
-        args.extend_from_slice(app_args);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.mesh.spawn(pod, None, &format!("{name}-app"), &args)?;
         let proxy = binary("custody-proxy")?;
         self.mesh.spawn(
             pod,
@@ -557,11 +622,38 @@ impl Topology {
         self.mesh.pod(name).cloned()
     }
 
-    /// A request from the client pod (outside the mesh) to `web`, as `user`.
+    /// A JWT for `user` from the users' issuer ([`ISSUER`], [`AUDIENCE`]),
+    /// valid for five minutes.
+    pub fn user_jwt(&self, user: &str) -> String {
+        let exp = custody_context::unix_now() + 300;
+        self.login_jwt(
+            &serde_json::json!({"iss": ISSUER, "aud": AUDIENCE, "sub": user, "exp": exp}),
+        )
+    }
+
+    /// A JWT of `claims` signed with the users' issuer's key ([`ISSUER_KID`]).
+    pub fn login_jwt(&self, claims: &serde_json::Value) -> String {
+        sign_jwt(&self.login, ISSUER_KID, claims)
+    }
+
+    /// A request from the client pod (outside the mesh) to `web`, as `user`:
+    /// with `Authorization: Bearer` and a JWT from the users' issuer.
     pub fn request(&self, path: &str, user: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        self.request_with(
+            path,
+            &format!("authorization: Bearer {}", self.user_jwt(user)),
+        )
+    }
+
+    /// A request from the client pod to `web` with `header` (`name: value`)
+    /// as the only credential.
+    pub fn request_with(
+        &self,
+        path: &str,
+        header: &str,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
         let client = self.pod("client")?;
         let url = format!("http://web:8080{path}");
-        let header = format!("x-custody-user: {user}");
         let out = self.mesh.exec(
             &client,
             &[
@@ -570,16 +662,46 @@ impl Topology {
                 "--max-time",
                 "10",
                 "-H",
-                &header,
+                header,
                 "-w",
                 "\n%{http_code}",
                 &url,
             ],
         )?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').context("curl printed no status")?;
-        let body = serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_owned()));
-        Ok((code.trim().parse().context("status code")?, body))
+        parse_curl(&out.stdout)
+    }
+
+    /// Runs the background job once: a process of the `job` pod, not serving
+    /// anything, places an order with `orders` ([`JOB_ROUTE`]); its call
+    /// leaves through the job's sidecar. Answers the job's status and report.
+    pub fn run_job(&self) -> anyhow::Result<(u16, serde_json::Value)> {
+        let pod = self.pod(JOB)?;
+        let app = binary("custody-e2e-app")?;
+        let route = format!("/nightly={JOB_ROUTE}");
+        let out = self.mesh.exec(
+            &pod,
+            &[
+                text(&app)?,
+                "--name",
+                JOB,
+                "--route",
+                &route,
+                "--once",
+                "/nightly",
+            ],
+        )?;
+        if !out.status.success() {
+            bail!(
+                "the job failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let status = report["status"]
+            .as_u64()
+            .context("the job reported no status")?;
+        Ok((u16::try_from(status)?, report["body"].clone()))
     }
 
     /// An MCP `tools/call` of `tool` from the client pod to the `assistant`
@@ -700,6 +822,17 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn base64url(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A compact JWT (`EdDSA`) of `claims`, signed with `key` and naming `kid`.
+pub fn sign_jwt(key: &ed25519_dalek::SigningKey, kid: &str, claims: &serde_json::Value) -> String {
+    let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": kid});
+    let signing_input = format!(
+        "{}.{}",
+        base64url(header.to_string().as_bytes()),
+        base64url(claims.to_string().as_bytes())
+    );
+    let signature = key.sign(signing_input.as_bytes());
+    format!("{signing_input}.{}", base64url(&signature.to_bytes()))
 }

@@ -1,14 +1,15 @@
 //! End-to-end scenarios on the reference topology: real sidecars in network
 //! namespaces behind iptables redirects, real PostgreSQL and MariaDB servers
-//! in pods of their own, the real control plane, the real CLI. Each scenario
-//! asserts on the control plane's answers. Needs root.
+//! in pods of their own, the real control plane, the real CLI. Users reach
+//! `web` with a JWT from the shop's login service (the harness is the
+//! issuer). Each scenario asserts on the control plane's answers. Needs root.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use custody_e2e::topology::{
-    ASSISTANT_AGENT, MARIADB_DATABASE, MARIADB_USER, PG_DATABASE, PG_USER, PLACE_ORDER,
-    RESEARCH_AGENT, RESEARCH_TOOL, Topology,
+    ASSISTANT_AGENT, AUDIENCE, ISSUER, ISSUER_KID, JOB, MARIADB_DATABASE, MARIADB_USER,
+    PG_DATABASE, PG_USER, PLACE_ORDER, RESEARCH_AGENT, RESEARCH_TOOL, Topology, sign_jwt,
 };
 use serde_json::Value;
 
@@ -56,6 +57,15 @@ fn has_identity(chain: &Value, kind: &str, value: &str) -> bool {
         .is_some_and(|ids| ids.iter().any(|i| i["kind"] == kind && i["value"] == value))
 }
 
+/// The chains `custody chains <filter>` lists.
+fn chains(topo: &Topology, filter: &[&str]) -> Vec<Value> {
+    let mut args = vec!["chains"];
+    args.extend_from_slice(filter);
+    let listed = topo.custody_json(&args).expect("custody chains");
+    let listed = listed.get("chains").cloned().unwrap_or(listed);
+    listed.as_array().cloned().unwrap_or_default()
+}
+
 /// The index of the first hop of `tree` that satisfies `want`.
 fn hop_index(tree: &Value, want: impl Fn(&Value) -> bool) -> Option<usize> {
     tree["hops"].as_array()?.iter().position(want)
@@ -81,6 +91,7 @@ fn a_user_request_is_one_chain_across_services_and_the_database_to_the_partner()
                 && has_identity(c, "database_user", &pg_user)
         })
         .unwrap();
+    // The user came from the login service's JWT, verified at web's sidecar.
     assert_eq!(chain["initiator"]["subject"], "alice@example.com");
     assert_eq!(chain["initiator"]["kind"], "human");
     assert_eq!(chain["initiator"]["actors"], serde_json::json!([]));
@@ -125,6 +136,7 @@ fn a_user_request_is_one_chain_across_services_and_the_database_to_the_partner()
         "{tree:#}"
     );
     let hops = tree["hops"].as_array().unwrap();
+    assert_eq!(hops[web_in]["context_outcome"], "minted", "{tree:#}");
     assert_eq!(hops[orders_in]["protocol"], "grpc", "{tree:#}");
     assert_eq!(hops[orders_in]["operation"], PLACE_ORDER);
     let (query, call) = (&hops[query], &hops[call]);
@@ -149,6 +161,60 @@ fn a_user_request_is_one_chain_across_services_and_the_database_to_the_partner()
             .as_array()
             .is_some_and(|d| d.iter().any(|c| c["class"] == "pii.email")),
         "{query:#}"
+    );
+
+    // Only a JWT the login service signed, for web, names a user at the
+    // edge. A token signed by another key, one from another issuer, one for
+    // another audience, and a bare `x-custody-user` header name nobody: each
+    // request goes on, as a chain of the client's address, never mallory's.
+    let exp = custody_context::unix_now() + 300;
+    let claims = |iss: &str, aud: &str| serde_json::json!({"iss": iss, "aud": aud, "sub": "mallory@example.com", "exp": exp});
+    let stranger = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    let bearer = |jwt: String| format!("authorization: Bearer {jwt}");
+    let untrusted = [
+        bearer(sign_jwt(&stranger, ISSUER_KID, &claims(ISSUER, AUDIENCE))),
+        bearer(topo.login_jwt(&claims("https://login.evil.example", AUDIENCE))),
+        bearer(topo.login_jwt(&claims(ISSUER, "admin"))),
+        "x-custody-user: mallory@example.com".to_owned(),
+    ];
+    for header in &untrusted {
+        let (status, body) = topo.request_with("/checkout", header).unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let peer = format!("peer:{}", topo.pod("client").unwrap().ip);
+    let deadline = Instant::now() + WITHIN;
+    let anonymous = loop {
+        let found: Vec<Value> = chains(&topo, &["--initiator", &peer])
+            .into_iter()
+            .filter(|c| destination(c, "api.partner.example").is_some())
+            .collect();
+        if found.len() == untrusted.len() {
+            break found;
+        }
+        assert!(found.len() < untrusted.len(), "{found:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "{} of 4 chains: {found:#?}",
+            found.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for chain in &anonymous {
+        assert_eq!(chain["initiator"]["kind"], "service", "{chain:#}");
+        let id = chain["chain_id"].as_str().unwrap();
+        let tree = topo.custody_json(&["chain", id]).unwrap();
+        let web_in = hop_index(&tree, |h| {
+            h["workload"] == workload("web") && h["direction"] == "inbound"
+        })
+        .unwrap();
+        assert_eq!(
+            tree["hops"][web_in]["context_outcome"], "missing",
+            "{tree:#}"
+        );
+    }
+    assert!(
+        chains(&topo, &["--initiator", "mallory@example.com"]).is_empty(),
+        "an untrusted credential named a user"
     );
 }
 
@@ -469,4 +535,80 @@ fn a_chain_that_read_ssns_is_blocked_from_the_partner_and_one_that_read_emails_i
     let read = classes(&allowed);
     assert!(read.iter().any(|c| c == "pii.email"), "{read:?}");
     assert!(!read.iter().any(|c| c == "pii.ssn"), "{read:?}");
+}
+
+#[test]
+fn background_work_is_attributed_to_the_jobs_workload_not_to_a_user() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut topo = Topology::start("eight").unwrap();
+    // A user's order and the nightly job's, side by side.
+    let (status, body) = topo.request("/order", "alice@example.com").unwrap();
+    assert_eq!(status, 200, "{body}");
+    // The job: a process with no request behind it places an order with
+    // orders over gRPC; orders reads customers, then calls the partner.
+    let (status, body) = topo.run_job().unwrap();
+    assert_eq!(status, 200, "{body:#}");
+    assert_eq!(
+        body["calls"][0]["body"]["queries"][0]["rows"], 5,
+        "{body:#}"
+    );
+
+    let job = workload(JOB);
+    let pg_user = format!("postgresql/{PG_DATABASE}/{PG_USER}");
+    let chain = topo
+        .wait_chain(&["--initiator", &job], WITHIN, |c| {
+            destination(c, "api.partner.example").is_some()
+                && has_identity(c, "database_user", &pg_user)
+        })
+        .unwrap();
+    assert_eq!(chain["initiator"]["subject"], job.as_str(), "{chain:#}");
+    assert_eq!(chain["initiator"]["kind"], "service", "{chain:#}");
+    assert_eq!(chain["initiator"]["actors"], serde_json::json!([]));
+    assert_eq!(chain["coverage"], "propagated", "{chain:#}");
+    assert_eq!(
+        strings(&chain, "services"),
+        vec![job.clone(), workload("orders")],
+        "{chain:#}"
+    );
+    assert!(has_identity(&chain, "key_id", "job-1"), "{chain:#}");
+    assert!(
+        !has_identity(&chain, "workload", &workload("web")),
+        "{chain:#}"
+    );
+    let read = classes(&chain);
+    assert!(read.iter().any(|c| c == "pii.email"), "{read:?}");
+
+    // The chain starts at the job's sidecar, on the way out: no inbound hop
+    // there, a token minted for the workload and taken up by orders.
+    let id = chain["chain_id"].as_str().unwrap();
+    let tree = topo.custody_json(&["chain", id]).unwrap();
+    let hops = tree["hops"].as_array().unwrap();
+    let at_job: Vec<&Value> = hops.iter().filter(|h| h["workload"] == job).collect();
+    assert_eq!(at_job.len(), 1, "{tree:#}");
+    assert_eq!(at_job[0]["direction"], "outbound", "{tree:#}");
+    assert_eq!(at_job[0]["context_outcome"], "minted", "{tree:#}");
+    let orders_in = hop_index(&tree, |h| {
+        h["workload"] == workload("orders") && h["direction"] == "inbound"
+    })
+    .unwrap();
+    assert_eq!(hops[orders_in]["operation"], PLACE_ORDER, "{tree:#}");
+    assert_eq!(hops[orders_in]["context_outcome"], "propagated", "{tree:#}");
+    assert_eq!(
+        hops[orders_in]["parent_event_id"], at_job[0]["event_id"],
+        "{tree:#}"
+    );
+
+    // The user's order is hers alone, and the job's is no user's.
+    let alice = topo
+        .wait_chain(&["--initiator", "alice@example.com"], WITHIN, |c| {
+            destination(c, "api.partner.example").is_some()
+        })
+        .unwrap();
+    assert_ne!(alice["chain_id"], chain["chain_id"]);
+    assert!(!strings(&alice, "services").contains(&job), "{alice:#}");
+    let listed = chains(&topo, &["--initiator", &job]);
+    assert!(
+        listed.iter().all(|c| c["chain_id"] != alice["chain_id"]),
+        "{listed:#?}"
+    );
 }

@@ -4,7 +4,8 @@
 //! pods of their own, the control plane on its embedded store), drives a mix
 //! of traffic for a few seconds — propagated chains, a legacy service that
 //! drops headers, services reading customers from the databases, an AI agent
-//! delegating to a sub-agent, a live egress block applied with the CLI, and a
+//! delegating to a sub-agent, a background job with no user behind it, a
+//! live egress block applied with the CLI, and a
 //! data-aware block (no partner calls from chains that read SSNs) — prints
 //! assembled chains with the data classes they touched and the coverage
 //! figures, then keeps the control plane running for exploration until
@@ -17,7 +18,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use custody_e2e::topology::{ADMIN_TOKEN, ASSISTANT_AGENT, HTTP_PORT, Topology, binary};
+use custody_e2e::topology::{
+    ADMIN_TOKEN, ASSISTANT_AGENT, HTTP_PORT, ISSUER, JOB, TRUST_DOMAIN, Topology, binary,
+};
 
 const BLOCK_PASTE: &str = "apiVersion: custody.dev/v1
 kind: EgressPolicy
@@ -91,13 +94,13 @@ fn newest_chain(topo: &Topology, filter: &[&str]) -> anyhow::Result<Option<Strin
 
 fn main() -> anyhow::Result<()> {
     println!(
-        "building the mesh: control plane, web, orders, reports, PostgreSQL, MariaDB, two AI agents, two third parties ..."
+        "building the mesh: control plane, web, orders, reports, PostgreSQL, MariaDB, two AI agents, a background job, two third parties ..."
     );
     let started = Instant::now();
     let topo = Topology::start("demo")?;
     println!("mesh up in {:.1}s", started.elapsed().as_secs_f64());
 
-    println!("\ntraffic:");
+    println!("\ntraffic (users sign in with a JWT from {ISSUER}):");
     for (path, user) in [
         ("/checkout", "alice@example.com"),
         ("/checkout", "bob@example.com"),
@@ -111,6 +114,8 @@ fn main() -> anyhow::Result<()> {
     }
     let (status, _) = topo.mcp_request("alice@example.com", ASSISTANT_AGENT, "research")?;
     println!("  alice@example.com    MCP assistant tools/call research -> {status}");
+    let (status, _) = topo.run_job()?;
+    println!("  (no user)            job: nightly PlaceOrder on orders -> {status}");
 
     let refused_after = apply_and_wait(
         &topo,
@@ -143,6 +148,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     std::thread::sleep(Duration::from_millis(800));
+    let job = format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/{JOB}");
     println!("\nassembled chains (custody chains):");
     let out = topo.custody(&["chains"])?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
@@ -163,6 +169,7 @@ fn main() -> anyhow::Result<()> {
             "SSNs read, the partner call refused",
             ["--initiator", "frank@example.com"],
         ),
+        ("background work, no user behind it", ["--initiator", &job]),
     ] {
         if let Some(id) = newest_chain(&topo, &filter)? {
             println!("\n{what} (custody chain {id}):");

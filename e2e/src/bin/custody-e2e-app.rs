@@ -1,6 +1,6 @@
 //! A small HTTP application for end-to-end topologies.
 //!
-//! `custody-e2e-app --name web --listen 127.0.0.1:8080 [--forward] [--forge]
+//! `custody-e2e-app --name web (--listen 127.0.0.1:8080 | --once PATH) [--forward] [--forge]
 //!  [--route PATH=URL]... [--sql PATH=URL|STATEMENT]... [--delay-ms D [--jitter-ms J]]`
 //!
 //! A request to `PATH` calls every `URL` routed from it, in order, and
@@ -17,6 +17,10 @@
 //! `--delay-ms`, each request is held `D` ms (± up to `J` ms, uniformly)
 //! before its calls and again after them, so requests overlap as they do
 //! under load.
+//!
+//! With `--once PATH` it serves nothing: it does what a request to `PATH`
+//! would do, once, with no request behind it (as a background job or a cron
+//! task does), writes `{"status": S, "body": B}` on stdout and exits.
 //!
 //! `--sql PATH=URL|STATEMENT` runs `STATEMENT` against the database at `URL`
 //! (`postgres://user:password@host:port/db` or `mysql://...`) on every
@@ -85,9 +89,16 @@ async fn hold((base, jitter): (u64, u64)) {
     tokio::time::sleep(Duration::from_micros(micros)).await;
 }
 
-fn parse_args() -> anyhow::Result<(App, SocketAddr)> {
+/// What the application does: serve on an address, or do a path's work once.
+enum Mode {
+    Listen(SocketAddr),
+    Once(String),
+}
+
+fn parse_args() -> anyhow::Result<(App, Mode)> {
     let mut name = None;
     let mut listen = None;
+    let mut once = None;
     let mut forward = false;
     let mut forge = false;
     let mut routes: HashMap<String, Vec<String>> = HashMap::new();
@@ -98,6 +109,7 @@ fn parse_args() -> anyhow::Result<(App, SocketAddr)> {
         match arg.as_str() {
             "--name" => name = args.next(),
             "--listen" => listen = args.next(),
+            "--once" => once = Some(args.next().context("--once needs a PATH")?),
             "--forward" => forward = true,
             "--forge" => forge = true,
             "--route" => {
@@ -129,10 +141,11 @@ fn parse_args() -> anyhow::Result<(App, SocketAddr)> {
             other => bail!("unknown argument {other}"),
         }
     }
-    let listen: SocketAddr = listen
-        .context("--listen is required")?
-        .parse()
-        .context("--listen")?;
+    let mode = match (listen, once) {
+        (Some(listen), None) => Mode::Listen(listen.parse().context("--listen")?),
+        (None, Some(path)) => Mode::Once(path),
+        _ => bail!("one of --listen and --once is required"),
+    };
     let client = Client::builder(TokioExecutor::new()).build_http();
     Ok((
         App {
@@ -144,7 +157,7 @@ fn parse_args() -> anyhow::Result<(App, SocketAddr)> {
             client,
             hold,
         },
-        listen,
+        mode,
     ))
 }
 
@@ -479,7 +492,19 @@ async fn query(url: &str, sql: &str, traceparent: Option<&str>) -> anyhow::Resul
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (app, listen) = parse_args()?;
+    let (app, mode) = parse_args()?;
+    let listen = match mode {
+        Mode::Listen(listen) => listen,
+        Mode::Once(path) => {
+            use std::io::Write as _;
+            let (status, body) = serve(&app, &path, &http::HeaderMap::new()).await;
+            let report = serde_json::json!({"status": status.as_u16(), "body": body});
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{report}")?;
+            out.flush()?;
+            return Ok(());
+        }
+    };
     let app = Arc::new(app);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
