@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use custody_context::api::v1;
 use custody_context::hop::HopEvent;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
@@ -280,8 +280,8 @@ impl Writer {
                 }
                 let mut out = Vec::with_capacity(hops.len() * 512);
                 for hop in &hops {
-                    // Serializing a JSON value cannot fail.
-                    serde_json::to_writer(&mut out, &hop_json(hop)).unwrap_or_default();
+                    // Serializing into memory cannot fail.
+                    serde_json::to_writer(&mut out, &HopJson::new(hop)).unwrap_or_default();
                     out.push(b'\n');
                 }
                 let Some(file) = self.file.as_mut() else {
@@ -319,88 +319,205 @@ impl Writer {
     }
 }
 
-fn workload_json(w: Option<&v1::WorkloadId>) -> Value {
-    match w {
-        Some(w) => json!({
-            "trust_domain": w.trust_domain,
-            "namespace": w.namespace,
-            "service_account": w.service_account,
-            "pod": w.pod,
-        }),
-        None => Value::Null,
-    }
-}
-
 fn enum_name<E: TryFrom<i32>>(raw: i32, name: impl Fn(E) -> &'static str) -> &'static str {
     E::try_from(raw).map_or("UNKNOWN", name)
+}
+
+/// A hop event as JSON, borrowed from the event: serialized straight to
+/// the output, without building a value tree per event.
+#[derive(serde::Serialize)]
+struct HopJson<'a> {
+    schema_version: u32,
+    event_id: &'a str,
+    chain_id: &'a str,
+    span_id: &'a str,
+    parent_span_id: &'a str,
+    workload: Option<WorkloadJson<'a>>,
+    peer: Option<WorkloadJson<'a>>,
+    direction: &'static str,
+    protocol: &'static str,
+    operation: &'a str,
+    status: u32,
+    initiator: Option<InitiatorJson<'a>>,
+    workloads: &'a [String],
+    attribution: Option<AttributionJson>,
+    context_outcome: &'static str,
+    refusal_reason: &'a str,
+    bytes_in: u64,
+    bytes_out: u64,
+    start_unix_nanos: u64,
+    duration_nanos: u64,
+    egress: Option<EgressJson<'a>>,
+    connection: Option<FiveTupleJson<'a>>,
+    data: Vec<DataJson<'a>>,
+    database: Option<DatabaseJson<'a>>,
+    taint: &'a [String],
+    key_id: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct WorkloadJson<'a> {
+    trust_domain: &'a str,
+    namespace: &'a str,
+    service_account: &'a str,
+    pod: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct InitiatorJson<'a> {
+    subject: &'a str,
+    kind: &'static str,
+    actors: &'a [String],
+    scope: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct AttributionJson {
+    method: &'static str,
+    confidence: f32,
+}
+
+#[derive(serde::Serialize)]
+struct EgressJson<'a> {
+    destination: Option<DestinationJson<'a>>,
+    verdict: &'static str,
+    policy: &'a str,
+    rule: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct DestinationJson<'a> {
+    host: &'a str,
+    ip: &'a str,
+    port: u32,
+}
+
+#[derive(serde::Serialize)]
+struct FiveTupleJson<'a> {
+    src_ip: &'a str,
+    src_port: u32,
+    dst_ip: &'a str,
+    dst_port: u32,
+    transport: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct DatabaseJson<'a> {
+    system: &'a str,
+    database: &'a str,
+    user: &'a str,
+    statement_kind: &'a str,
+    fingerprint: &'a str,
+    tables_read: &'a [String],
+    tables_written: &'a [String],
+    columns: &'a [String],
+    rows_returned: u64,
+    rows_affected: u64,
+    error_code: &'a str,
+    parsed: bool,
+    transport: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct DataJson<'a> {
+    class: &'a str,
+    count: u64,
+    confidence: f32,
+}
+
+fn workload_json(w: Option<&v1::WorkloadId>) -> Option<WorkloadJson<'_>> {
+    w.map(|w| WorkloadJson {
+        trust_domain: &w.trust_domain,
+        namespace: &w.namespace,
+        service_account: &w.service_account,
+        pod: &w.pod,
+    })
+}
+
+impl<'a> HopJson<'a> {
+    fn new(hop: &'a HopEvent) -> Self {
+        HopJson {
+            schema_version: hop.schema_version,
+            event_id: &hop.event_id,
+            chain_id: &hop.chain_id,
+            span_id: &hop.span_id,
+            parent_span_id: &hop.parent_span_id,
+            workload: workload_json(hop.workload.as_ref()),
+            peer: workload_json(hop.peer.as_ref()),
+            direction: enum_name(hop.direction, |d: v1::Direction| d.as_str_name()),
+            protocol: enum_name(hop.protocol, |p: v1::Protocol| p.as_str_name()),
+            operation: &hop.operation,
+            status: hop.status,
+            initiator: hop.initiator.as_ref().map(|i| InitiatorJson {
+                subject: &i.subject,
+                kind: enum_name(i.kind, |k: v1::InitiatorKind| k.as_str_name()),
+                actors: &i.actors,
+                scope: &i.scope,
+            }),
+            workloads: &hop.workloads,
+            attribution: hop.attribution.as_ref().map(|a| AttributionJson {
+                method: enum_name(a.method, |m: v1::AttributionMethod| m.as_str_name()),
+                confidence: a.confidence,
+            }),
+            context_outcome: enum_name(hop.context_outcome, |o: v1::ContextOutcome| {
+                o.as_str_name()
+            }),
+            refusal_reason: &hop.refusal_reason,
+            bytes_in: hop.bytes_in,
+            bytes_out: hop.bytes_out,
+            start_unix_nanos: hop.start_unix_nanos,
+            duration_nanos: hop.duration_nanos,
+            egress: hop.egress.as_ref().map(|e| EgressJson {
+                destination: e.destination.as_ref().map(|d| DestinationJson {
+                    host: &d.host,
+                    ip: &d.ip,
+                    port: d.port,
+                }),
+                verdict: enum_name(e.verdict, |v: v1::Verdict| v.as_str_name()),
+                policy: &e.policy,
+                rule: &e.rule,
+            }),
+            connection: hop.connection.as_ref().map(|c| FiveTupleJson {
+                src_ip: &c.src_ip,
+                src_port: c.src_port,
+                dst_ip: &c.dst_ip,
+                dst_port: c.dst_port,
+                transport: &c.transport,
+            }),
+            data: hop
+                .data
+                .iter()
+                .map(|d| DataJson {
+                    class: &d.class,
+                    count: d.count,
+                    confidence: d.confidence,
+                })
+                .collect(),
+            database: hop.database.as_ref().map(|d| DatabaseJson {
+                system: &d.system,
+                database: &d.database,
+                user: &d.user,
+                statement_kind: &d.statement_kind,
+                fingerprint: &d.fingerprint,
+                tables_read: &d.tables_read,
+                tables_written: &d.tables_written,
+                columns: &d.columns,
+                rows_returned: d.rows_returned,
+                rows_affected: d.rows_affected,
+                error_code: &d.error_code,
+                parsed: d.parsed,
+                transport: &d.transport,
+            }),
+            taint: &hop.taint,
+            key_id: &hop.key_id,
+        }
+    }
 }
 
 /// The JSON form of a hop event (the JSON-lines export): proto field names,
 /// enums by name.
 pub fn hop_json(hop: &HopEvent) -> Value {
-    json!({
-        "schema_version": hop.schema_version,
-        "event_id": hop.event_id,
-        "chain_id": hop.chain_id,
-        "span_id": hop.span_id,
-        "parent_span_id": hop.parent_span_id,
-        "workload": workload_json(hop.workload.as_ref()),
-        "peer": workload_json(hop.peer.as_ref()),
-        "direction": enum_name(hop.direction, |d: v1::Direction| d.as_str_name()),
-        "protocol": enum_name(hop.protocol, |p: v1::Protocol| p.as_str_name()),
-        "operation": hop.operation,
-        "status": hop.status,
-        "initiator": hop.initiator.as_ref().map(|i| json!({
-            "subject": i.subject,
-            "kind": enum_name(i.kind, |k: v1::InitiatorKind| k.as_str_name()),
-            "actors": i.actors,
-            "scope": i.scope,
-        })),
-        "workloads": hop.workloads,
-        "attribution": hop.attribution.as_ref().map(|a| json!({
-            "method": enum_name(a.method, |m: v1::AttributionMethod| m.as_str_name()),
-            "confidence": a.confidence,
-        })),
-        "context_outcome": enum_name(hop.context_outcome, |o: v1::ContextOutcome| o.as_str_name()),
-        "refusal_reason": hop.refusal_reason,
-        "bytes_in": hop.bytes_in,
-        "bytes_out": hop.bytes_out,
-        "start_unix_nanos": hop.start_unix_nanos,
-        "duration_nanos": hop.duration_nanos,
-        "egress": hop.egress.as_ref().map(|e| json!({
-            "destination": e.destination.as_ref().map(|d| json!({
-                "host": d.host, "ip": d.ip, "port": d.port,
-            })),
-            "verdict": enum_name(e.verdict, |v: v1::Verdict| v.as_str_name()),
-            "policy": e.policy,
-            "rule": e.rule,
-        })),
-        "connection": hop.connection.as_ref().map(|c| json!({
-            "src_ip": c.src_ip, "src_port": c.src_port,
-            "dst_ip": c.dst_ip, "dst_port": c.dst_port,
-            "transport": c.transport,
-        })),
-        "data": hop.data.iter().map(|d| json!({
-            "class": d.class, "count": d.count, "confidence": d.confidence,
-        })).collect::<Vec<_>>(),
-        "database": hop.database.as_ref().map(|d| json!({
-            "system": d.system,
-            "database": d.database,
-            "user": d.user,
-            "statement_kind": d.statement_kind,
-            "fingerprint": d.fingerprint,
-            "tables_read": d.tables_read,
-            "tables_written": d.tables_written,
-            "columns": d.columns,
-            "rows_returned": d.rows_returned,
-            "rows_affected": d.rows_affected,
-            "error_code": d.error_code,
-            "parsed": d.parsed,
-            "transport": d.transport,
-        })),
-        "taint": hop.taint,
-        "key_id": hop.key_id,
-    })
+    serde_json::to_value(HopJson::new(hop)).unwrap_or(Value::Null)
 }
 
 #[cfg(test)]
