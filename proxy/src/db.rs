@@ -711,7 +711,8 @@ pub(crate) async fn serve(
     };
     let _ = upstream.set_nodelay(true);
     let engines = &shared.db;
-    match database.protocol {
+    let metrics = &shared.metrics;
+    let (conn, end, bytes) = match database.protocol {
         DatabaseProtocol::Postgres => {
             let terminator = match &database.tls {
                 DatabaseTls::Terminate { cert_file, .. } => engines.terminators.get(cert_file),
@@ -722,69 +723,61 @@ pub(crate) async fn serve(
             let asks_tls = terminator.is_some()
                 && matches!(client.try_peek(&mut head).await, Ok(true))
                 && head == tls::SSL_REQUEST;
-            if let (Some(terminator), true) = (terminator, asks_tls) {
-                use tokio::io::AsyncReadExt as _;
-                if client.read_exact(&mut head).await.is_err() {
-                    return;
-                }
-                match tls::negotiate(terminator, client, upstream, dest).await {
-                    Ok(tls::Negotiated::Tls(client, upstream)) => {
-                        let mut conn = conn;
-                        conn.transport = "tls_terminated";
-                        let inspector = pg::Inspector::new(conn, &engines.classifier);
-                        let (inspector, bytes) =
-                            relay::run(client, upstream, inspector, &shared.metrics, "postgresql")
-                                .await;
-                        let (conn, end) = inspector.finish();
-                        conn.connection_done(facts(
-                            end.inspection,
-                            end.user,
-                            end.database,
-                            bytes,
-                            stitch,
-                        ));
+            match terminator {
+                Some(terminator) if asks_tls => {
+                    use tokio::io::AsyncReadExt as _;
+                    if client.read_exact(&mut head).await.is_err() {
+                        return;
                     }
-                    Ok(tls::Negotiated::Plain(client, upstream)) => {
-                        let inspector = pg::Inspector::new(conn, &engines.classifier);
-                        let (inspector, bytes) =
-                            relay::run(client, upstream, inspector, &shared.metrics, "postgresql")
-                                .await;
-                        let (conn, end) = inspector.finish();
-                        conn.connection_done(facts(
-                            end.inspection,
-                            end.user,
-                            end.database,
-                            bytes,
-                            stitch,
-                        ));
-                    }
-                    Err(error) => {
-                        tracing::info!(message = "database TLS termination failed", %dest, %error);
-                        conn.connection_done(facts(
-                            Inspection::Unparsed,
-                            None,
-                            None,
-                            (8, 0),
-                            stitch,
-                        ));
+                    match tls::negotiate(terminator, client, upstream, dest).await {
+                        Ok(tls::Negotiated::Tls(client, upstream)) => {
+                            let mut conn = conn;
+                            conn.transport = "tls_terminated";
+                            postgres_session(conn, &engines.classifier, client, upstream, metrics)
+                                .await
+                        }
+                        Ok(tls::Negotiated::Plain(client, upstream)) => {
+                            postgres_session(conn, &engines.classifier, client, upstream, metrics)
+                                .await
+                        }
+                        Err(error) => {
+                            tracing::info!(message = "database TLS termination failed", %dest, %error);
+                            let end = facts(Inspection::Unparsed, None, None, (8, 0), stitch);
+                            conn.connection_done(end);
+                            return;
+                        }
                     }
                 }
-                return;
+                _ => postgres_session(conn, &engines.classifier, client, upstream, metrics).await,
             }
-            let inspector = pg::Inspector::new(conn, &engines.classifier);
-            let (inspector, bytes) =
-                relay::run(client, upstream, inspector, &shared.metrics, "postgresql").await;
-            let (conn, end) = inspector.finish();
-            conn.connection_done(facts(end.inspection, end.user, end.database, bytes, stitch));
         }
         DatabaseProtocol::Mysql => {
             let inspector = mysql::Inspector::new(conn, &engines.classifier);
             let (inspector, bytes) =
-                relay::run(client, upstream, inspector, &shared.metrics, "mysql").await;
+                relay::run(client, upstream, inspector, metrics, "mysql").await;
             let (conn, end) = inspector.finish();
-            conn.connection_done(facts(end.inspection, end.user, end.database, bytes, stitch));
+            (conn, end, bytes)
         }
-    }
+    };
+    conn.connection_done(facts(end.inspection, end.user, end.database, bytes, stitch));
+}
+
+/// Relays and inspects one PostgreSQL session over any pair of streams.
+async fn postgres_session<C, S>(
+    conn: Conn,
+    classifier: &Classifier,
+    client: C,
+    server: S,
+    metrics: &crate::metrics::Metrics,
+) -> (Conn, End, (u64, u64))
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
+{
+    let inspector = pg::Inspector::new(conn, classifier);
+    let (inspector, bytes) = relay::run(client, server, inspector, metrics, "postgresql").await;
+    let (conn, end) = inspector.finish();
+    (conn, end, bytes)
 }
 
 /// How a session ended, as an inspector saw it.

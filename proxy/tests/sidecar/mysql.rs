@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use custody_testkit::MariaDb;
 use custody_testkit::fixtures::{self, BIG_TABLE_ROWS};
@@ -50,31 +49,6 @@ fn mariadb_cli(db: &MariaDb, addr: SocketAddr, sql: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn db(hop: &Value) -> &Value {
-    &hop["database"]
-}
-
-fn classes(hop: &Value) -> Vec<String> {
-    hop["data"]
-        .as_array()
-        .map(|d| {
-            d.iter()
-                .map(|c| c["class"].as_str().unwrap().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-async fn wait_listening(addr: SocketAddr) {
-    for _ in 0..500 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("nothing listens on {addr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

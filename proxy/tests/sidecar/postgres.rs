@@ -56,31 +56,6 @@ fn database_yaml(listen: SocketAddr, upstream: SocketAddr) -> String {
     )
 }
 
-async fn wait_listening(addr: SocketAddr) {
-    for _ in 0..500 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("nothing listens on {addr}");
-}
-
-fn classes(hop: &Value) -> Vec<String> {
-    hop["data"]
-        .as_array()
-        .map(|d| {
-            d.iter()
-                .map(|c| c["class"].as_str().unwrap().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn db(hop: &Value) -> &Value {
-    &hop["database"]
-}
-
 /// No value of the shop's sensitive columns appears in `text`.
 fn assert_no_raw_values(shop: &Shop, text: &str) {
     for c in &shop.customers {

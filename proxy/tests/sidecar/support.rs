@@ -411,3 +411,31 @@ pub(crate) async fn body_string(resp: Response<Incoming>) -> (u16, String) {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
+
+/// The `database` object of a hop event.
+pub(crate) fn db(hop: &Value) -> &Value {
+    &hop["database"]
+}
+
+/// The data classes a hop event records.
+pub(crate) fn classes(hop: &Value) -> Vec<String> {
+    hop["data"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .map(|c| c["class"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until something accepts connections on `addr`.
+pub(crate) async fn wait_listening(addr: SocketAddr) {
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("nothing listens on {addr}");
+}
