@@ -720,9 +720,24 @@ pub(crate) async fn serve(
             };
             let mut client = client;
             let mut head = [0u8; 8];
-            let asks_tls = terminator.is_some()
-                && matches!(client.try_peek(&mut head).await, Ok(true))
-                && head == tls::SSL_REQUEST;
+            let mut asks_tls = false;
+            if terminator.is_some() {
+                // A PostgreSQL client sends at least these 8 bytes first; one
+                // that sends fewer and waits is not served.
+                match tokio::time::timeout(STARTUP_WAIT, client.try_peek(&mut head)).await {
+                    Ok(Ok(true)) => asks_tls = head == tls::SSL_REQUEST,
+                    Ok(_) | Err(_) => {
+                        conn.connection_done(facts(
+                            Inspection::Unparsed,
+                            None,
+                            None,
+                            (0, 0),
+                            stitch,
+                        ));
+                        return;
+                    }
+                }
+            }
             match terminator {
                 Some(terminator) if asks_tls => {
                     use tokio::io::AsyncReadExt as _;
@@ -761,6 +776,10 @@ pub(crate) async fn serve(
     };
     conn.connection_done(facts(end.inspection, end.user, end.database, bytes, stitch));
 }
+
+/// How long a session may take to send its first 8 bytes when TLS may be
+/// terminated.
+const STARTUP_WAIT: Duration = Duration::from_secs(30);
 
 /// Relays and inspects one PostgreSQL session over any pair of streams.
 async fn postgres_session<C, S>(
