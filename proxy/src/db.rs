@@ -7,7 +7,7 @@
 //! unchanged; the decoders ([`custody_protocols`]) only look at a copy.
 //!
 //! Each statement becomes a hop: attributed to its chain
-//! ([`attribution`]), analysed (statement kind, tables, columns), its result
+//! (`attribution.rs`), analysed (statement kind, tables, columns), its result
 //! rows sampled and classified, the database user and database recorded.
 //! The data classes found join the chain's taint in this pod
 //! ([`crate::taint`]), so the chain's next HTTP call is checked with them.
