@@ -277,6 +277,22 @@ pub struct ListenersConfig {
     pub outbound: SocketAddr,
     /// `/metrics`, `/ready`, `/live`, `/policy`, `/keys`.
     pub admin: SocketAddr,
+    /// A second inbound listener that ends TLS (HTTP/1.1 and HTTP/2 by
+    /// ALPN) and then serves like `inbound`.
+    #[serde(default)]
+    pub inbound_tls: Option<InboundTlsConfig>,
+}
+
+/// An inbound listener ending TLS with the sidecar's certificate.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundTlsConfig {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// The certificate chain shown to callers (PEM).
+    pub cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
 }
 
 /// Inbound traffic.

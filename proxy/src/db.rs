@@ -23,7 +23,7 @@ mod pg;
 mod relay;
 mod tls;
 
-pub use tls::Terminator;
+pub use tls::{Terminator, check_certificate};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -51,6 +51,9 @@ pub enum BuildError {
     /// The control plane did not issue a signing key.
     #[error("{0}")]
     Registration(String),
+    /// The inbound TLS listener's certificate or key cannot be used.
+    #[error("{0}")]
+    Tls(String),
     /// The SQL analyzer or the classifier could not be built.
     #[error("{0}")]
     Database(String),
@@ -222,6 +225,10 @@ impl Sidecar {
                 _ => Ok(None),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(tls) = &config.listeners.inbound_tls {
+            crate::db::check_certificate(&tls.cert_file, &tls.key_file, "listeners.inbound_tls")
+                .map_err(BuildError::Tls)?;
+        }
         let db = crate::db::Engines::new(&config).map_err(BuildError::Database)?;
         let taint_ttl =
             std::time::Duration::from_secs(config.signing.token_ttl_secs.unwrap_or(300).max(60));
@@ -258,6 +265,14 @@ impl Sidecar {
                 Sniffing::new(http, Arc::clone(&shared), direction),
             );
             service.add_tcp(&addr.to_string());
+            if let (Direction::Inbound, Some(tls)) = (direction, &listeners.inbound_tls) {
+                let cert = tls.cert_file.to_string_lossy();
+                let key = tls.key_file.to_string_lossy();
+                let mut settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
+                    .map_err(|e| BuildError::Tls(format!("listeners.inbound_tls: {e}")))?;
+                settings.enable_h2();
+                service.add_tls_with_settings(&tls.address.to_string(), None, settings);
+            }
             server.add_service(service);
         }
         for (index, database) in shared.config.databases.iter().enumerate() {

@@ -42,6 +42,30 @@ fn read(path: &Path, field: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))
 }
 
+/// Checks that a certificate chain and its key load and match.
+pub fn check_certificate(cert_file: &Path, key_file: &Path, field: &str) -> Result<(), String> {
+    server_config(cert_file, key_file, field).map(|_| ())
+}
+
+fn server_config(cert_file: &Path, key_file: &Path, field: &str) -> Result<ServerConfig, String> {
+    let cert_pem = read(cert_file, &format!("{field}.cert_file"))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{field}.cert_file: {e}"))?;
+    if chain.is_empty() {
+        return Err(format!("{field}.cert_file: no certificate"));
+    }
+    let key_pem = read(key_file, &format!("{field}.key_file"))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| format!("{field}.key_file: {e}"))?;
+    ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("{field}: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("{field}.key_file: {e}"))
+}
+
 impl Terminator {
     /// Loads the certificate and key shown to clients and the CA that the
     /// server's certificate must chain to. `field` prefixes errors.
@@ -52,23 +76,8 @@ impl Terminator {
         upstream_server_name: Option<&str>,
         field: &str,
     ) -> Result<Self, String> {
-        let cert_pem = read(cert_file, &format!("{field}.cert_file"))?;
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("{field}.cert_file: {e}"))?;
-        if chain.is_empty() {
-            return Err(format!("{field}.cert_file: no certificate"));
-        }
-        let key_pem = read(key_file, &format!("{field}.key_file"))?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| format!("{field}.key_file: {e}"))?;
+        let server = server_config(cert_file, key_file, field)?;
         let provider = Arc::new(ring::default_provider());
-        let server = ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("{field}: {e}"))?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| format!("{field}.key_file: {e}"))?;
         let ca_pem = read(upstream_ca_file, &format!("{field}.upstream_ca_file"))?;
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(&ca_pem) {

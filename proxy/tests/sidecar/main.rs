@@ -18,5 +18,6 @@ mod postgres;
 mod refusal;
 mod registration;
 mod shutdown;
+mod tls;
 mod traffic;
 mod transparent;

@@ -93,6 +93,8 @@ pub(crate) struct Spec<'a> {
     pub(crate) extra: &'a str,
     /// More fields of the `signing` section.
     pub(crate) signing: &'a str,
+    /// More fields of the `listeners` section.
+    pub(crate) listeners: &'a str,
 }
 
 impl<'a> Spec<'a> {
@@ -104,6 +106,7 @@ impl<'a> Spec<'a> {
             extra_inbound: "",
             extra: "",
             signing: "",
+            listeners: "",
         }
     }
 }
@@ -131,7 +134,7 @@ pub(crate) fn config_yaml(
     format!(
         r#"
 workload: {{ trust_domain: {TD}, namespace: test, service_account: {name}, pod: {name}-0 }}
-listeners: {{ inbound: "{inb}", outbound: "{outb}", admin: "{adm}" }}
+listeners: {{ inbound: "{inb}", outbound: "{outb}", admin: "{adm}", {listeners} }}
 inbound:
   upstream: "{app}"
   identity_sources:
@@ -157,6 +160,7 @@ shutdown: {{ grace_period_secs: 0, final_timeout_secs: 1 }}
         hops = dir.join("hops.jsonl").display(),
         extra = spec.extra,
         signing = spec.signing,
+        listeners = spec.listeners,
     )
 }
 
