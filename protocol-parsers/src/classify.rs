@@ -402,25 +402,45 @@ impl Classifier {
 
     /// Starts classifying one result set with these column names.
     pub fn start<S: AsRef<str>>(&self, column_names: &[S]) -> Accumulator<'_> {
+        self.start_prepared(&self.prepare(column_names))
+    }
+
+    /// Reads column names once (normalization and name evidence), for
+    /// result sets that come back with the same columns many times: a
+    /// prepared statement executed in a loop.
+    pub fn prepare<S: AsRef<str>>(&self, column_names: &[S]) -> PreparedColumns {
         let columns = column_names
             .iter()
             .map(|n| {
                 let name = n.as_ref();
                 let normalized = names::normalize(name);
-                let evidence = names::evidence(&normalized);
-                let custom_names = self
-                    .custom
-                    .iter()
-                    .map(|c| c.column.as_ref().is_some_and(|r| r.is_match(&normalized)))
-                    .collect();
-                ColumnState {
+                ColumnTemplate {
                     name: name.chars().take(128).collect(),
-                    evidence,
-                    non_null: 0,
-                    hits: [0; BUILTIN.len()],
-                    custom_names,
-                    custom_hits: vec![0; self.custom.len()],
+                    evidence: names::evidence(&normalized),
+                    custom_names: self
+                        .custom
+                        .iter()
+                        .map(|c| c.column.as_ref().is_some_and(|r| r.is_match(&normalized)))
+                        .collect(),
                 }
+            })
+            .collect();
+        PreparedColumns { columns }
+    }
+
+    /// Starts classifying one result set whose columns were prepared by
+    /// this classifier.
+    pub fn start_prepared(&self, prepared: &PreparedColumns) -> Accumulator<'_> {
+        let columns = prepared
+            .columns
+            .iter()
+            .map(|t| ColumnState {
+                name: t.name.clone(),
+                evidence: t.evidence,
+                non_null: 0,
+                hits: [0; BUILTIN.len()],
+                custom_names: t.custom_names.clone(),
+                custom_hits: vec![0; self.custom.len()],
             })
             .collect();
         Accumulator {
@@ -438,6 +458,31 @@ impl Classifier {
         let set = values::detect(value, &names::Evidence::default());
         set.iter().map(|(_, c)| c.clone()).collect()
     }
+}
+
+/// Column names read once by [`Classifier::prepare`].
+#[derive(Debug, Clone)]
+pub struct PreparedColumns {
+    columns: Arc<[ColumnTemplate]>,
+}
+
+impl PreparedColumns {
+    /// How many columns.
+    pub fn len(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.columns.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct ColumnTemplate {
+    name: String,
+    evidence: names::Evidence,
+    custom_names: Vec<bool>,
 }
 
 struct ColumnState {

@@ -35,7 +35,7 @@ use custody_context::hop::HopEvent;
 use custody_context::policy::{Decision, Verdict};
 use custody_context::traceparent::SpanId;
 use custody_context::verify::VerifiedToken;
-use custody_protocols::classify::{Classifier, ClassifierConfig, Report};
+use custody_protocols::classify::{Classifier, ClassifierConfig, PreparedColumns, Report};
 use custody_protocols::sql::{Analysis, Analyzer, AnalyzerConfig, Dialect};
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
@@ -528,6 +528,8 @@ pub(crate) struct Sampler {
     cells: Vec<Option<(usize, usize)>>,
     /// Where each row's values end in `cells`.
     rows: Vec<usize>,
+    /// Column names read by the classifier, by name list.
+    prepared: std::collections::HashMap<Vec<String>, PreparedColumns>,
 }
 
 impl Sampler {
@@ -538,6 +540,7 @@ impl Sampler {
             bytes: Vec::new(),
             cells: Vec::new(),
             rows: Vec::new(),
+            prepared: std::collections::HashMap::new(),
         }
     }
 
@@ -562,10 +565,10 @@ impl Sampler {
 
     /// Classifies the kept rows under these column names and forgets them.
     /// `None` when there is nothing to classify.
-    pub(crate) fn classify<S: AsRef<str>>(
+    pub(crate) fn classify(
         &mut self,
         classifier: &Classifier,
-        names: &[S],
+        names: &[String],
         rows_returned: u64,
     ) -> Option<Report> {
         let report = if rows_returned == 0 || (self.rows.is_empty() && names.is_empty()) {
@@ -577,9 +580,14 @@ impl Sampler {
                 width = width.max(end - start);
                 start = end;
             }
-            let mut padded: Vec<&str> = names.iter().map(AsRef::as_ref).collect();
-            padded.resize(width, "");
-            let mut acc = classifier.start(&padded);
+            let prepared = if width > names.len() {
+                let mut padded = names.to_vec();
+                padded.resize(width, String::new());
+                classifier.prepare(&padded)
+            } else {
+                self.prepared(classifier, names)
+            };
+            let mut acc = classifier.start_prepared(&prepared);
             let mut row: Vec<Option<&[u8]>> = Vec::with_capacity(width);
             let mut start = 0;
             for &end in &self.rows {
@@ -598,6 +606,20 @@ impl Sampler {
         self.cells.clear();
         self.rows.clear();
         report
+    }
+
+    /// The column names read once per session: a statement executed many
+    /// times comes back with the same columns.
+    fn prepared(&mut self, classifier: &Classifier, names: &[String]) -> PreparedColumns {
+        if let Some(found) = self.prepared.get(names) {
+            return found.clone();
+        }
+        let prepared = classifier.prepare(names);
+        if self.prepared.len() >= SESSION_ANALYSES {
+            self.prepared.clear();
+        }
+        self.prepared.insert(names.to_vec(), prepared.clone());
+        prepared
     }
 }
 

@@ -577,3 +577,35 @@ fn labelled_set_precision_and_recall() {
     }
     println!("{table}");
 }
+
+#[test]
+fn prepared_columns_classify_like_names_read_each_time() {
+    let classifier = Classifier::new(&ClassifierConfig::default()).unwrap();
+    let names = ["customer_email", "ssn", "notes"];
+    let rows: [[Option<&[u8]>; 3]; 2] = [
+        [
+            Some(b"ann@example.com"),
+            Some(b"123-45-6789"),
+            Some(b"late"),
+        ],
+        [Some(b"bo@example.org"), None, Some(b"4111 1111 1111 1111")],
+    ];
+    let prepared = classifier.prepare(&names);
+    assert_eq!(prepared.len(), 3);
+    let mut reports = Vec::new();
+    for mut acc in [
+        classifier.start(&names),
+        classifier.start_prepared(&prepared),
+    ] {
+        for row in &rows {
+            acc.observe_row(row);
+        }
+        reports.push(acc.finish());
+    }
+    assert_eq!(reports[0], reports[1]);
+    assert!(reports[0].get(&DataClass::Email).is_some());
+    // A prepared set serves many result sets.
+    let mut again = classifier.start_prepared(&prepared);
+    again.observe_row(&rows[0]);
+    assert!(again.finish().get(&DataClass::Ssn).is_some());
+}

@@ -46,6 +46,7 @@ struct Collected {
 
 fn statement_of(
     record: &QueryRecord,
+    columns: Vec<String>,
     report: Option<custody_protocols::classify::Report>,
 ) -> Statement {
     Statement {
@@ -55,7 +56,7 @@ fn statement_of(
         rows_returned: record.rows,
         rows_affected: record.affected_rows,
         error_code: record.error.as_ref().map(|e| e.code.to_string()),
-        columns: record.column_names().map(str::to_owned).collect(),
+        columns,
         report,
         user: record.user.as_deref().map(str::to_owned),
         database: record.database.as_deref().map(str::to_owned),
@@ -112,10 +113,10 @@ impl<'c> Inspector<'c> {
                 }));
             }
             Event::Query(record) => {
-                let names: Vec<&str> = record.column_names().collect();
+                let names: Vec<String> = record.column_names().map(str::to_owned).collect();
                 let report = sampler.classify(classifier, &names, record.rows);
                 if runs_sql(record.command) {
-                    collected.done.push(statement_of(record, report));
+                    collected.done.push(statement_of(record, names, report));
                 }
             }
             _ => {}
