@@ -433,36 +433,22 @@ policies:
     assert_no_raw_values(&shop, &text);
 }
 
-/// Turns TLS on in a running server with a fresh self-signed certificate.
-fn enable_tls(pg: &Postgres) {
+/// Turns TLS on in a running server: it presents a certificate for
+/// `db.test` signed by the CA in `certs` (see [`tls_certificates`]).
+fn enable_tls(pg: &Postgres, certs: &std::path::Path) {
     use std::os::unix::fs::MetadataExt;
+    tls_certificates(certs, "db.test");
     let data = pg.data_dir();
     let owner = std::fs::metadata(&data).unwrap();
-    let (crt, key) = (data.join("server.crt"), data.join("server.key"));
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=db.test", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&crt)
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    for file in [&crt, &key] {
-        std::os::unix::fs::chown(file, Some(owner.uid()), Some(owner.gid())).unwrap();
+    for (from, to) in [("tls.crt", "server.crt"), ("tls.key", "server.key")] {
+        std::fs::copy(certs.join(from), data.join(to)).unwrap();
+        std::os::unix::fs::chown(data.join(to), Some(owner.uid()), Some(owner.gid())).unwrap();
     }
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(
+        data.join("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     pg.superuser_sql("ALTER SYSTEM SET ssl = on").unwrap();
     pg.superuser_sql("SELECT pg_reload_conf()").unwrap();
 }
@@ -470,7 +456,8 @@ fn enable_tls(pg: &Postgres) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_encrypted_session_passes_through_and_says_it_was_not_inspected() {
     let pg = Postgres::start().unwrap();
-    enable_tls(&pg);
+    let certs = tempfile::tempdir().unwrap();
+    enable_tls(&pg, certs.path());
     let trust = Trust::new(&["orders"]);
     let listen = free_port();
     let extra = database_yaml(listen, pg.addr());
@@ -508,92 +495,12 @@ async fn an_encrypted_session_passes_through_and_says_it_was_not_inspected() {
     );
 }
 
-/// A CA and a server certificate for `db.test` signed by it, in `dir`.
-fn ca_and_server_cert(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-subj",
-        "/CN=db.test",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:db.test\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.crt",
-    ]);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_tls_session_is_decoded_between_the_two_tls_ends() {
-    use std::os::unix::fs::MetadataExt;
     let pg = Postgres::start().unwrap();
     let shop = fixtures::load_shop(&pg).unwrap();
     let certs = tempfile::tempdir().unwrap();
-    ca_and_server_cert(certs.path());
-    // The server presents the CA-signed certificate.
-    let data = pg.data_dir();
-    let owner = std::fs::metadata(&data).unwrap();
-    for name in ["server.crt", "server.key"] {
-        std::fs::copy(certs.path().join(name), data.join(name)).unwrap();
-        std::os::unix::fs::chown(data.join(name), Some(owner.uid()), Some(owner.gid())).unwrap();
-    }
-    std::fs::set_permissions(
-        data.join("server.key"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    pg.superuser_sql("ALTER SYSTEM SET ssl = on").unwrap();
-    pg.superuser_sql("SELECT pg_reload_conf()").unwrap();
+    enable_tls(&pg, certs.path());
 
     let trust = Trust::new(&["orders"]);
     let listen = free_port();
@@ -602,8 +509,8 @@ async fn a_terminated_tls_session_is_decoded_between_the_two_tls_ends() {
         "databases:\n  - protocol: postgres\n    listen: \"{listen}\"\n    upstream: \"{}\"\n    \
          tls: {{ mode: terminate, cert_file: \"{}\", key_file: \"{}\", upstream_ca_file: \"{}\", upstream_server_name: db.test }}\n",
         pg.addr(),
-        c.join("server.crt").display(),
-        c.join("server.key").display(),
+        c.join("tls.crt").display(),
+        c.join("tls.key").display(),
         c.join("ca.crt").display(),
     );
     let mut spec = Spec::new("orders", free_port());

@@ -443,3 +443,71 @@ pub(crate) async fn wait_listening(addr: SocketAddr) {
     }
     panic!("nothing listens on {addr}");
 }
+
+/// A test CA (`ca.crt`) and a certificate for `dns_name` signed by it
+/// (`tls.crt`, `tls.key`), written to `dir` with the openssl command.
+pub(crate) fn tls_certificates(dir: &Path, dns_name: &str) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let subject = format!("/CN={dns_name}");
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &["-subj", &subject, "-keyout", "tls.key", "-out", "tls.csr"],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("san.ext"),
+        format!("subjectAltName=DNS:{dns_name}\n"),
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "tls.crt",
+    ]);
+}

@@ -1,7 +1,6 @@
 //! The inbound TLS listener: TLS ended with the sidecar's certificate,
 //! HTTP/1.1 or HTTP/2 chosen by ALPN, then served like plaintext inbound.
 
-use std::process::Command;
 use std::sync::Arc;
 
 use hyper::Request;
@@ -12,75 +11,6 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use crate::support::*;
-
-/// A CA and a certificate for `orders.test` signed by it, in `dir`.
-fn certificates(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(&[
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-days",
-            "1",
-            "-subj",
-            "/CN=test CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-        ],
-    ]
-    .concat());
-    run(&[
-        &["req"][..],
-        &ec,
-        &[
-            "-subj",
-            "/CN=orders.test",
-            "-keyout",
-            "tls.key",
-            "-out",
-            "tls.csr",
-        ],
-    ]
-    .concat());
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:orders.test\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "tls.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "tls.crt",
-    ]);
-}
 
 fn connector(dir: &std::path::Path, alpn: &[&[u8]]) -> TlsConnector {
     let mut roots = RootCertStore::empty();
@@ -102,7 +32,7 @@ fn connector(dir: &std::path::Path, alpn: &[&[u8]]) -> TlsConnector {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_tls_is_ended_and_alpn_chooses_http1_or_h2() {
     let certs = tempfile::tempdir().unwrap();
-    certificates(certs.path());
+    tls_certificates(certs.path(), "orders.test");
     let trust = Trust::new(&["orders"]);
     let app = App::ok().await;
     let tls_addr = free_port();
