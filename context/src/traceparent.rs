@@ -58,11 +58,29 @@ fn decode_hex(src: &[u8], out: &mut [u8]) -> Result<(), TraceParentError> {
     Ok(())
 }
 
-fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
-    for b in bytes {
-        write!(f, "{b:02x}")?;
+/// Lower-case hex of `bytes` into `out` (twice as long), without the
+/// formatting machinery: ids are encoded several times per request.
+fn encode_hex<'a>(bytes: &[u8], out: &'a mut [u8]) -> &'a str {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
     }
-    Ok(())
+    // Only ASCII hex digits were written.
+    std::str::from_utf8(&out[..bytes.len() * 2]).unwrap_or_default()
+}
+
+fn write_hex<const N: usize>(f: &mut fmt::Formatter<'_>, bytes: &[u8; N]) -> fmt::Result {
+    let mut out = [0u8; 32];
+    f.write_str(encode_hex(bytes, &mut out))
+}
+
+/// A fresh random 128-bit id in lower-case hex (32 characters): the id of
+/// one hop event.
+pub fn random_event_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    let mut out = [0u8; 32];
+    encode_hex(&bytes, &mut out).to_owned()
 }
 
 impl TraceId {

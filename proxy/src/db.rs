@@ -343,7 +343,7 @@ impl Conn {
             unix_nanos().saturating_sub(u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX));
         let hop = HopEvent {
             schema_version: SCHEMA_VERSION,
-            event_id: format!("{}-{}", SpanId::random(), SpanId::random()),
+            event_id: custody_context::traceparent::random_event_id(),
             chain_id: claims.map(|c| c.txn.to_string()).unwrap_or_default(),
             span_id: SpanId::random().to_string(),
             parent_span_id: attributed
@@ -420,7 +420,7 @@ impl Conn {
         let claims = facts.stitch.as_ref().map(|s| &s.request.token.claims);
         let hop = HopEvent {
             schema_version: SCHEMA_VERSION,
-            event_id: format!("{}-{}", SpanId::random(), SpanId::random()),
+            event_id: custody_context::traceparent::random_event_id(),
             chain_id: claims.map(|c| c.txn.to_string()).unwrap_or_default(),
             span_id: SpanId::random().to_string(),
             parent_span_id: facts

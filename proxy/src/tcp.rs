@@ -290,7 +290,7 @@ impl Sniffing {
             .inc();
         let hop = HopEvent {
             schema_version: SCHEMA_VERSION,
-            event_id: format!("{}-{}", SpanId::random(), SpanId::random()),
+            event_id: custody_context::traceparent::random_event_id(),
             chain_id: claims.map(|c| c.txn.to_string()).unwrap_or_default(),
             span_id: SpanId::random().to_string(),
             parent_span_id: stitch
