@@ -158,7 +158,32 @@ pub enum DatabaseTls {
         /// when unset.
         #[serde(default)]
         upstream_server_name: Option<String>,
+        /// How long the server may take to answer `SSLRequest`, and each
+        /// TLS handshake (server side, client side) may take, in
+        /// milliseconds (default 10000). On expiry the client's connection
+        /// is closed and the failure recorded.
+        #[serde(default = "default_tls_handshake_timeout_ms")]
+        handshake_timeout_ms: u64,
     },
+}
+
+fn default_tls_handshake_timeout_ms() -> u64 {
+    10_000
+}
+
+impl DatabaseTls {
+    /// The bound on each step of a terminated TLS negotiation.
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        match self {
+            DatabaseTls::Terminate {
+                handshake_timeout_ms,
+                ..
+            } => std::time::Duration::from_millis(*handshake_timeout_ms),
+            DatabaseTls::Passthrough => {
+                std::time::Duration::from_millis(default_tls_handshake_timeout_ms())
+            }
+        }
+    }
 }
 
 /// One database the sidecar decodes.
@@ -728,6 +753,17 @@ impl Config {
                         format!("port {port} is listed twice"),
                     ));
                 }
+            }
+            if let DatabaseTls::Terminate {
+                handshake_timeout_ms,
+                ..
+            } = db.tls
+                && !(1..=600_000).contains(&handshake_timeout_ms)
+            {
+                return Err(ConfigError::field(
+                    format!("databases[{i}].tls.handshake_timeout_ms"),
+                    "must be between 1 and 600000",
+                ));
             }
             if matches!(db.tls, DatabaseTls::Terminate { .. })
                 && db.protocol != DatabaseProtocol::Postgres

@@ -75,6 +75,7 @@ impl Engines {
                 key_file,
                 upstream_ca_file,
                 upstream_server_name,
+                ..
             } = &database.tls
             {
                 let terminator = Terminator::load(
@@ -431,7 +432,7 @@ impl Conn {
             workload: Some((&shared.workload).into()),
             direction: v1::Direction::Outbound as i32,
             protocol: self.protocol_v1() as i32,
-            operation: facts.inspection.operation().to_owned(),
+            operation: facts.inspection.operation(),
             initiator: claims.map(initiator),
             workloads: claims.map(|c| c.req_wl.clone()).unwrap_or_default(),
             attribution: Some(match &facts.stitch {
@@ -457,10 +458,11 @@ impl Conn {
                 user: facts.user.unwrap_or_default(),
                 statement_kind: String::new(),
                 parsed: false,
-                transport: if facts.inspection == Inspection::Encrypted {
-                    "tls_passthrough"
-                } else {
-                    self.transport
+                transport: match facts.inspection {
+                    Inspection::Encrypted => "tls_passthrough",
+                    // The client asked for TLS and no session followed.
+                    Inspection::TlsFailed(_) => "",
+                    _ => self.transport,
                 }
                 .to_owned(),
                 ..v1::DatabaseAccess::default()
@@ -634,6 +636,8 @@ pub(crate) enum Inspection {
     Unparsed,
     /// Egress policy refused the destination; nothing was forwarded.
     Blocked,
+    /// TLS termination failed (the reason label); the connection was closed.
+    TlsFailed(&'static str),
 }
 
 impl Inspection {
@@ -643,15 +647,17 @@ impl Inspection {
             Inspection::Encrypted => "encrypted",
             Inspection::Unparsed => "unparsed",
             Inspection::Blocked => "blocked",
+            Inspection::TlsFailed(_) => "tls_failed",
         }
     }
 
-    fn operation(self) -> &'static str {
+    fn operation(self) -> String {
         match self {
-            Inspection::Decoded => "connection",
-            Inspection::Encrypted => "encrypted, not inspected",
-            Inspection::Unparsed => "unparsed",
-            Inspection::Blocked => "connection blocked",
+            Inspection::Decoded => "connection".to_owned(),
+            Inspection::Encrypted => "encrypted, not inspected".to_owned(),
+            Inspection::Unparsed => "unparsed".to_owned(),
+            Inspection::Blocked => "connection blocked".to_owned(),
+            Inspection::TlsFailed(reason) => format!("tls termination failed: {reason}"),
         }
     }
 }
@@ -766,7 +772,8 @@ pub(crate) async fn serve(
                     if client.read_exact(&mut head).await.is_err() {
                         return;
                     }
-                    match tls::negotiate(terminator, client, upstream, dest).await {
+                    let limit = database.tls.handshake_timeout();
+                    match tls::negotiate(terminator, client, upstream, dest, limit).await {
                         Ok(tls::Negotiated::Tls(client, upstream)) => {
                             let mut conn = conn;
                             conn.transport = "tls_terminated";
@@ -777,9 +784,28 @@ pub(crate) async fn serve(
                             postgres_session(conn, &engines.classifier, client, upstream, metrics)
                                 .await
                         }
-                        Err(error) => {
-                            tracing::info!(message = "database TLS termination failed", %dest, %error);
-                            let end = facts(Inspection::Unparsed, None, None, (8, 0), stitch);
+                        Err(failure) => {
+                            // The client's connection and the server's were
+                            // dropped with the failed negotiation: both closed.
+                            let reason = failure.reason();
+                            tracing::warn!(
+                                message = "database TLS termination failed; connection closed",
+                                %dest,
+                                src = ?conn.src,
+                                reason,
+                                timeout_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+                                error = %failure,
+                            );
+                            shared
+                                .metrics
+                                .db_tls_failures
+                                .get_or_create(&crate::metrics::DbTlsFailureLabels {
+                                    system: database.protocol.system(),
+                                    reason,
+                                })
+                                .inc();
+                            let end =
+                                facts(Inspection::TlsFailed(reason), None, None, (8, 0), stitch);
                             conn.connection_done(end);
                             return;
                         }

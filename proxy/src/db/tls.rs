@@ -7,10 +7,17 @@
 //! the two TLS ends is decoded like a plaintext one. If the server refuses
 //! TLS, the client gets the same refusal and the session goes on in
 //! plaintext, as it would have without the sidecar.
+//!
+//! Every step of the negotiation is bounded by the database's
+//! `tls.handshake_timeout_ms`: a server that never answers `SSLRequest` (or
+//! a peer that stalls its handshake) costs the client a closed connection,
+//! a hop `tls termination failed: <reason>` and a count in
+//! `custody_proxy_db_tls_failures_total`, never a connection held forever.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -113,54 +120,118 @@ pub(crate) enum Negotiated<C, S> {
     Plain(pingora::protocols::Stream, TcpStream),
 }
 
+/// Why a terminated TLS negotiation failed. The connection is closed on
+/// both sides.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The server did not answer `SSLRequest`, or finish its TLS
+    /// handshake, within the configured time.
+    ServerTimeout,
+    /// The server's connection failed while negotiating.
+    ServerIo(std::io::Error),
+    /// The server's TLS handshake failed (certificate not trusted, ...).
+    ServerTls(std::io::Error),
+    /// The client did not finish its TLS handshake in time.
+    ClientTimeout,
+    /// The client's connection failed while negotiating.
+    ClientIo(std::io::Error),
+    /// The client's TLS handshake failed.
+    ClientTls(std::io::Error),
+}
+
+impl Failure {
+    /// A bounded label for metrics and hop events.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Failure::ServerTimeout => "server_timeout",
+            Failure::ServerIo(_) => "server_io",
+            Failure::ServerTls(_) => "server_tls",
+            Failure::ClientTimeout => "client_timeout",
+            Failure::ClientIo(_) => "client_io",
+            Failure::ClientTls(_) => "client_tls",
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::ServerTimeout => f.write_str("the server did not answer in time"),
+            Failure::ClientTimeout => f.write_str("the client did not finish TLS in time"),
+            Failure::ServerIo(e) => write!(f, "server: {e}"),
+            Failure::ServerTls(e) => write!(f, "server TLS: {e}"),
+            Failure::ClientIo(e) => write!(f, "client: {e}"),
+            Failure::ClientTls(e) => write!(f, "client TLS: {e}"),
+        }
+    }
+}
+
+/// `fut` within `limit`, or `timeout`.
+async fn bounded<T>(
+    limit: Duration,
+    timeout: Failure,
+    fut: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or(Err(timeout))
+}
+
 /// Answers the client's `SSLRequest` (already read) on the server's behalf.
+/// Each step (the server's one-byte answer, the server's TLS handshake, the
+/// client's TLS handshake) is bounded by `limit`.
 pub(crate) async fn negotiate(
     terminator: &Terminator,
     mut client: pingora::protocols::Stream,
     mut server: TcpStream,
     dest: SocketAddr,
+    limit: Duration,
 ) -> Result<
     Negotiated<
         tokio_rustls::server::TlsStream<pingora::protocols::Stream>,
         tokio_rustls::client::TlsStream<TcpStream>,
     >,
-    String,
+    Failure,
 > {
-    server
-        .write_all(&SSL_REQUEST)
-        .await
-        .map_err(|e| format!("server: {e}"))?;
-    let mut answer = [0u8; 1];
-    server
-        .read_exact(&mut answer)
-        .await
-        .map_err(|e| format!("server: {e}"))?;
-    if answer[0] != b'S' {
-        client
-            .write_all(&answer)
+    let answer = bounded(limit, Failure::ServerTimeout, async {
+        server
+            .write_all(&SSL_REQUEST)
             .await
-            .map_err(|e| format!("client: {e}"))?;
-        client.flush().await.map_err(|e| format!("client: {e}"))?;
+            .map_err(Failure::ServerIo)?;
+        let mut answer = [0u8; 1];
+        server
+            .read_exact(&mut answer)
+            .await
+            .map_err(Failure::ServerIo)?;
+        Ok(answer)
+    })
+    .await?;
+    if answer[0] != b'S' {
+        client.write_all(&answer).await.map_err(Failure::ClientIo)?;
+        client.flush().await.map_err(Failure::ClientIo)?;
         return Ok(Negotiated::Plain(client, server));
     }
     let name = terminator
         .server_name
         .clone()
         .unwrap_or_else(|| ServerName::IpAddress(dest.ip().into()));
-    let server = terminator
-        .connector
-        .connect(name, server)
-        .await
-        .map_err(|e| format!("server TLS: {e}"))?;
-    client
-        .write_all(b"S")
-        .await
-        .map_err(|e| format!("client: {e}"))?;
-    client.flush().await.map_err(|e| format!("client: {e}"))?;
-    let client = terminator
-        .acceptor
-        .accept(client)
-        .await
-        .map_err(|e| format!("client TLS: {e}"))?;
+    let server = bounded(limit, Failure::ServerTimeout, async {
+        terminator
+            .connector
+            .connect(name, server)
+            .await
+            .map_err(Failure::ServerTls)
+    })
+    .await?;
+    client.write_all(b"S").await.map_err(Failure::ClientIo)?;
+    client.flush().await.map_err(Failure::ClientIo)?;
+    let client = bounded(limit, Failure::ClientTimeout, async {
+        terminator
+            .acceptor
+            .accept(client)
+            .await
+            .map_err(Failure::ClientTls)
+    })
+    .await?;
     Ok(Negotiated::Tls(client, server))
 }

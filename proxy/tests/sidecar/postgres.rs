@@ -545,3 +545,88 @@ async fn a_terminated_tls_session_is_decoded_between_the_two_tls_ends() {
     let text = std::fs::read_to_string(&sc.hops_file).unwrap();
     assert_no_raw_values(&shop, &text);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_ssl_request_costs_the_client_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = tempfile::tempdir().unwrap();
+    tls_certificates(certs.path(), "db.test");
+    // A fault-injecting "server": accepts, reads the SSLRequest, never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = silent.accept().await {
+            let seen_tx = seen_tx.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 8];
+                if stream.read_exact(&mut request).await.is_err() {
+                    return; // a probe that sent nothing
+                }
+                // Waits until the sidecar gives up and closes its side.
+                let mut rest = Vec::new();
+                let closed = stream.read_to_end(&mut rest).await.is_ok();
+                let _ = seen_tx.send((request, closed, rest.len()));
+            });
+        }
+    });
+
+    let trust = Trust::new(&["orders"]);
+    let listen = free_port();
+    let c = certs.path();
+    let extra = format!(
+        "databases:\n  - protocol: postgres\n    listen: \"{listen}\"\n    upstream: \"{silent_addr}\"\n    \
+         tls: {{ mode: terminate, cert_file: \"{}\", key_file: \"{}\", upstream_ca_file: \"{}\", \
+         upstream_server_name: db.test, handshake_timeout_ms: 300 }}\n",
+        c.join("tls.crt").display(),
+        c.join("tls.key").display(),
+        c.join("ca.crt").display(),
+    );
+    let mut spec = Spec::new("orders", free_port());
+    spec.extra = &extra;
+    let sc = start(spec, &trust).await;
+    wait_listening(listen).await;
+
+    let mut client = tokio::net::TcpStream::connect(listen).await.unwrap();
+    client
+        .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    // The bound here only keeps a broken sidecar from hanging the test.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut answer))
+        .await
+        .expect("the sidecar closed the client's connection");
+    assert!(
+        read.is_err() || answer.is_empty(),
+        "no answer byte reaches the client: {answer:?}"
+    );
+    let (request, closed, extra_bytes) =
+        tokio::time::timeout(Duration::from_secs(60), seen_rx.recv())
+            .await
+            .expect("the sidecar closed the server's connection")
+            .unwrap();
+    assert_eq!(request, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+    assert!(closed);
+    assert_eq!(extra_bytes, 0);
+
+    let hop = sc
+        .wait_hop(|h| h["protocol"] == "PROTOCOL_POSTGRES" && h["bytes_in"] == 8)
+        .await;
+    assert_eq!(hop["operation"], "tls termination failed: server_timeout");
+    assert_eq!(db(&hop)["parsed"], false);
+    assert_eq!(
+        sc.metric(
+            "custody_proxy_db_tls_failures_total{system=\"postgresql\",reason=\"server_timeout\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        sc.metric(
+            "custody_proxy_db_connections_total{system=\"postgresql\",inspection=\"tls_failed\"}"
+        )
+        .await,
+        1.0
+    );
+}
