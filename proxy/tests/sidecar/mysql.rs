@@ -188,3 +188,94 @@ async fn mysql_statements_are_forwarded_unchanged_and_recorded_classified() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_query_is_killed_from_a_second_session_through_the_sidecar() {
+    let server = MariaDb::start().unwrap();
+    let trust = Trust::new(&["reports"]);
+    let listen = free_port();
+    let extra = format!(
+        "databases:\n  - {{ protocol: mysql, listen: \"{listen}\", upstream: \"{}\" }}\n",
+        server.addr()
+    );
+    let mut spec = Spec::new("reports", free_port());
+    spec.extra = &extra;
+    let sc = start(spec, &trust).await;
+    wait_listening(listen).await;
+
+    let mut sleeper = Conn::new(opts(&server, listen)).await.unwrap();
+    let id = sleeper.id();
+    let sleeping = tokio::spawn(async move {
+        let result: Result<Vec<i64>, _> = sleeper.query("SELECT SLEEP(30)").await;
+        (sleeper, result)
+    });
+    // KILL QUERY from a second session, once the first one is running it.
+    let mut killer = Conn::new(opts(&server, listen)).await.unwrap();
+    let running = format!(
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = {id} AND INFO LIKE 'SELECT SLEEP%'"
+    );
+    let mut seen_running = false;
+    for _ in 0..500 {
+        let n: Option<i64> = killer.query_first(&running).await.unwrap();
+        if n == Some(1) {
+            seen_running = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(seen_running, "the sleep never started");
+    killer.query_drop(format!("KILL QUERY {id}")).await.unwrap();
+
+    // The bound only keeps a broken relay from hanging the test: the sleep
+    // would otherwise end by itself after 30 s with no error.
+    let (mut sleeper, result) = tokio::time::timeout(std::time::Duration::from_secs(25), sleeping)
+        .await
+        .expect("the kill reached the server")
+        .unwrap();
+    let err = result.expect_err("the query was interrupted");
+    match &err {
+        mysql_async::Error::Server(e) => assert_eq!(e.code, 1317, "{err}"),
+        other => panic!("not a server error: {other}"),
+    }
+    // The interrupted session stays usable.
+    let one: Option<i64> = sleeper.query_first("SELECT 1").await.unwrap();
+    assert_eq!(one, Some(1));
+    sleeper.disconnect().await.unwrap();
+    killer.disconnect().await.unwrap();
+
+    let killed = sc.wait_hop(|h| db(h)["error_code"] == "1317").await;
+    assert_eq!(db(&killed)["statement_kind"], "select");
+    assert_eq!(db(&killed)["user"], server.user());
+    // Both statements are hops: the KILL on the second session, the one
+    // that polled the process list.
+    let is_poll = |h: &Value| {
+        db(h)["tables_read"].as_array().is_some_and(|t| {
+            t.iter().any(|t| {
+                t.as_str()
+                    .unwrap_or_default()
+                    .to_ascii_lowercase()
+                    .contains("processlist")
+            })
+        })
+    };
+    let hops = sc
+        .hops_where(1, |h| {
+            h["protocol"] == "PROTOCOL_MYSQL" && db(h)["statement_kind"] == "other"
+        })
+        .await;
+    let poll = hops
+        .iter()
+        .find(|h| is_poll(h))
+        .expect("the polls are hops");
+    let killer_port = &poll["connection"]["src_port"];
+    assert_ne!(killer_port, &killed["connection"]["src_port"]);
+    let kills: Vec<&Value> = hops
+        .iter()
+        .filter(|h| {
+            &h["connection"]["src_port"] == killer_port && db(h)["statement_kind"] == "other"
+        })
+        .collect();
+    assert_eq!(kills.len(), 1, "{kills:#?}");
+    assert_eq!(db(kills[0])["error_code"], "");
+    assert_eq!(db(kills[0])["user"], server.user());
+}
