@@ -205,6 +205,13 @@ pub struct DatabaseConfig {
     /// Sessions that ask for TLS.
     #[serde(default)]
     pub tls: DatabaseTls,
+    /// Append a sqlcommenter comment naming the chain
+    /// (`/*custody_chain='…',traceparent='…'*/`) to the simple-protocol
+    /// statements (PostgreSQL `Query`, MySQL `COM_QUERY`) of attributed
+    /// chains, so the server's own views show it (default false: bytes are
+    /// forwarded unchanged). Prepared statements are never annotated.
+    #[serde(default)]
+    pub annotate: bool,
 }
 
 impl DatabaseConfig {
@@ -216,6 +223,7 @@ impl DatabaseConfig {
             listen: None,
             upstream: None,
             tls: DatabaseTls::Passthrough,
+            annotate: false,
         }
     }
 }

@@ -4,7 +4,9 @@
 //! (its original destination port is a configured database port, or its
 //! first bytes are a PostgreSQL startup packet) or from a database listener
 //! of its own (`databases[].listen`). Every byte is forwarded as it arrives,
-//! unchanged; the decoders ([`custody_protocols`]) only look at a copy.
+//! unchanged; the decoders ([`custody_protocols`]) only look at a copy. The
+//! one opt-in exception (`databases[].annotate`, `annotate.rs`) appends a
+//! sqlcommenter comment naming the chain to simple-protocol statements.
 //!
 //! Each statement becomes a hop: attributed to its chain
 //! (`attribution.rs`), analysed (statement kind, tables, columns), its result
@@ -17,6 +19,7 @@
 //! decoder failed on keeps flowing untouched and its connection hop says
 //! `unparsed`. A decoder error never closes a connection.
 
+mod annotate;
 mod attribution;
 mod mysql;
 mod pg;
@@ -143,6 +146,9 @@ pub(crate) struct Conn {
     /// The analyses of this session's statements, by text: a statement
     /// prepared once and executed many times is analysed once.
     analyses: std::collections::HashMap<Arc<str>, Arc<Analysis>>,
+    /// Whether simple-protocol statements of attributed chains get a
+    /// sqlcommenter comment (`databases[].annotate`).
+    annotate: bool,
 }
 
 /// Statement texts whose analysis a session remembers.
@@ -206,6 +212,36 @@ impl Conn {
         }
         self.analyses.insert(Arc::clone(sql), Arc::clone(&analysis));
         analysis
+    }
+
+    /// The statement `sql` with a sqlcommenter comment naming its chain
+    /// appended, or `None` when it is not attributed to a chain or already
+    /// has a comment. Attribution is the one the statement's hop will get:
+    /// the same carrier and the request in flight recorded when it was sent.
+    pub(crate) fn annotated(&self, sql: &str, carrier: &Carrier) -> Option<String> {
+        let dialect = self.dialect();
+        if custody_protocols::sqlcommenter::has_comment(sql, dialect) {
+            return None;
+        }
+        let stitch = self.sent.as_ref().and_then(|(_, stitch)| stitch.as_ref());
+        let attributed = attribution::attribute(&self.shared, Some(sql), dialect, carrier, stitch);
+        let token = attributed.token?;
+        let chain = token.claims.txn.to_string();
+        let span = attributed.parent_span.unwrap_or_else(SpanId::random);
+        let traceparent = format!("00-{chain}-{span}-01");
+        let annotated = custody_protocols::sqlcommenter::annotate(
+            sql,
+            dialect,
+            &[("custody_chain", &chain), ("traceparent", &traceparent)],
+        );
+        self.shared
+            .metrics
+            .db_annotated
+            .get_or_create(&crate::metrics::DbSystemLabels {
+                system: self.protocol.system(),
+            })
+            .inc();
+        Some(annotated)
     }
 
     /// The client sent a statement: remember when, and which inbound
@@ -703,6 +739,7 @@ pub(crate) async fn serve(
         sent: None,
         transport: "plaintext",
         analyses: std::collections::HashMap::new(),
+        annotate: database.annotate,
     };
     let facts = |inspection, user, database, (bytes_up, bytes_down), stitch| ConnectionFacts {
         inspection,

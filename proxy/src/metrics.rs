@@ -92,6 +92,13 @@ pub struct DbTlsFailureLabels {
     pub reason: &'static str,
 }
 
+/// Labels of metrics counted per database system only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DbSystemLabels {
+    /// `postgresql` or `mysql`.
+    pub system: &'static str,
+}
+
 /// Labels of `custody_proxy_data_classes_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabels {
@@ -128,6 +135,8 @@ pub struct Metrics {
     pub db_decode_errors: Family<DbDecodeLabels, Counter>,
     /// Terminated TLS negotiations that failed (the connection was closed).
     pub db_tls_failures: Family<DbTlsFailureLabels, Counter>,
+    /// Statements sent with a sqlcommenter comment the sidecar appended.
+    pub db_annotated: Family<DbSystemLabels, Counter>,
     /// Statements whose results held a data class.
     pub data_classes: Family<ClassLabels, Counter>,
 }
@@ -200,6 +209,11 @@ impl Metrics {
             "db_tls_failures",
             "Terminated database TLS negotiations that failed, by reason (connection closed)",
             self.db_tls_failures.clone(),
+        );
+        r.register(
+            "db_annotated",
+            "Database statements sent with a sqlcommenter comment the sidecar appended",
+            self.db_annotated.clone(),
         );
         r.register(
             "data_classes",

@@ -279,3 +279,113 @@ async fn a_long_query_is_killed_from_a_second_session_through_the_sidecar() {
     assert_eq!(db(kills[0])["error_code"], "");
     assert_eq!(db(kills[0])["user"], server.user());
 }
+
+/// What a statement reading its own text from the process list sees.
+const OWN_TEXT: &str = "SELECT INFO FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()";
+
+/// The texts the server saw for a `COM_QUERY`, the same query commented by
+/// the app, and a prepared one; then a result set.
+async fn own_texts(opts: OptsBuilder) -> Value {
+    let mut conn = Conn::new(opts).await.unwrap();
+    let simple: Option<String> = conn.query_first(OWN_TEXT).await.unwrap();
+    let commented: Option<String> = conn
+        .query_first(format!("{OWN_TEXT} /* mine */"))
+        .await
+        .unwrap();
+    let prepared: Option<String> = conn.exec_first(OWN_TEXT, ()).await.unwrap();
+    let rows: Vec<(String, String)> = conn
+        .query("SELECT name, email FROM customers ORDER BY id;")
+        .await
+        .unwrap();
+    conn.disconnect().await.unwrap();
+    serde_json::json!({
+        "simple": simple, "commented": commented, "prepared": prepared, "rows": rows,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotation_names_the_chain_in_the_process_list_and_changes_nothing_else() {
+    let server = MariaDb::start().unwrap();
+    fixtures::load_shop(&server).unwrap();
+    let trust = Trust::new(&["reports"]);
+    let annotating = free_port();
+    let plain = free_port();
+    let extra = format!(
+        "databases:\n  - {{ protocol: mysql, listen: \"{annotating}\", upstream: \"{db}\", annotate: true }}\n  \
+         - {{ protocol: mysql, listen: \"{plain}\", upstream: \"{db}\" }}\n",
+        db = server.addr()
+    );
+    let (via_annotating, via_plain) = (opts(&server, annotating), opts(&server, plain));
+    let app = App::start(Arc::new(move |req| {
+        let opts = if req.uri().path() == "/annotated" {
+            via_annotating.clone()
+        } else {
+            via_plain.clone()
+        };
+        Box::pin(async move { Response::new(full(own_texts(opts).await.to_string())) })
+    }))
+    .await;
+    let spec = Spec {
+        extra: &extra,
+        ..Spec::new("reports", app.addr)
+    };
+    let sc = start(spec, &trust).await;
+    wait_listening(annotating).await;
+    wait_listening(plain).await;
+    let ask = |path: &'static str| {
+        let inbound = sc.inbound;
+        async move {
+            let resp = client()
+                .request(
+                    hyper::Request::get(format!("http://{inbound}{path}"))
+                        .header("x-custody-user", "dana@example.com")
+                        .body(full(""))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let (status, body) = body_string(resp).await;
+            assert_eq!(status, 200, "{body}");
+            serde_json::from_str::<Value>(&body).unwrap()
+        }
+    };
+
+    let seen = ask("/annotated").await;
+    let inbound = sc
+        .wait_hop(|h| h["direction"] == "DIRECTION_INBOUND" && h["operation"] == "GET /annotated")
+        .await;
+    let chain = inbound["chain_id"].as_str().unwrap();
+    let span = inbound["span_id"].as_str().unwrap();
+    assert_eq!(
+        seen["simple"],
+        format!("{OWN_TEXT} /*custody_chain='{chain}',traceparent='00-{chain}-{span}-01'*/")
+    );
+    assert_eq!(seen["commented"], format!("{OWN_TEXT} /* mine */"));
+    assert_eq!(seen["prepared"], OWN_TEXT);
+    let annotated_metric = "custody_proxy_db_annotated_total{system=\"mysql\"}";
+    // The self-read, the result set, and the client's own setup queries.
+    let annotated = sc.metric(annotated_metric).await;
+    assert!(annotated >= 2.0, "{annotated}");
+
+    let unchanged = ask("/plain").await;
+    assert_eq!(unchanged["simple"], OWN_TEXT);
+    assert_eq!(unchanged["rows"], seen["rows"]);
+    let direct = own_texts(opts(&server, server.addr())).await;
+    assert_eq!(direct["rows"], seen["rows"]);
+    assert_eq!(seen["rows"].as_array().unwrap().len(), 50);
+
+    let hop = sc
+        .wait_hop(|h| {
+            h["chain_id"] == chain && db(h)["tables_read"] == serde_json::json!(["customers"])
+        })
+        .await;
+    assert_eq!(hop["attribution"]["method"], "ATTRIBUTION_METHOD_STITCHED");
+    assert_eq!(hop["parent_span_id"], span);
+
+    // No chain in flight: nothing to annotate.
+    let mut alone = Conn::new(opts(&server, annotating)).await.unwrap();
+    let text: Option<String> = alone.query_first(OWN_TEXT).await.unwrap();
+    assert_eq!(text.as_deref(), Some(OWN_TEXT));
+    alone.disconnect().await.unwrap();
+    assert_eq!(sc.metric(annotated_metric).await, annotated);
+}

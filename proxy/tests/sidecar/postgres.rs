@@ -630,3 +630,138 @@ async fn a_server_that_never_answers_ssl_request_costs_the_client_its_connection
         1.0
     );
 }
+
+/// What a statement reading its own text from `pg_stat_activity` sees.
+const OWN_TEXT: &str = "SELECT query FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+
+/// The texts the server saw for a simple-protocol query, the same query
+/// commented by the app, and an extended-protocol one; then a result set.
+async fn own_texts(conninfo: &str) -> serde_json::Value {
+    let client = connect(conninfo).await;
+    let simple = |sql: String| {
+        let client = &client;
+        async move {
+            let messages = client.simple_query(&sql).await.unwrap();
+            messages
+                .iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                        (0..row.len())
+                            .map(|i| row.get(i).unwrap_or(""))
+                            .collect::<Vec<_>>()
+                            .join("|"),
+                    ),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let plain = simple(OWN_TEXT.to_owned()).await;
+    let commented = simple(format!("{OWN_TEXT} /* mine */")).await;
+    let extended: String = client.query_one(OWN_TEXT, &[]).await.unwrap().get(0);
+    let rows = simple("SELECT name, email FROM customers ORDER BY id;".to_owned()).await;
+    serde_json::json!({
+        "simple": plain[0], "commented": commented[0], "extended": extended, "rows": rows,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotation_names_the_chain_in_pg_stat_activity_and_changes_nothing_else() {
+    let pg = Postgres::start().unwrap();
+    fixtures::load_shop(&pg).unwrap();
+    let trust = Trust::new(&["orders"]);
+    let annotating = free_port();
+    let plain = free_port();
+    let extra = format!(
+        "databases:\n  - {{ protocol: postgres, listen: \"{annotating}\", upstream: \"{db}\", annotate: true }}\n  \
+         - {{ protocol: postgres, listen: \"{plain}\", upstream: \"{db}\" }}\n",
+        db = pg.addr()
+    );
+    let (via_annotating, via_plain) = (conninfo(&pg, annotating), conninfo(&pg, plain));
+    let app = App::start(Arc::new(move |req| {
+        let db = if req.uri().path() == "/annotated" {
+            via_annotating.clone()
+        } else {
+            via_plain.clone()
+        };
+        Box::pin(async move {
+            let body = own_texts(&db).await;
+            Response::new(full(body.to_string()))
+        })
+    }))
+    .await;
+    let spec = Spec {
+        extra: &extra,
+        ..Spec::new("orders", app.addr)
+    };
+    let sc = start(spec, &trust).await;
+    wait_listening(annotating).await;
+    wait_listening(plain).await;
+    let ask = |path: &'static str| {
+        let inbound = sc.inbound;
+        async move {
+            let resp = client()
+                .request(
+                    hyper::Request::get(format!("http://{inbound}{path}"))
+                        .header("x-custody-user", "alice@example.com")
+                        .body(full(""))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let (status, body) = body_string(resp).await;
+            assert_eq!(status, 200, "{body}");
+            serde_json::from_str::<Value>(&body).unwrap()
+        }
+    };
+
+    // Annotated: the server saw the chain id in the simple-protocol query.
+    let seen = ask("/annotated").await;
+    let inbound = sc
+        .wait_hop(|h| h["direction"] == "DIRECTION_INBOUND" && h["operation"] == "GET /annotated")
+        .await;
+    let chain = inbound["chain_id"].as_str().unwrap();
+    let span = inbound["span_id"].as_str().unwrap();
+    assert_eq!(chain.len(), 32);
+    assert_eq!(
+        seen["simple"],
+        format!("{OWN_TEXT} /*custody_chain='{chain}',traceparent='00-{chain}-{span}-01'*/")
+    );
+    // A statement with a comment of its own, and an extended-protocol one,
+    // are left as the app sent them.
+    assert_eq!(seen["commented"], format!("{OWN_TEXT} /* mine */"));
+    assert_eq!(seen["extended"], OWN_TEXT);
+
+    // Without annotation the server sees exactly what the app sent; the
+    // results are the same either way.
+    let unchanged = ask("/plain").await;
+    assert_eq!(unchanged["simple"], OWN_TEXT);
+    assert_eq!(unchanged["rows"], seen["rows"]);
+    let direct = own_texts(&conninfo(&pg, pg.addr())).await;
+    assert_eq!(direct["rows"], seen["rows"]);
+    assert_eq!(seen["rows"].as_array().unwrap().len(), 50);
+
+    // The hop is attributed from what the app sent (stitching), not from
+    // the comment the sidecar added.
+    let hop = sc
+        .wait_hop(|h| {
+            h["chain_id"] == chain && db(h)["tables_read"] == serde_json::json!(["customers"])
+        })
+        .await;
+    assert_eq!(hop["attribution"]["method"], "ATTRIBUTION_METHOD_STITCHED");
+    assert_eq!(hop["parent_span_id"], span);
+
+    // No chain in flight: nothing to annotate.
+    let alone = connect(&conninfo(&pg, annotating)).await;
+    let text = alone.simple_query(OWN_TEXT).await.unwrap();
+    let tokio_postgres::SimpleQueryMessage::Row(row) = &text[1] else {
+        panic!("{text:?}");
+    };
+    assert_eq!(row.get(0), Some(OWN_TEXT));
+    // The self-read and the result set of /annotated, nothing else.
+    assert_eq!(
+        sc.metric("custody_proxy_db_annotated_total{system=\"postgresql\"}")
+            .await,
+        2.0
+    );
+}
