@@ -144,9 +144,10 @@ pub enum DatabaseTls {
     /// server; it is recorded as `encrypted, not inspected`.
     #[default]
     Passthrough,
-    /// PostgreSQL only: the sidecar ends the client's TLS with its own
-    /// certificate and opens TLS to the server, verified against
-    /// `upstream_ca_file`; the session in between is decoded.
+    /// The sidecar ends the client's TLS with its own certificate and opens
+    /// TLS to the server, verified against `upstream_ca_file`; the session in
+    /// between is decoded (PostgreSQL `SSLRequest`, MySQL `CLIENT_SSL` in the
+    /// handshake).
     Terminate {
         /// The certificate chain shown to clients (PEM).
         cert_file: PathBuf,
@@ -771,14 +772,6 @@ impl Config {
                 return Err(ConfigError::field(
                     format!("databases[{i}].tls.handshake_timeout_ms"),
                     "must be between 1 and 600000",
-                ));
-            }
-            if matches!(db.tls, DatabaseTls::Terminate { .. })
-                && db.protocol != DatabaseProtocol::Postgres
-            {
-                return Err(ConfigError::field(
-                    format!("databases[{i}].tls"),
-                    "terminate is supported for postgres only",
                 ));
             }
             match (db.listen, db.upstream) {

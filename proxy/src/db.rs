@@ -822,25 +822,7 @@ pub(crate) async fn serve(
                                 .await
                         }
                         Err(failure) => {
-                            // The client's connection and the server's were
-                            // dropped with the failed negotiation: both closed.
-                            let reason = failure.reason();
-                            tracing::warn!(
-                                message = "database TLS termination failed; connection closed",
-                                %dest,
-                                src = ?conn.src,
-                                reason,
-                                timeout_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-                                error = %failure,
-                            );
-                            shared
-                                .metrics
-                                .db_tls_failures
-                                .get_or_create(&crate::metrics::DbTlsFailureLabels {
-                                    system: database.protocol.system(),
-                                    reason,
-                                })
-                                .inc();
+                            let reason = tls_failed(&conn, &failure, limit);
                             let end =
                                 facts(Inspection::TlsFailed(reason), None, None, (8, 0), stitch);
                             conn.connection_done(end);
@@ -852,11 +834,76 @@ pub(crate) async fn serve(
             }
         }
         DatabaseProtocol::Mysql => {
-            let inspector = mysql::Inspector::new(conn, &engines.classifier);
-            let (inspector, bytes) =
-                relay::run(client, upstream, inspector, metrics, "mysql").await;
-            let (conn, end) = inspector.finish();
-            (conn, end, bytes)
+            let terminator = match &database.tls {
+                DatabaseTls::Terminate { cert_file, .. } => engines.terminators.get(cert_file),
+                DatabaseTls::Passthrough => None,
+            };
+            match terminator {
+                Some(terminator) => {
+                    let limit = database.tls.handshake_timeout();
+                    match tls::negotiate_mysql(terminator, client, upstream, dest, limit).await {
+                        Ok(tls::MysqlStart {
+                            greeting,
+                            client_first,
+                            negotiated: tls::Negotiated::Tls(client, upstream),
+                        }) => {
+                            let mut conn = conn;
+                            conn.transport = "tls_terminated";
+                            // The `SSLRequest` is not shown to the decoder:
+                            // the session it follows is the one inside TLS.
+                            let start = MysqlPrelude {
+                                greeting: &greeting,
+                                client_first: &[],
+                                forwarded: client_first.len(),
+                            };
+                            mysql_session(
+                                conn,
+                                &engines.classifier,
+                                client,
+                                upstream,
+                                metrics,
+                                start,
+                            )
+                            .await
+                        }
+                        Ok(tls::MysqlStart {
+                            greeting,
+                            client_first,
+                            negotiated: tls::Negotiated::Plain(client, upstream),
+                        }) => {
+                            let start = MysqlPrelude {
+                                greeting: &greeting,
+                                client_first: &client_first,
+                                forwarded: client_first.len(),
+                            };
+                            mysql_session(
+                                conn,
+                                &engines.classifier,
+                                client,
+                                upstream,
+                                metrics,
+                                start,
+                            )
+                            .await
+                        }
+                        Err(failure) => {
+                            let reason = tls_failed(&conn, &failure, limit);
+                            let end =
+                                facts(Inspection::TlsFailed(reason), None, None, (0, 0), stitch);
+                            conn.connection_done(end);
+                            return;
+                        }
+                    }
+                }
+                None => {
+                    let start = MysqlPrelude {
+                        greeting: &[],
+                        client_first: &[],
+                        forwarded: 0,
+                    };
+                    mysql_session(conn, &engines.classifier, client, upstream, metrics, start).await
+                }
+            }
         }
     };
     conn.connection_done(facts(end.inspection, end.user, end.database, bytes, stitch));
@@ -882,6 +929,76 @@ where
     let (inspector, bytes) = relay::run(client, server, inspector, metrics, "postgresql").await;
     let (conn, end) = inspector.finish();
     (conn, end, bytes)
+}
+
+/// Logs and counts a failed TLS negotiation; returns its reason label. The
+/// client's connection and the server's were dropped with the negotiation:
+/// both are closed.
+fn tls_failed(conn: &Conn, failure: &tls::Failure, limit: Duration) -> &'static str {
+    let reason = failure.reason();
+    let system = conn.protocol.system();
+    tracing::warn!(
+        message = "database TLS termination failed; connection closed",
+        system,
+        dest = %conn.dest,
+        src = ?conn.src,
+        reason,
+        timeout_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+        error = %failure,
+    );
+    conn.shared
+        .metrics
+        .db_tls_failures
+        .get_or_create(&crate::metrics::DbTlsFailureLabels { system, reason })
+        .inc();
+    reason
+}
+
+/// What a terminating sidecar exchanged before the relay took over a MySQL
+/// session.
+struct MysqlPrelude<'a> {
+    /// The server's greeting, already forwarded to the client.
+    greeting: &'a [u8],
+    /// Client bytes already forwarded that the decoder must see.
+    client_first: &'a [u8],
+    /// Client bytes already forwarded, shown to the decoder or not.
+    forwarded: usize,
+}
+
+/// Relays and inspects one MySQL session over any pair of streams, after
+/// what was already exchanged.
+async fn mysql_session<C, S>(
+    conn: Conn,
+    classifier: &Classifier,
+    client: C,
+    server: S,
+    metrics: &crate::metrics::Metrics,
+    prelude: MysqlPrelude<'_>,
+) -> (Conn, End, (u64, u64))
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
+{
+    use relay::Inspect as _;
+    let mut inspector = mysql::Inspector::new(conn, classifier);
+    inspector.server_bytes(prelude.greeting);
+    if !prelude.client_first.is_empty() {
+        let mut unused = Vec::new();
+        let _ = inspector.client_bytes(prelude.client_first, &mut unused);
+    }
+    let before = (prelude.forwarded as u64, prelude.greeting.len() as u64);
+    for (direction, bytes) in [("client", before.0), ("server", before.1)] {
+        metrics
+            .db_bytes
+            .get_or_create(&crate::metrics::DbBytesLabels {
+                system: "mysql",
+                direction,
+            })
+            .inc_by(bytes);
+    }
+    let (inspector, (up, down)) = relay::run(client, server, inspector, metrics, "mysql").await;
+    let (conn, end) = inspector.finish();
+    (conn, end, (up + before.0, down + before.1))
 }
 
 /// How a session ended, as an inspector saw it.

@@ -1,12 +1,16 @@
-//! TLS termination for PostgreSQL sessions (`databases[].tls: terminate`).
+//! TLS termination for database sessions (`databases[].tls: terminate`).
 //!
-//! When the client sends `SSLRequest`, the sidecar asks the server the same;
+//! PostgreSQL: when the client sends `SSLRequest`, the sidecar asks the server the same;
 //! if the server agrees, the sidecar opens TLS toward the server (verifying
 //! it against the configured CA) and answers the client `S` itself, then
 //! accepts the client's TLS with its own certificate. The session between
 //! the two TLS ends is decoded like a plaintext one. If the server refuses
 //! TLS, the client gets the same refusal and the session goes on in
 //! plaintext, as it would have without the sidecar.
+//!
+//! MySQL negotiates TLS inside its handshake ([`negotiate_mysql`]): the
+//! greeting and the client's `SSLRequest` pass through unchanged, then the
+//! sidecar opens TLS to the server and accepts the client's.
 //!
 //! Every step of the negotiation is bounded by the database's
 //! `tls.handshake_timeout_ms`: a server that never answers `SSLRequest` (or
@@ -177,7 +181,8 @@ async fn bounded<T>(
         .unwrap_or(Err(timeout))
 }
 
-/// Answers the client's `SSLRequest` (already read) on the server's behalf.
+/// Answers the client's PostgreSQL `SSLRequest` (already read) on the
+/// server's behalf.
 /// Each step (the server's one-byte answer, the server's TLS handshake, the
 /// client's TLS handshake) is bounded by `limit`.
 pub(crate) async fn negotiate(
@@ -234,4 +239,180 @@ pub(crate) async fn negotiate(
     })
     .await?;
     Ok(Negotiated::Tls(client, server))
+}
+
+/// Longest connection-phase packet read while negotiating MySQL TLS.
+const MAX_HANDSHAKE_PACKET: usize = 64 * 1024;
+
+/// Reads one MySQL packet (header included), refusing a long one; `None`
+/// when the stream ends before its first byte.
+async fn read_mysql_packet<R: tokio::io::AsyncRead + Unpin>(
+    from: &mut R,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut packet = vec![0u8; 4];
+    let mut read = 0;
+    while read < 4 {
+        match from.read(&mut packet[read..]).await? {
+            0 if read == 0 => return Ok(None),
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => read += n,
+        }
+    }
+    let len = usize::from(packet[0]) | usize::from(packet[1]) << 8 | usize::from(packet[2]) << 16;
+    if len > MAX_HANDSHAKE_PACKET {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "connection-phase packet too long",
+        ));
+    }
+    packet.resize(4 + len, 0);
+    from.read_exact(&mut packet[4..]).await?;
+    Ok(Some(packet))
+}
+
+/// Whether a server greeting (a whole packet) offers TLS (`CLIENT_SSL`).
+fn offers_tls(greeting: &[u8]) -> bool {
+    let mut session = custody_protocols::mysql::Session::default();
+    let mut ignore = |_: custody_protocols::mysql::Event<'_>| {};
+    if session.feed_server(greeting, &mut ignore).is_err() {
+        return false;
+    }
+    session
+        .greeting()
+        .is_some_and(|g| g.capabilities & custody_protocols::mysql::capabilities::SSL != 0)
+}
+
+/// Whether a client's first packet is an `SSLRequest`: the fixed 32-byte
+/// head of a handshake response with `CLIENT_SSL`, and nothing after it.
+fn is_ssl_request(packet: &[u8]) -> bool {
+    packet.len() == 4 + 32
+        && packet
+            .get(4..8)
+            .and_then(|caps| caps.try_into().ok())
+            .map(u32::from_le_bytes)
+            .is_some_and(|caps| caps & custody_protocols::mysql::capabilities::SSL != 0)
+}
+
+/// The start of a MySQL session negotiated by a terminating sidecar.
+pub(crate) struct MysqlStart<C, S> {
+    /// The server's greeting, forwarded to the client unchanged.
+    pub greeting: Vec<u8>,
+    /// The client's first packet, forwarded to the server: its `SSLRequest`
+    /// (TLS) or its handshake response (plaintext).
+    pub client_first: Vec<u8>,
+    /// The streams the session goes on with.
+    pub negotiated: Negotiated<C, S>,
+}
+
+/// MySQL negotiates TLS inside its handshake: the server's greeting offers
+/// `CLIENT_SSL`, the client answers with an `SSLRequest` packet, then both
+/// start TLS. The sidecar forwards the greeting and the `SSLRequest` as they
+/// are, opens TLS to the server (verified against the configured CA), then
+/// accepts the client's TLS with its own certificate. A greeting without
+/// `CLIENT_SSL`, or a client that goes on without TLS, leaves the session in
+/// plaintext. Each read and handshake is bounded by `limit`.
+pub(crate) async fn negotiate_mysql(
+    terminator: &Terminator,
+    mut client: pingora::protocols::Stream,
+    mut server: TcpStream,
+    dest: SocketAddr,
+    limit: Duration,
+) -> Result<
+    MysqlStart<
+        tokio_rustls::server::TlsStream<pingora::protocols::Stream>,
+        tokio_rustls::client::TlsStream<TcpStream>,
+    >,
+    Failure,
+> {
+    let greeting = bounded(limit, Failure::ServerTimeout, async {
+        read_mysql_packet(&mut server)
+            .await
+            .map_err(Failure::ServerIo)?
+            .ok_or_else(|| Failure::ServerIo(std::io::ErrorKind::UnexpectedEof.into()))
+    })
+    .await?;
+    client
+        .write_all(&greeting)
+        .await
+        .map_err(Failure::ClientIo)?;
+    client.flush().await.map_err(Failure::ClientIo)?;
+    if !offers_tls(&greeting) {
+        return Ok(MysqlStart {
+            greeting,
+            client_first: Vec::new(),
+            negotiated: Negotiated::Plain(client, server),
+        });
+    }
+    let client_first = bounded(limit, Failure::ClientTimeout, async {
+        read_mysql_packet(&mut client)
+            .await
+            .map_err(Failure::ClientIo)
+    })
+    .await?;
+    let Some(client_first) = client_first else {
+        // The client left without a word (a port probe): an ordinary
+        // session that ends at once.
+        return Ok(MysqlStart {
+            greeting,
+            client_first: Vec::new(),
+            negotiated: Negotiated::Plain(client, server),
+        });
+    };
+    server
+        .write_all(&client_first)
+        .await
+        .map_err(Failure::ServerIo)?;
+    if !is_ssl_request(&client_first) {
+        return Ok(MysqlStart {
+            greeting,
+            client_first,
+            negotiated: Negotiated::Plain(client, server),
+        });
+    }
+    let name = terminator
+        .server_name
+        .clone()
+        .unwrap_or_else(|| ServerName::IpAddress(dest.ip().into()));
+    let server = bounded(limit, Failure::ServerTimeout, async {
+        terminator
+            .connector
+            .connect(name, server)
+            .await
+            .map_err(Failure::ServerTls)
+    })
+    .await?;
+    let client = bounded(limit, Failure::ClientTimeout, async {
+        terminator
+            .acceptor
+            .accept(client)
+            .await
+            .map_err(Failure::ClientTls)
+    })
+    .await?;
+    Ok(MysqlStart {
+        greeting,
+        client_first,
+        negotiated: Negotiated::Tls(client, server),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ssl_request_is_the_short_handshake_response_with_client_ssl() {
+        let mut packet = vec![32, 0, 0, 1];
+        let caps: u32 = (1 << 9) | (1 << 11) | (1 << 15);
+        packet.extend_from_slice(&caps.to_le_bytes());
+        packet.resize(4 + 32, 0);
+        assert!(is_ssl_request(&packet));
+        let mut without_ssl = packet.clone();
+        without_ssl[5] &= !(1 << 3);
+        assert!(!is_ssl_request(&without_ssl));
+        let mut longer = packet.clone();
+        longer[0] = 40;
+        longer.extend_from_slice(b"custody\0");
+        assert!(!is_ssl_request(&longer));
+    }
 }

@@ -389,3 +389,233 @@ async fn annotation_names_the_chain_in_the_process_list_and_changes_nothing_else
     alone.disconnect().await.unwrap();
     assert_eq!(sc.metric(annotated_metric).await, annotated);
 }
+
+/// A MariaDB serving TLS with a certificate for `db.test` signed by the CA
+/// in `certs` (see [`tls_certificates`]).
+fn mariadb_with_tls(certs: &std::path::Path) -> MariaDb {
+    use std::os::unix::fs::PermissionsExt;
+    tls_certificates(certs, "db.test");
+    // The server runs as its own user: it must be able to read them.
+    std::fs::set_permissions(certs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for file in ["tls.crt", "tls.key", "ca.crt"] {
+        std::fs::set_permissions(certs.join(file), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let path = |file: &str| certs.join(file).display().to_string();
+    MariaDb::start_with(
+        custody_testkit::Options::default()
+            .setting("ssl-cert", &path("tls.crt"))
+            .setting("ssl-key", &path("tls.key"))
+            .setting("ssl-ca", &path("ca.crt")),
+    )
+    .unwrap()
+}
+
+/// TLS required, the peer verified against the test CA as `db.test`.
+fn tls_opts(db: &MariaDb, addr: SocketAddr, certs: &std::path::Path) -> OptsBuilder {
+    opts(db, addr).ssl_opts(
+        mysql_async::SslOpts::default()
+            .with_root_certs(vec![certs.join("ca.crt").into()])
+            .with_disable_built_in_roots(true)
+            .with_danger_tls_hostname_override(Some("db.test")),
+    )
+}
+
+/// The cipher the server sees on this session (empty: not TLS).
+async fn server_cipher(conn: &mut Conn) -> String {
+    let row: Option<(String, String)> = conn
+        .query_first("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+        .await
+        .unwrap();
+    row.map(|(_, cipher)| cipher).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_mysql_session_passes_through_and_says_it_was_not_inspected() {
+    let certs = tempfile::tempdir().unwrap();
+    let server = mariadb_with_tls(certs.path());
+    let trust = Trust::new(&["reports"]);
+    let listen = free_port();
+    let extra = format!(
+        "databases:\n  - {{ protocol: mysql, listen: \"{listen}\", upstream: \"{}\" }}\n",
+        server.addr()
+    );
+    let mut spec = Spec::new("reports", free_port());
+    spec.extra = &extra;
+    let sc = start(spec, &trust).await;
+    wait_listening(listen).await;
+
+    let mut conn = Conn::new(tls_opts(&server, listen, certs.path()))
+        .await
+        .unwrap();
+    assert!(!server_cipher(&mut conn).await.is_empty(), "TLS end to end");
+    conn.disconnect().await.unwrap();
+    let hop = sc
+        .wait_hop(|h| h["operation"] == "encrypted, not inspected")
+        .await;
+    assert_eq!(hop["protocol"], "PROTOCOL_MYSQL");
+    assert_eq!(db(&hop)["transport"], "tls_passthrough");
+    assert_eq!(db(&hop)["parsed"], false);
+    assert!(hop["bytes_out"].as_u64().unwrap() > 0);
+    assert_eq!(
+        sc.metric("custody_proxy_db_connections_total{system=\"mysql\",inspection=\"encrypted\"}")
+            .await,
+        1.0
+    );
+    // No statement of the encrypted session became a hop of its own.
+    let text = std::fs::read_to_string(&sc.hops_file).unwrap();
+    assert!(!text.contains("Ssl_cipher") && !text.contains("\"statement_kind\":\"select\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_mysql_tls_session_is_decoded_between_the_two_tls_ends() {
+    let certs = tempfile::tempdir().unwrap();
+    let server = mariadb_with_tls(certs.path());
+    let shop = fixtures::load_shop(&server).unwrap();
+    let trust = Trust::new(&["reports"]);
+    let listen = free_port();
+    let c = certs.path();
+    let extra = format!(
+        "databases:\n  - protocol: mysql\n    listen: \"{listen}\"\n    upstream: \"{}\"\n    \
+         tls: {{ mode: terminate, cert_file: \"{}\", key_file: \"{}\", upstream_ca_file: \"{}\", upstream_server_name: db.test }}\n",
+        server.addr(),
+        c.join("tls.crt").display(),
+        c.join("tls.key").display(),
+        c.join("ca.crt").display(),
+    );
+    let mut spec = Spec::new("reports", free_port());
+    spec.extra = &extra;
+    let sc = start(spec, &trust).await;
+    wait_listening(listen).await;
+
+    // The client required TLS and verified the sidecar's certificate; the
+    // server sees TLS (from the sidecar).
+    let mut conn = Conn::new(tls_opts(&server, listen, certs.path()))
+        .await
+        .unwrap();
+    assert!(!server_cipher(&mut conn).await.is_empty());
+    let sql = "SELECT email, ssn FROM customers ORDER BY id";
+    let via: Vec<(String, String)> = conn.query(sql).await.unwrap();
+    let mut direct_conn = Conn::new(opts(&server, server.addr())).await.unwrap();
+    let direct: Vec<(String, String)> = direct_conn.query(sql).await.unwrap();
+    direct_conn.disconnect().await.unwrap();
+    assert_eq!(via, direct);
+    // Prepared statements decode too.
+    let email: Option<String> = conn
+        .exec_first(
+            "SELECT email FROM customers WHERE id = ?",
+            (shop.customers[0].id,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(email.as_deref(), Some(shop.customers[0].email.as_str()));
+    conn.disconnect().await.unwrap();
+
+    let hop = sc
+        .wait_hop(|h| {
+            db(h)["tables_read"] == serde_json::json!(["customers"])
+                && db(h)["rows_returned"] == shop.customers.len()
+        })
+        .await;
+    assert_eq!(db(&hop)["transport"], "tls_terminated");
+    assert_eq!(db(&hop)["user"], server.user());
+    assert_eq!(db(&hop)["database"], server.database());
+    let found = classes(&hop);
+    assert!(found.iter().any(|c| c == "pii.ssn"), "{found:?}");
+    let prepared = sc
+        .wait_hop(|h| db(h)["columns"] == serde_json::json!(["customers.email", "customers.id"]))
+        .await;
+    assert_eq!(db(&prepared)["transport"], "tls_terminated");
+
+    // A client that does not ask for TLS goes on in plaintext, decoded.
+    let mut plain = Conn::new(opts(&server, listen)).await.unwrap();
+    assert_eq!(server_cipher(&mut plain).await, "");
+    let _: Vec<String> = plain
+        .query("SELECT phone FROM customers ORDER BY id LIMIT 2")
+        .await
+        .unwrap();
+    plain.disconnect().await.unwrap();
+    let plain_hop = sc
+        .wait_hop(|h| db(h)["columns"] == serde_json::json!(["customers.id", "customers.phone"]))
+        .await;
+    assert_eq!(db(&plain_hop)["transport"], "plaintext");
+    assert_eq!(db(&plain_hop)["user"], server.user());
+
+    assert_eq!(
+        sc.metric("custody_proxy_db_connections_total{system=\"mysql\",inspection=\"tls_failed\"}")
+            .await,
+        0.0
+    );
+    let text = std::fs::read_to_string(&sc.hops_file).unwrap();
+    for c in &shop.customers {
+        for value in [&c.email, &c.ssn] {
+            assert!(!text.contains(value.as_str()), "raw value leaked: {value}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_greets_costs_a_terminating_client_its_connection() {
+    use tokio::io::AsyncReadExt;
+    let certs = tempfile::tempdir().unwrap();
+    tls_certificates(certs.path(), "db.test");
+    // A fault-injecting "server": accepts and never sends its greeting.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = silent.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut rest = Vec::new();
+                let _ = stream.read_to_end(&mut rest).await;
+                let _ = closed_tx.send(rest.len());
+            });
+        }
+    });
+    let trust = Trust::new(&["reports"]);
+    let listen = free_port();
+    let c = certs.path();
+    let extra = format!(
+        "databases:\n  - protocol: mysql\n    listen: \"{listen}\"\n    upstream: \"{silent_addr}\"\n    \
+         tls: {{ mode: terminate, cert_file: \"{}\", key_file: \"{}\", upstream_ca_file: \"{}\", \
+         handshake_timeout_ms: 300 }}\n",
+        c.join("tls.crt").display(),
+        c.join("tls.key").display(),
+        c.join("ca.crt").display(),
+    );
+    let mut spec = Spec::new("reports", free_port());
+    spec.extra = &extra;
+    let sc = start(spec, &trust).await;
+    // No probe here: every connection to the listener is one to the silent server.
+    let mut client = loop {
+        match tokio::net::TcpStream::connect(listen).await {
+            Ok(client) => break client,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    // The bound only keeps a broken sidecar from hanging the test.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        client.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the sidecar closed the client's connection");
+    assert!(read.is_err() || answer.is_empty(), "{answer:?}");
+    let forwarded = tokio::time::timeout(std::time::Duration::from_secs(60), closed_rx.recv())
+        .await
+        .expect("the sidecar closed the server's connection")
+        .unwrap();
+    assert_eq!(forwarded, 0);
+    let hop = sc
+        .wait_hop(|h| h["operation"] == "tls termination failed: server_timeout")
+        .await;
+    assert_eq!(hop["protocol"], "PROTOCOL_MYSQL");
+    assert_eq!(
+        sc.metric(
+            "custody_proxy_db_tls_failures_total{system=\"mysql\",reason=\"server_timeout\"}"
+        )
+        .await,
+        1.0
+    );
+}
