@@ -159,10 +159,11 @@ pub enum DatabaseTls {
         /// when unset.
         #[serde(default)]
         upstream_server_name: Option<String>,
-        /// How long the server may take to answer `SSLRequest`, and each
-        /// TLS handshake (server side, client side) may take, in
-        /// milliseconds (default 10000). On expiry the client's connection
-        /// is closed and the failure recorded.
+        /// How long the server may take to answer `SSLRequest`
+        /// (PostgreSQL) or to send its greeting (MySQL), the MySQL client
+        /// its first packet, and each TLS handshake (server side, client
+        /// side), in milliseconds (default 10000). On expiry the client's
+        /// connection is closed and the failure recorded.
         #[serde(default = "default_tls_handshake_timeout_ms")]
         handshake_timeout_ms: u64,
     },
