@@ -448,6 +448,13 @@ pub fn url_encode(s: &str) -> String {
     out
 }
 
+/// Whether `sql` holds a comment of any kind (block, line, hint or
+/// executable), outside literals and quoted identifiers: a statement
+/// [`annotate`] leaves alone.
+pub fn has_comment(sql: &str, dialect: Dialect) -> bool {
+    scan_comments(sql, dialect).any
+}
+
 /// Appends a sqlcommenter comment with `pairs` to `sql` (sorted by key,
 /// URL-encoded, quoted), before a trailing `;`. Returns `sql` unchanged when
 /// it already has a comment or `pairs` is empty.

@@ -144,9 +144,10 @@ pub enum DatabaseTls {
     /// server; it is recorded as `encrypted, not inspected`.
     #[default]
     Passthrough,
-    /// PostgreSQL only: the sidecar ends the client's TLS with its own
-    /// certificate and opens TLS to the server, verified against
-    /// `upstream_ca_file`; the session in between is decoded.
+    /// The sidecar ends the client's TLS with its own certificate and opens
+    /// TLS to the server, verified against `upstream_ca_file`; the session in
+    /// between is decoded (PostgreSQL `SSLRequest`, MySQL `CLIENT_SSL` in the
+    /// handshake).
     Terminate {
         /// The certificate chain shown to clients (PEM).
         cert_file: PathBuf,
@@ -158,7 +159,33 @@ pub enum DatabaseTls {
         /// when unset.
         #[serde(default)]
         upstream_server_name: Option<String>,
+        /// How long the server may take to answer `SSLRequest`
+        /// (PostgreSQL) or to send its greeting (MySQL), the MySQL client
+        /// its first packet, and each TLS handshake (server side, client
+        /// side), in milliseconds (default 10000). On expiry the client's
+        /// connection is closed and the failure recorded.
+        #[serde(default = "default_tls_handshake_timeout_ms")]
+        handshake_timeout_ms: u64,
     },
+}
+
+fn default_tls_handshake_timeout_ms() -> u64 {
+    10_000
+}
+
+impl DatabaseTls {
+    /// The bound on each step of a terminated TLS negotiation.
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        match self {
+            DatabaseTls::Terminate {
+                handshake_timeout_ms,
+                ..
+            } => std::time::Duration::from_millis(*handshake_timeout_ms),
+            DatabaseTls::Passthrough => {
+                std::time::Duration::from_millis(default_tls_handshake_timeout_ms())
+            }
+        }
+    }
 }
 
 /// One database the sidecar decodes.
@@ -180,6 +207,13 @@ pub struct DatabaseConfig {
     /// Sessions that ask for TLS.
     #[serde(default)]
     pub tls: DatabaseTls,
+    /// Append a sqlcommenter comment naming the chain
+    /// (`/*custody_chain='…',traceparent='…'*/`) to the simple-protocol
+    /// statements (PostgreSQL `Query`, MySQL `COM_QUERY`) of attributed
+    /// chains, so the server's own views show it (default false: bytes are
+    /// forwarded unchanged). Prepared statements are never annotated.
+    #[serde(default)]
+    pub annotate: bool,
 }
 
 impl DatabaseConfig {
@@ -191,6 +225,7 @@ impl DatabaseConfig {
             listen: None,
             upstream: None,
             tls: DatabaseTls::Passthrough,
+            annotate: false,
         }
     }
 }
@@ -729,12 +764,15 @@ impl Config {
                     ));
                 }
             }
-            if matches!(db.tls, DatabaseTls::Terminate { .. })
-                && db.protocol != DatabaseProtocol::Postgres
+            if let DatabaseTls::Terminate {
+                handshake_timeout_ms,
+                ..
+            } = db.tls
+                && !(1..=600_000).contains(&handshake_timeout_ms)
             {
                 return Err(ConfigError::field(
-                    format!("databases[{i}].tls"),
-                    "terminate is supported for postgres only",
+                    format!("databases[{i}].tls.handshake_timeout_ms"),
+                    "must be between 1 and 600000",
                 ));
             }
             match (db.listen, db.upstream) {

@@ -4,7 +4,9 @@
 //! (its original destination port is a configured database port, or its
 //! first bytes are a PostgreSQL startup packet) or from a database listener
 //! of its own (`databases[].listen`). Every byte is forwarded as it arrives,
-//! unchanged; the decoders ([`custody_protocols`]) only look at a copy.
+//! unchanged; the decoders ([`custody_protocols`]) only look at a copy. The
+//! one opt-in exception (`databases[].annotate`, `annotate.rs`) appends a
+//! sqlcommenter comment naming the chain to simple-protocol statements.
 //!
 //! Each statement becomes a hop: attributed to its chain
 //! (`attribution.rs`), analysed (statement kind, tables, columns), its result
@@ -17,6 +19,7 @@
 //! decoder failed on keeps flowing untouched and its connection hop says
 //! `unparsed`. A decoder error never closes a connection.
 
+mod annotate;
 mod attribution;
 mod mysql;
 mod pg;
@@ -75,6 +78,7 @@ impl Engines {
                 key_file,
                 upstream_ca_file,
                 upstream_server_name,
+                ..
             } = &database.tls
             {
                 let terminator = Terminator::load(
@@ -142,6 +146,9 @@ pub(crate) struct Conn {
     /// The analyses of this session's statements, by text: a statement
     /// prepared once and executed many times is analysed once.
     analyses: std::collections::HashMap<Arc<str>, Arc<Analysis>>,
+    /// Whether simple-protocol statements of attributed chains get a
+    /// sqlcommenter comment (`databases[].annotate`).
+    annotate: bool,
 }
 
 /// Statement texts whose analysis a session remembers.
@@ -205,6 +212,36 @@ impl Conn {
         }
         self.analyses.insert(Arc::clone(sql), Arc::clone(&analysis));
         analysis
+    }
+
+    /// The statement `sql` with a sqlcommenter comment naming its chain
+    /// appended, or `None` when it is not attributed to a chain or already
+    /// has a comment. Attribution is the one the statement's hop will get:
+    /// the same carrier and the request in flight recorded when it was sent.
+    pub(crate) fn annotated(&self, sql: &str, carrier: &Carrier) -> Option<String> {
+        let dialect = self.dialect();
+        if custody_protocols::sqlcommenter::has_comment(sql, dialect) {
+            return None;
+        }
+        let stitch = self.sent.as_ref().and_then(|(_, stitch)| stitch.as_ref());
+        let attributed = attribution::attribute(&self.shared, Some(sql), dialect, carrier, stitch);
+        let token = attributed.token?;
+        let chain = token.claims.txn.to_string();
+        let span = attributed.parent_span.unwrap_or_else(SpanId::random);
+        let traceparent = format!("00-{chain}-{span}-01");
+        let annotated = custody_protocols::sqlcommenter::annotate(
+            sql,
+            dialect,
+            &[("custody_chain", &chain), ("traceparent", &traceparent)],
+        );
+        self.shared
+            .metrics
+            .db_annotated
+            .get_or_create(&crate::metrics::DbSystemLabels {
+                system: self.protocol.system(),
+            })
+            .inc();
+        Some(annotated)
     }
 
     /// The client sent a statement: remember when, and which inbound
@@ -431,7 +468,7 @@ impl Conn {
             workload: Some((&shared.workload).into()),
             direction: v1::Direction::Outbound as i32,
             protocol: self.protocol_v1() as i32,
-            operation: facts.inspection.operation().to_owned(),
+            operation: facts.inspection.operation(),
             initiator: claims.map(initiator),
             workloads: claims.map(|c| c.req_wl.clone()).unwrap_or_default(),
             attribution: Some(match &facts.stitch {
@@ -457,10 +494,11 @@ impl Conn {
                 user: facts.user.unwrap_or_default(),
                 statement_kind: String::new(),
                 parsed: false,
-                transport: if facts.inspection == Inspection::Encrypted {
-                    "tls_passthrough"
-                } else {
-                    self.transport
+                transport: match facts.inspection {
+                    Inspection::Encrypted => "tls_passthrough",
+                    // The client asked for TLS and no session followed.
+                    Inspection::TlsFailed(_) => "",
+                    _ => self.transport,
                 }
                 .to_owned(),
                 ..v1::DatabaseAccess::default()
@@ -634,6 +672,8 @@ pub(crate) enum Inspection {
     Unparsed,
     /// Egress policy refused the destination; nothing was forwarded.
     Blocked,
+    /// TLS termination failed (the reason label); the connection was closed.
+    TlsFailed(&'static str),
 }
 
 impl Inspection {
@@ -643,15 +683,17 @@ impl Inspection {
             Inspection::Encrypted => "encrypted",
             Inspection::Unparsed => "unparsed",
             Inspection::Blocked => "blocked",
+            Inspection::TlsFailed(_) => "tls_failed",
         }
     }
 
-    fn operation(self) -> &'static str {
+    fn operation(self) -> String {
         match self {
-            Inspection::Decoded => "connection",
-            Inspection::Encrypted => "encrypted, not inspected",
-            Inspection::Unparsed => "unparsed",
-            Inspection::Blocked => "connection blocked",
+            Inspection::Decoded => "connection".to_owned(),
+            Inspection::Encrypted => "encrypted, not inspected".to_owned(),
+            Inspection::Unparsed => "unparsed".to_owned(),
+            Inspection::Blocked => "connection blocked".to_owned(),
+            Inspection::TlsFailed(reason) => format!("tls termination failed: {reason}"),
         }
     }
 }
@@ -697,6 +739,7 @@ pub(crate) async fn serve(
         sent: None,
         transport: "plaintext",
         analyses: std::collections::HashMap::new(),
+        annotate: database.annotate,
     };
     let facts = |inspection, user, database, (bytes_up, bytes_down), stitch| ConnectionFacts {
         inspection,
@@ -766,7 +809,8 @@ pub(crate) async fn serve(
                     if client.read_exact(&mut head).await.is_err() {
                         return;
                     }
-                    match tls::negotiate(terminator, client, upstream, dest).await {
+                    let limit = database.tls.handshake_timeout();
+                    match tls::negotiate(terminator, client, upstream, dest, limit).await {
                         Ok(tls::Negotiated::Tls(client, upstream)) => {
                             let mut conn = conn;
                             conn.transport = "tls_terminated";
@@ -777,9 +821,10 @@ pub(crate) async fn serve(
                             postgres_session(conn, &engines.classifier, client, upstream, metrics)
                                 .await
                         }
-                        Err(error) => {
-                            tracing::info!(message = "database TLS termination failed", %dest, %error);
-                            let end = facts(Inspection::Unparsed, None, None, (8, 0), stitch);
+                        Err(failure) => {
+                            let reason = tls_failed(&conn, &failure, limit);
+                            let end =
+                                facts(Inspection::TlsFailed(reason), None, None, (8, 0), stitch);
                             conn.connection_done(end);
                             return;
                         }
@@ -789,11 +834,76 @@ pub(crate) async fn serve(
             }
         }
         DatabaseProtocol::Mysql => {
-            let inspector = mysql::Inspector::new(conn, &engines.classifier);
-            let (inspector, bytes) =
-                relay::run(client, upstream, inspector, metrics, "mysql").await;
-            let (conn, end) = inspector.finish();
-            (conn, end, bytes)
+            let terminator = match &database.tls {
+                DatabaseTls::Terminate { cert_file, .. } => engines.terminators.get(cert_file),
+                DatabaseTls::Passthrough => None,
+            };
+            match terminator {
+                Some(terminator) => {
+                    let limit = database.tls.handshake_timeout();
+                    match tls::negotiate_mysql(terminator, client, upstream, dest, limit).await {
+                        Ok(tls::MysqlStart {
+                            greeting,
+                            client_first,
+                            negotiated: tls::Negotiated::Tls(client, upstream),
+                        }) => {
+                            let mut conn = conn;
+                            conn.transport = "tls_terminated";
+                            // The `SSLRequest` is not shown to the decoder:
+                            // the session it follows is the one inside TLS.
+                            let start = MysqlPrelude {
+                                greeting: &greeting,
+                                client_first: &[],
+                                forwarded: client_first.len(),
+                            };
+                            mysql_session(
+                                conn,
+                                &engines.classifier,
+                                client,
+                                upstream,
+                                metrics,
+                                start,
+                            )
+                            .await
+                        }
+                        Ok(tls::MysqlStart {
+                            greeting,
+                            client_first,
+                            negotiated: tls::Negotiated::Plain(client, upstream),
+                        }) => {
+                            let start = MysqlPrelude {
+                                greeting: &greeting,
+                                client_first: &client_first,
+                                forwarded: client_first.len(),
+                            };
+                            mysql_session(
+                                conn,
+                                &engines.classifier,
+                                client,
+                                upstream,
+                                metrics,
+                                start,
+                            )
+                            .await
+                        }
+                        Err(failure) => {
+                            let reason = tls_failed(&conn, &failure, limit);
+                            let end =
+                                facts(Inspection::TlsFailed(reason), None, None, (0, 0), stitch);
+                            conn.connection_done(end);
+                            return;
+                        }
+                    }
+                }
+                None => {
+                    let start = MysqlPrelude {
+                        greeting: &[],
+                        client_first: &[],
+                        forwarded: 0,
+                    };
+                    mysql_session(conn, &engines.classifier, client, upstream, metrics, start).await
+                }
+            }
         }
     };
     conn.connection_done(facts(end.inspection, end.user, end.database, bytes, stitch));
@@ -819,6 +929,76 @@ where
     let (inspector, bytes) = relay::run(client, server, inspector, metrics, "postgresql").await;
     let (conn, end) = inspector.finish();
     (conn, end, bytes)
+}
+
+/// Logs and counts a failed TLS negotiation; returns its reason label. The
+/// client's connection and the server's were dropped with the negotiation:
+/// both are closed.
+fn tls_failed(conn: &Conn, failure: &tls::Failure, limit: Duration) -> &'static str {
+    let reason = failure.reason();
+    let system = conn.protocol.system();
+    tracing::warn!(
+        message = "database TLS termination failed; connection closed",
+        system,
+        dest = %conn.dest,
+        src = ?conn.src,
+        reason,
+        timeout_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+        error = %failure,
+    );
+    conn.shared
+        .metrics
+        .db_tls_failures
+        .get_or_create(&crate::metrics::DbTlsFailureLabels { system, reason })
+        .inc();
+    reason
+}
+
+/// What a terminating sidecar exchanged before the relay took over a MySQL
+/// session.
+struct MysqlPrelude<'a> {
+    /// The server's greeting, already forwarded to the client.
+    greeting: &'a [u8],
+    /// Client bytes already forwarded that the decoder must see.
+    client_first: &'a [u8],
+    /// Client bytes already forwarded, shown to the decoder or not.
+    forwarded: usize,
+}
+
+/// Relays and inspects one MySQL session over any pair of streams, after
+/// what was already exchanged.
+async fn mysql_session<C, S>(
+    conn: Conn,
+    classifier: &Classifier,
+    client: C,
+    server: S,
+    metrics: &crate::metrics::Metrics,
+    prelude: MysqlPrelude<'_>,
+) -> (Conn, End, (u64, u64))
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
+{
+    use relay::Inspect as _;
+    let mut inspector = mysql::Inspector::new(conn, classifier);
+    inspector.server_bytes(prelude.greeting);
+    if !prelude.client_first.is_empty() {
+        let mut unused = Vec::new();
+        let _ = inspector.client_bytes(prelude.client_first, &mut unused);
+    }
+    let before = (prelude.forwarded as u64, prelude.greeting.len() as u64);
+    for (direction, bytes) in [("client", before.0), ("server", before.1)] {
+        metrics
+            .db_bytes
+            .get_or_create(&crate::metrics::DbBytesLabels {
+                system: "mysql",
+                direction,
+            })
+            .inc_by(bytes);
+    }
+    let (inspector, (up, down)) = relay::run(client, server, inspector, metrics, "mysql").await;
+    let (conn, end) = inspector.finish();
+    (conn, end, (up + before.0, down + before.1))
 }
 
 /// How a session ended, as an inspector saw it.

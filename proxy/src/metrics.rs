@@ -47,7 +47,8 @@ pub struct DbConnectionLabels {
     /// `postgresql` or `mysql`.
     pub system: &'static str,
     /// `decoded`, `encrypted` (TLS, not inspected), `unparsed` (a decoder
-    /// gave up; forwarded untouched) or `blocked` (egress policy).
+    /// gave up; forwarded untouched), `blocked` (egress policy) or
+    /// `tls_failed` (TLS termination failed; closed).
     pub inspection: &'static str,
 }
 
@@ -79,6 +80,23 @@ pub struct DbDecodeLabels {
     pub system: &'static str,
     /// `client` or `server`: whose bytes the decoder gave up on.
     pub side: &'static str,
+}
+
+/// Labels of `custody_proxy_db_tls_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DbTlsFailureLabels {
+    /// `postgresql` or `mysql`.
+    pub system: &'static str,
+    /// `server_timeout`, `server_io`, `server_tls`, `client_timeout`,
+    /// `client_io` or `client_tls`.
+    pub reason: &'static str,
+}
+
+/// Labels of metrics counted per database system only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DbSystemLabels {
+    /// `postgresql` or `mysql`.
+    pub system: &'static str,
 }
 
 /// Labels of `custody_proxy_data_classes_total`.
@@ -115,6 +133,10 @@ pub struct Metrics {
     pub db_bytes: Family<DbBytesLabels, Counter>,
     /// Database sessions a decoder gave up on (forwarded untouched).
     pub db_decode_errors: Family<DbDecodeLabels, Counter>,
+    /// Terminated TLS negotiations that failed (the connection was closed).
+    pub db_tls_failures: Family<DbTlsFailureLabels, Counter>,
+    /// Statements sent with a sqlcommenter comment the sidecar appended.
+    pub db_annotated: Family<DbSystemLabels, Counter>,
     /// Statements whose results held a data class.
     pub data_classes: Family<ClassLabels, Counter>,
 }
@@ -182,6 +204,16 @@ impl Metrics {
             "db_decode_errors",
             "Database sessions a decoder gave up on (then forwarded untouched)",
             self.db_decode_errors.clone(),
+        );
+        r.register(
+            "db_tls_failures",
+            "Terminated database TLS negotiations that failed, by reason (connection closed)",
+            self.db_tls_failures.clone(),
+        );
+        r.register(
+            "db_annotated",
+            "Database statements sent with a sqlcommenter comment the sidecar appended",
+            self.db_annotated.clone(),
         );
         r.register(
             "data_classes",

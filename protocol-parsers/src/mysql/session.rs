@@ -896,6 +896,12 @@ impl Session {
         self.st.statements.map.len()
     }
 
+    /// Whether the client's stream sits between packets (nothing partial
+    /// buffered): the next client byte starts a packet.
+    pub fn client_idle(&self) -> bool {
+        self.client.is_idle()
+    }
+
     /// Commands waiting for (the rest of) their response.
     pub fn in_flight(&self) -> usize {
         self.st.in_flight.len()

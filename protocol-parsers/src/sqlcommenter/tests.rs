@@ -239,6 +239,9 @@ fn annotate_leaves_commented_statements_alone() {
         "SELECT '/* x */' /*a='1'*/"
     );
     assert_eq!(annotate("SELECT 1", Dialect::Postgres, &[]), "SELECT 1");
+    assert!(has_comment("SELECT 1 -- mine", Dialect::MySql));
+    assert!(has_comment("SELECT /*+ hint */ 1", Dialect::MySql));
+    assert!(!has_comment("SELECT '/* x */'", Dialect::Postgres));
 }
 
 #[test]

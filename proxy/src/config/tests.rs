@@ -171,6 +171,27 @@ fn databases_default_to_the_standard_ports_and_are_checked() {
         "{}",
         err(&unknown)
     );
+    let terminate = |extra: &str| {
+        MINIMAL.to_string()
+            + "databases: [{ protocol: postgres, ports: [5433], tls: { mode: terminate, \
+               cert_file: c, key_file: k, upstream_ca_file: a"
+            + extra
+            + " } }]\n"
+    };
+    let config = Config::from_yaml(&terminate("")).unwrap();
+    assert_eq!(
+        config.databases[0].tls.handshake_timeout(),
+        std::time::Duration::from_secs(10)
+    );
+    let config = Config::from_yaml(&terminate(", handshake_timeout_ms: 250")).unwrap();
+    assert_eq!(
+        config.databases[0].tls.handshake_timeout(),
+        std::time::Duration::from_millis(250)
+    );
+    assert_eq!(
+        err(&terminate(", handshake_timeout_ms: 0")),
+        "databases[0].tls.handshake_timeout_ms: must be between 1 and 600000"
+    );
     let confidence = MINIMAL.to_string() + "classification: { taint_min_confidence: 2 }\n";
     assert_eq!(
         err(&confidence),

@@ -3,6 +3,7 @@
 use custody_protocols::classify::Classifier;
 use custody_protocols::mysql::{CommandKind, Config, Event, Phase, QueryRecord, Session, Value};
 
+use super::annotate::{Annotator, Wire};
 use super::relay::Inspect;
 use super::{Carrier, Conn, End, Inspection, Sampler, Statement};
 
@@ -14,6 +15,9 @@ pub(crate) struct Inspector<'c> {
     sampler: Sampler,
     carrier: Option<Carrier>,
     failed: bool,
+    /// With `annotate`: `None` until the command phase starts at a packet
+    /// boundary, then the annotator.
+    annotator: Option<Annotator>,
 }
 
 impl std::fmt::Debug for Inspector<'_> {
@@ -73,6 +77,7 @@ impl<'c> Inspector<'c> {
             sampler,
             carrier: None,
             failed: false,
+            annotator: None,
         }
     }
 
@@ -161,9 +166,67 @@ impl<'c> Inspector<'c> {
     }
 }
 
+impl Inspector<'_> {
+    /// Starts annotating once the command phase begins and the next client
+    /// byte starts a packet; checked before the chunk is decoded.
+    fn annotation_ready(&mut self) -> bool {
+        if self.annotator.is_none()
+            && self.conn.annotate
+            && !self.failed
+            && self.session.phase() == Phase::Command
+            && self.session.client_idle()
+        {
+            self.annotator = Some(Annotator::new(Wire::Mysql));
+        }
+        self.annotator.is_some()
+    }
+
+    /// A whole `COM_QUERY` packet, annotated, or `None` to forward it as is.
+    fn annotate_query(&mut self, packet: &[u8]) -> Option<Vec<u8>> {
+        use custody_protocols::mysql::capabilities::QUERY_ATTRIBUTES;
+        if self.failed
+            || self.session.phase() != Phase::Command
+            || self.session.capabilities() & QUERY_ATTRIBUTES != 0
+        {
+            // MySQL 8 query attributes come before the SQL: left alone.
+            return None;
+        }
+        let seq = *packet.get(3)?;
+        let sql = std::str::from_utf8(packet.get(5..)?).ok()?;
+        let carrier = self.carrier();
+        let annotated = self.conn.annotated(sql, &carrier)?;
+        let len = annotated.len() + 1;
+        if len >= custody_protocols::mysql::MAX_PAYLOAD {
+            return None;
+        }
+        let [a, b, c, _] = u32::try_from(len).ok()?.to_le_bytes();
+        let mut out = Vec::with_capacity(len + 4);
+        out.extend_from_slice(&[a, b, c, seq, custody_protocols::mysql::commands::QUERY]);
+        out.extend_from_slice(annotated.as_bytes());
+        Some(out)
+    }
+}
+
 impl Inspect for Inspector<'_> {
-    fn client_bytes(&mut self, data: &[u8]) {
+    fn client_bytes(&mut self, data: &[u8], out: &mut Vec<u8>) -> bool {
+        let annotating = self.annotation_ready();
+        // The decoder reads what the client sent, before any annotation.
         self.feed(data, true);
+        if !annotating {
+            return false;
+        }
+        let Some(mut annotator) = self.annotator.take() else {
+            return false;
+        };
+        annotator.process(data, out, &mut |packet| self.annotate_query(packet));
+        self.annotator = Some(annotator);
+        true
+    }
+
+    fn client_end(&mut self, out: &mut Vec<u8>) {
+        if let Some(annotator) = self.annotator.as_mut() {
+            annotator.flush(out);
+        }
     }
 
     fn server_bytes(&mut self, data: &[u8]) {

@@ -8,6 +8,7 @@ use custody_protocols::pg::{
     QuerySource, Session, SessionLimits,
 };
 
+use super::annotate::{Annotator, Wire};
 use super::relay::Inspect;
 use super::{Carrier, Conn, End, Inspection, Sampler, Statement};
 
@@ -25,6 +26,9 @@ pub(crate) struct Inspector<'c> {
     carrier: Option<Carrier>,
     encrypted: bool,
     failed: bool,
+    /// With `annotate`: `None` until the client's stream reaches its first
+    /// message boundary after startup, then the annotator.
+    annotator: Option<Annotator>,
 }
 
 impl std::fmt::Debug for Inspector<'_> {
@@ -50,6 +54,7 @@ impl<'c> Inspector<'c> {
             carrier: None,
             encrypted: false,
             failed: false,
+            annotator: None,
         }
     }
 
@@ -124,8 +129,45 @@ impl<'c> Inspector<'c> {
     }
 }
 
-impl Inspect for Inspector<'_> {
-    fn client_bytes(&mut self, data: &[u8]) {
+impl Inspector<'_> {
+    /// Starts annotating once the stream is made of typed messages and the
+    /// next byte starts one; checked before the chunk is decoded.
+    fn annotation_ready(&mut self) -> bool {
+        if self.annotator.is_none()
+            && self.conn.annotate
+            && !self.failed
+            && !self.encrypted
+            && !self.frontend.in_startup()
+            && !self.frontend.is_passthrough()
+            && self.frontend.at_boundary()
+        {
+            self.annotator = Some(Annotator::new(Wire::Postgres));
+        }
+        self.annotator.is_some()
+    }
+
+    /// A whole `Query` message, annotated, or `None` to forward it as is.
+    fn annotate_query(&mut self, message: &[u8]) -> Option<Vec<u8>> {
+        if self.failed || self.encrypted {
+            return None;
+        }
+        let sql = message.get(5..)?.strip_suffix(&[0])?;
+        let sql = std::str::from_utf8(sql).ok()?;
+        if sql.contains('\0') {
+            return None;
+        }
+        let carrier = self.carrier();
+        let annotated = self.conn.annotated(sql, &carrier)?;
+        let len = u32::try_from(annotated.len() + 5).ok()?;
+        let mut out = Vec::with_capacity(annotated.len() + 6);
+        out.push(b'Q');
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(annotated.as_bytes());
+        out.push(0);
+        Some(out)
+    }
+
+    fn decode_client(&mut self, data: &[u8]) {
         if self.failed || self.encrypted {
             return;
         }
@@ -149,6 +191,29 @@ impl Inspect for Inspector<'_> {
         }
         if result.is_err() {
             self.decoder_failed("client");
+        }
+    }
+}
+
+impl Inspect for Inspector<'_> {
+    fn client_bytes(&mut self, data: &[u8], out: &mut Vec<u8>) -> bool {
+        let annotating = self.annotation_ready();
+        // The decoder reads what the client sent, before any annotation.
+        self.decode_client(data);
+        if !annotating {
+            return false;
+        }
+        let Some(mut annotator) = self.annotator.take() else {
+            return false;
+        };
+        annotator.process(data, out, &mut |message| self.annotate_query(message));
+        self.annotator = Some(annotator);
+        true
+    }
+
+    fn client_end(&mut self, out: &mut Vec<u8>) {
+        if let Some(annotator) = self.annotator.as_mut() {
+            annotator.flush(out);
         }
     }
 

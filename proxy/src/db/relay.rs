@@ -1,7 +1,10 @@
 //! Both directions of a database session, forwarded as they arrive.
 //!
 //! Each direction reads a chunk, shows it to the inspector, then writes it
-//! to the other side unchanged: the inspector only ever sees a copy. Looking
+//! to the other side unchanged: the inspector only ever sees a copy. The
+//! one exception is opt-in: with `databases[].annotate`, the inspector may
+//! hold back a client's simple-protocol statement until it is whole and
+//! forward it with a sqlcommenter comment appended (`annotate.rs`). Looking
 //! first matters: when a client receives the rows of a statement, the
 //! sidecar has already recorded what they held, so the chain's next call is
 //! checked with that taint (decoding a chunk costs microseconds). The two directions run
@@ -19,32 +22,53 @@ use crate::metrics::{DbBytesLabels, Metrics};
 /// Size of each direction's read buffer.
 const CHUNK: usize = 32 * 1024;
 
-/// Looks at the bytes of a session; never changes them.
+/// Looks at the bytes of a session; changes client bytes only to annotate
+/// statements (`annotate.rs`), and only when configured to.
 pub(crate) trait Inspect: Send {
-    /// Bytes the client sent, about to be forwarded.
-    fn client_bytes(&mut self, data: &[u8]);
+    /// Bytes the client sent, about to be forwarded. Returns `true` when
+    /// `out` (empty on entry) holds what to forward instead of `data`.
+    fn client_bytes(&mut self, data: &[u8], out: &mut Vec<u8>) -> bool;
     /// Bytes the server sent, about to be forwarded.
     fn server_bytes(&mut self, data: &[u8]);
+    /// The client's stream ended: bytes still held back go into `out`.
+    fn client_end(&mut self, _out: &mut Vec<u8>) {}
 }
 
-async fn pump<R, W, F>(mut from: R, mut to: W, mut inspect: F) -> u64
+async fn pump<R, W, F, E>(mut from: R, mut to: W, mut inspect: F, mut end: E) -> u64
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
-    F: FnMut(&[u8]),
+    F: FnMut(&[u8], &mut Vec<u8>) -> bool,
+    E: FnMut(&mut Vec<u8>),
 {
     let mut buf = vec![0u8; CHUNK];
+    let mut replaced = Vec::new();
     let mut total = 0u64;
     loop {
         let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => {
+                replaced.clear();
+                end(&mut replaced);
+                if !replaced.is_empty() && to.write_all(&replaced).await.is_ok() {
+                    total += replaced.len() as u64;
+                }
+                break;
+            }
             Ok(n) => n,
         };
-        inspect(&buf[..n]);
-        if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
+        replaced.clear();
+        let out = if inspect(&buf[..n], &mut replaced) {
+            &replaced[..]
+        } else {
+            &buf[..n]
+        };
+        if out.is_empty() {
+            continue;
+        }
+        if to.write_all(out).await.is_err() || to.flush().await.is_err() {
             break;
         }
-        total += n as u64;
+        total += out.len() as u64;
     }
     let _ = to.shutdown().await;
     total
@@ -68,8 +92,21 @@ where
     let (client_read, client_write) = tokio::io::split(client);
     let (server_read, server_write) = tokio::io::split(server);
     let lock = || inspector.lock().unwrap_or_else(PoisonError::into_inner);
-    let up = pump(client_read, server_write, |data| lock().client_bytes(data));
-    let down = pump(server_read, client_write, |data| lock().server_bytes(data));
+    let up = pump(
+        client_read,
+        server_write,
+        |data, out| lock().client_bytes(data, out),
+        |out| lock().client_end(out),
+    );
+    let down = pump(
+        server_read,
+        client_write,
+        |data, _| {
+            lock().server_bytes(data);
+            false
+        },
+        |_| {},
+    );
     let (up, down) = tokio::join!(up, down);
     for (direction, bytes) in [("client", up), ("server", down)] {
         metrics

@@ -354,6 +354,10 @@ policies:
     spec.extra = &extra;
     let sc = start_on(spec, &trust, ports).await;
     wait_listening(listen).await;
+    // The probe's session ends before any request is in flight, so it is
+    // stitched to none of them.
+    sc.wait_hop(|h| h["protocol"] == "PROTOCOL_POSTGRES" && h["operation"] == "connection")
+        .await;
 
     let ask = |path: &'static str, user: &'static str| {
         let inbound = sc.inbound;
@@ -390,7 +394,7 @@ policies:
     assert_eq!(query["attribution"]["confidence"], 1.0);
     assert_eq!(query["initiator"]["subject"], "alice@example.com");
     assert_eq!(query["parent_span_id"], alice["span_id"]);
-    assert!(classes(&query).iter().any(|c| c == "pii.ssn"));
+    assert!(classes(&query).iter().any(|c| c == "pii.ssn"), "{query}");
     assert_eq!(query["taint"], serde_json::json!(["pii.ssn"]));
     let blocked = sc
         .wait_hop(|h| {
@@ -544,4 +548,229 @@ async fn a_terminated_tls_session_is_decoded_between_the_two_tls_ends() {
     assert!(found.iter().any(|c| c == "pii.ssn"), "{found:?}");
     let text = std::fs::read_to_string(&sc.hops_file).unwrap();
     assert_no_raw_values(&shop, &text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_ssl_request_costs_the_client_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = tempfile::tempdir().unwrap();
+    tls_certificates(certs.path(), "db.test");
+    // A fault-injecting "server": accepts, reads the SSLRequest, never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = silent.accept().await {
+            let seen_tx = seen_tx.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 8];
+                if stream.read_exact(&mut request).await.is_err() {
+                    return; // a probe that sent nothing
+                }
+                // Waits until the sidecar gives up and closes its side.
+                let mut rest = Vec::new();
+                let closed = stream.read_to_end(&mut rest).await.is_ok();
+                let _ = seen_tx.send((request, closed, rest.len()));
+            });
+        }
+    });
+
+    let trust = Trust::new(&["orders"]);
+    let listen = free_port();
+    let c = certs.path();
+    let extra = format!(
+        "databases:\n  - protocol: postgres\n    listen: \"{listen}\"\n    upstream: \"{silent_addr}\"\n    \
+         tls: {{ mode: terminate, cert_file: \"{}\", key_file: \"{}\", upstream_ca_file: \"{}\", \
+         upstream_server_name: db.test, handshake_timeout_ms: 300 }}\n",
+        c.join("tls.crt").display(),
+        c.join("tls.key").display(),
+        c.join("ca.crt").display(),
+    );
+    let mut spec = Spec::new("orders", free_port());
+    spec.extra = &extra;
+    let sc = start(spec, &trust).await;
+    wait_listening(listen).await;
+
+    let mut client = tokio::net::TcpStream::connect(listen).await.unwrap();
+    client
+        .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    // The bound here only keeps a broken sidecar from hanging the test.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut answer))
+        .await
+        .expect("the sidecar closed the client's connection");
+    assert!(
+        read.is_err() || answer.is_empty(),
+        "no answer byte reaches the client: {answer:?}"
+    );
+    let (request, closed, extra_bytes) =
+        tokio::time::timeout(Duration::from_secs(60), seen_rx.recv())
+            .await
+            .expect("the sidecar closed the server's connection")
+            .unwrap();
+    assert_eq!(request, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+    assert!(closed);
+    assert_eq!(extra_bytes, 0);
+
+    let hop = sc
+        .wait_hop(|h| h["protocol"] == "PROTOCOL_POSTGRES" && h["bytes_in"] == 8)
+        .await;
+    assert_eq!(hop["operation"], "tls termination failed: server_timeout");
+    assert_eq!(db(&hop)["parsed"], false);
+    assert_eq!(
+        sc.metric(
+            "custody_proxy_db_tls_failures_total{system=\"postgresql\",reason=\"server_timeout\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        sc.metric(
+            "custody_proxy_db_connections_total{system=\"postgresql\",inspection=\"tls_failed\"}"
+        )
+        .await,
+        1.0
+    );
+}
+
+/// What a statement reading its own text from `pg_stat_activity` sees.
+const OWN_TEXT: &str = "SELECT query FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+
+/// The texts the server saw for a simple-protocol query, the same query
+/// commented by the app, and an extended-protocol one; then a result set.
+async fn own_texts(conninfo: &str) -> serde_json::Value {
+    let client = connect(conninfo).await;
+    let simple = |sql: String| {
+        let client = &client;
+        async move {
+            let messages = client.simple_query(&sql).await.unwrap();
+            messages
+                .iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                        (0..row.len())
+                            .map(|i| row.get(i).unwrap_or(""))
+                            .collect::<Vec<_>>()
+                            .join("|"),
+                    ),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let plain = simple(OWN_TEXT.to_owned()).await;
+    let commented = simple(format!("{OWN_TEXT} /* mine */")).await;
+    let extended: String = client.query_one(OWN_TEXT, &[]).await.unwrap().get(0);
+    let rows = simple("SELECT name, email FROM customers ORDER BY id;".to_owned()).await;
+    serde_json::json!({
+        "simple": plain[0], "commented": commented[0], "extended": extended, "rows": rows,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotation_names_the_chain_in_pg_stat_activity_and_changes_nothing_else() {
+    let pg = Postgres::start().unwrap();
+    fixtures::load_shop(&pg).unwrap();
+    let trust = Trust::new(&["orders"]);
+    let annotating = free_port();
+    let plain = free_port();
+    let extra = format!(
+        "databases:\n  - {{ protocol: postgres, listen: \"{annotating}\", upstream: \"{db}\", annotate: true }}\n  \
+         - {{ protocol: postgres, listen: \"{plain}\", upstream: \"{db}\" }}\n",
+        db = pg.addr()
+    );
+    let (via_annotating, via_plain) = (conninfo(&pg, annotating), conninfo(&pg, plain));
+    let app = App::start(Arc::new(move |req| {
+        let db = if req.uri().path() == "/annotated" {
+            via_annotating.clone()
+        } else {
+            via_plain.clone()
+        };
+        Box::pin(async move {
+            let body = own_texts(&db).await;
+            Response::new(full(body.to_string()))
+        })
+    }))
+    .await;
+    let spec = Spec {
+        extra: &extra,
+        ..Spec::new("orders", app.addr)
+    };
+    let sc = start(spec, &trust).await;
+    wait_listening(annotating).await;
+    wait_listening(plain).await;
+    // The probes' sessions end before any request is in flight.
+    sc.hops_where(2, |h| {
+        h["protocol"] == "PROTOCOL_POSTGRES" && h["operation"] == "connection"
+    })
+    .await;
+    let ask = |path: &'static str| {
+        let inbound = sc.inbound;
+        async move {
+            let resp = client()
+                .request(
+                    hyper::Request::get(format!("http://{inbound}{path}"))
+                        .header("x-custody-user", "alice@example.com")
+                        .body(full(""))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let (status, body) = body_string(resp).await;
+            assert_eq!(status, 200, "{body}");
+            serde_json::from_str::<Value>(&body).unwrap()
+        }
+    };
+
+    // Annotated: the server saw the chain id in the simple-protocol query.
+    let seen = ask("/annotated").await;
+    let inbound = sc
+        .wait_hop(|h| h["direction"] == "DIRECTION_INBOUND" && h["operation"] == "GET /annotated")
+        .await;
+    let chain = inbound["chain_id"].as_str().unwrap();
+    let span = inbound["span_id"].as_str().unwrap();
+    assert_eq!(chain.len(), 32);
+    assert_eq!(
+        seen["simple"],
+        format!("{OWN_TEXT} /*custody_chain='{chain}',traceparent='00-{chain}-{span}-01'*/")
+    );
+    // A statement with a comment of its own, and an extended-protocol one,
+    // are left as the app sent them.
+    assert_eq!(seen["commented"], format!("{OWN_TEXT} /* mine */"));
+    assert_eq!(seen["extended"], OWN_TEXT);
+
+    // Without annotation the server sees exactly what the app sent; the
+    // results are the same either way.
+    let unchanged = ask("/plain").await;
+    assert_eq!(unchanged["simple"], OWN_TEXT);
+    assert_eq!(unchanged["rows"], seen["rows"]);
+    let direct = own_texts(&conninfo(&pg, pg.addr())).await;
+    assert_eq!(direct["rows"], seen["rows"]);
+    assert_eq!(seen["rows"].as_array().unwrap().len(), 50);
+
+    // The hop is attributed from what the app sent (stitching), not from
+    // the comment the sidecar added.
+    let hop = sc
+        .wait_hop(|h| {
+            h["chain_id"] == chain && db(h)["tables_read"] == serde_json::json!(["customers"])
+        })
+        .await;
+    assert_eq!(hop["attribution"]["method"], "ATTRIBUTION_METHOD_STITCHED");
+    assert_eq!(hop["parent_span_id"], span);
+
+    // No chain in flight: nothing to annotate.
+    let alone = connect(&conninfo(&pg, annotating)).await;
+    let text = alone.simple_query(OWN_TEXT).await.unwrap();
+    let tokio_postgres::SimpleQueryMessage::Row(row) = &text[1] else {
+        panic!("{text:?}");
+    };
+    assert_eq!(row.get(0), Some(OWN_TEXT));
+    // The self-read and the result set of /annotated, nothing else.
+    assert_eq!(
+        sc.metric("custody_proxy_db_annotated_total{system=\"postgresql\"}")
+            .await,
+        2.0
+    );
 }
