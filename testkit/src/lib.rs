@@ -27,6 +27,7 @@
 pub mod fixtures;
 mod mariadb;
 mod postgres;
+pub mod service_account;
 mod sys;
 
 use std::net::{IpAddr, Ipv4Addr};
