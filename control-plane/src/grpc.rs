@@ -1,5 +1,14 @@
 //! The gRPC API (`custody.v1`): Ingest, PolicyDistribution and Trust, every
-//! call authenticated by a bearer token (node or admin role).
+//! call authenticated by a bearer token (node or admin role), or by a
+//! projected service-account token (workload role).
+//!
+//! A workload caller acts for its own workload only: a signing key is issued
+//! only for the namespace, service account (and pod, when the token names
+//! one) the token proves, policy subscriptions and acknowledgements must name
+//! that workload, and reported hops whose reporting workload is another one
+//! are rejected. When workload authentication is configured, signing keys
+//! are issued to workload callers (and admins) only: the shared node token
+//! can no longer claim a workload.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,12 +27,14 @@ use tonic::{Request, Response, Status};
 
 use crate::assembly::workload_uri;
 use crate::auth::Caller;
+use crate::config::Role;
 use crate::metrics::{AttributionLabel, KindLabel, ReasonLabel, client_kind};
 use crate::server::Shared;
 use crate::store::ClientVersion;
 use crate::unix_nanos;
 
-/// The authentication interceptor: refuses calls without a known token.
+/// The authentication interceptor: refuses calls without a known token or
+/// a verified workload token.
 #[derive(Clone, Debug)]
 pub struct Auth(Arc<Shared>);
 
@@ -33,14 +44,42 @@ impl tonic::service::Interceptor for Auth {
             .metadata()
             .get("authorization")
             .map(tonic::metadata::MetadataValue::as_bytes);
-        match self.0.auth.authenticate(header) {
-            Some(caller) => {
+        match self.0.authenticate(header, "grpc") {
+            Ok(caller) => {
                 req.extensions_mut().insert(caller);
                 Ok(req)
             }
-            None => Err(Status::unauthenticated("a valid bearer token is required")),
+            Err(e) => Err(Status::unauthenticated(e.to_string())),
         }
     }
+}
+
+/// Refuses a workload caller acting for another workload: logged, counted,
+/// `PERMISSION_DENIED` naming the field.
+fn check_workload(
+    shared: &Shared,
+    caller: Option<&Caller>,
+    claimed: Option<&v1::WorkloadId>,
+    what: &'static str,
+) -> Result<(), Status> {
+    let Some(proven) = caller.and_then(|c| c.workload.as_ref()) else {
+        return Ok(());
+    };
+    let trust_domain = shared.auth.workload_auth().and_then(|w| w.trust_domain());
+    let empty = v1::WorkloadId::default();
+    let result = proven.permits(claimed.unwrap_or(&empty), trust_domain);
+    result.map_err(|mismatch| {
+        shared.refused("grpc", "workload_mismatch");
+        tracing::warn!(
+            caller = %proven.subject(),
+            field = mismatch.field,
+            proven = %mismatch.proven,
+            claimed = %mismatch.claimed,
+            what,
+            "workload token used for another workload"
+        );
+        Status::permission_denied(format!("{what}: {mismatch}"))
+    })
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -69,11 +108,34 @@ fn attribution_label(hop: &v1::HopEvent) -> &'static str {
 #[tonic::async_trait]
 impl Ingest for IngestService {
     async fn report_hops(&self, request: Request<HopBatch>) -> Result<Response<BatchAck>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
         let batch = request.into_inner();
         let shared = self.0.clone();
         let mut valid = Vec::with_capacity(batch.hops.len());
         let mut rejected = 0u32;
+        let trust_domain = shared.auth.workload_auth().and_then(|w| w.trust_domain());
+        let proven = caller.as_ref().and_then(|c| c.workload.as_ref());
+        let mut foreign = 0u32;
         for h in batch.hops {
+            // A workload reports its own hops only.
+            if let Some(proven) = proven {
+                let empty = v1::WorkloadId::default();
+                if proven
+                    .permits(h.workload.as_ref().unwrap_or(&empty), trust_domain)
+                    .is_err()
+                {
+                    foreign += 1;
+                    rejected += 1;
+                    shared
+                        .metrics
+                        .ingest_rejected
+                        .get_or_create(&ReasonLabel {
+                            reason: "workload_mismatch".into(),
+                        })
+                        .inc();
+                    continue;
+                }
+            }
             match hop::validate(&h) {
                 Ok(()) => valid.push(h),
                 Err(e) => {
@@ -85,6 +147,13 @@ impl Ingest for IngestService {
                         .inc();
                 }
             }
+        }
+        if let (Some(proven), true) = (proven, foreign > 0) {
+            tracing::warn!(
+                caller = %proven.subject(),
+                hops = foreign,
+                "hops reported for another workload rejected"
+            );
         }
         let store = shared.store.clone();
         let (outcome, valid) = blocking(move || {
@@ -207,7 +276,11 @@ impl PolicyDistribution for DistributionService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
         let req = request.into_inner();
+        if req.workload.is_some() {
+            check_workload(&self.0, caller.as_ref(), req.workload.as_ref(), "subscribe")?;
+        }
         let kind = client_kind(&req.client_kind);
         self.0
             .metrics
@@ -259,7 +332,14 @@ impl PolicyDistribution for DistributionService {
         &self,
         request: Request<PolicyAck>,
     ) -> Result<Response<AckReceipt>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
         let ack = request.into_inner();
+        check_workload(
+            &self.0,
+            caller.as_ref(),
+            ack.workload.as_ref(),
+            "acknowledge",
+        )?;
         let now = unix_nanos();
         let shared = self.0.clone();
         let mut client = workload_uri(ack.workload.as_ref());
@@ -321,6 +401,24 @@ impl TrustApi for TrustService {
         let caller = request.extensions().get::<Caller>().cloned();
         let req = request.into_inner();
         let shared = self.0.clone();
+        if shared.auth.workload_auth().is_some()
+            && caller.as_ref().is_some_and(|c| c.role == Role::Node)
+        {
+            shared.refused("grpc", "role");
+            tracing::warn!(
+                caller = caller.as_ref().map(|c| c.name.as_str()).unwrap_or_default(),
+                "signing key refused to a node token: workload authentication is on"
+            );
+            return Err(Status::permission_denied(
+                "signing keys are issued to workload tokens only (workload_auth is configured)",
+            ));
+        }
+        check_workload(
+            &shared,
+            caller.as_ref(),
+            req.workload.as_ref(),
+            "issue_signing_key",
+        )?;
         let grant = blocking(move || {
             let now = custody_context::unix_now();
             let key = shared

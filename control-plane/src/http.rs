@@ -1,7 +1,8 @@
 //! The investigation and policy API (HTTP/JSON, documented in
 //! `control-plane/openapi.yaml`), and `/metrics`.
 //!
-//! Every `/v1` route requires an admin bearer token; `/metrics` and
+//! Every `/v1` route requires an admin bearer token (node and workload
+//! callers are refused with 403); `/metrics` and
 //! `/healthz` are open (counts only, no chain data), and so is `/inject`
 //! when injection is configured (it answers with a patch for the pod it is
 //! sent, nothing else).
@@ -107,18 +108,18 @@ async fn require_admin(
         .headers()
         .get(header::AUTHORIZATION)
         .map(axum::http::HeaderValue::as_bytes);
-    match shared.auth.authenticate(header) {
-        Some(caller) if caller.role == Role::Admin => {
+    match shared.authenticate(header, "http") {
+        Ok(caller) if caller.role == Role::Admin => {
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Some(_) => {
+        Ok(caller) => {
+            shared.refused("http", "role");
+            tracing::warn!(caller = %caller.name, role = ?caller.role, "admin API refused");
             ApiError::new(StatusCode::FORBIDDEN, "an admin token is required").into_response()
         }
-        None => {
-            let mut resp =
-                ApiError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required")
-                    .into_response();
+        Err(e) => {
+            let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).into_response();
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),

@@ -16,7 +16,9 @@
 //! - `custody-proxy`: the sidecar, as its own user, with its workload identity
 //!   from the pod's metadata (downward API environment), probes on the admin
 //!   listener, resources, and a configuration rendered for this pod;
-//! - the volumes it reads, and annotations: `custody.io/status`, the
+//! - the volumes it reads (the node-token Secret, or with
+//!   `service_account_token` a projected service-account token for the
+//!   audience `custody`, which the kubelet rotates), and annotations: `custody.io/status`, the
 //!   rendered configuration, and Prometheus scrape annotations when the pod
 //!   has none of its own; the label `custody.io/injected: "true"`.
 //!
@@ -103,6 +105,36 @@ pub struct InjectConfig {
     /// `RUST_LOG` of the sidecar (default `info`).
     #[serde(default = "default_log")]
     pub log: String,
+    /// When set, the sidecar authenticates with a projected service-account
+    /// token (the control plane's `workload_auth`) instead of the node token:
+    /// the pod gets a `serviceAccountToken` volume, and no node-token Secret
+    /// is mounted.
+    #[serde(default)]
+    pub service_account_token: Option<ProjectedTokenConfig>,
+}
+
+/// The projected service-account token injected sidecars present.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectedTokenConfig {
+    /// The audience the kubelet requests the token for (default `custody`;
+    /// the control plane's `workload_auth.audience`).
+    #[serde(default = "default_token_audience")]
+    pub audience: String,
+    /// The token's lifetime; the kubelet renews it at 80 % (default 3600,
+    /// at least 600, as the API server requires).
+    #[serde(default = "default_token_expiration")]
+    pub expiration_seconds: u32,
+}
+
+/// Where the projected token is mounted in the sidecar.
+pub const SERVICE_ACCOUNT_TOKEN_DIR: &str = "/var/run/secrets/custody";
+
+fn default_token_audience() -> String {
+    "custody".into()
+}
+fn default_token_expiration() -> u32 {
+    3600
 }
 
 fn default_pull_policy() -> String {
@@ -184,6 +216,17 @@ impl InjectConfig {
         }
         if !self.init_resources.is_object() {
             return fail("init_resources", "must be a mapping");
+        }
+        if let Some(token) = &self.service_account_token {
+            if token.audience.is_empty() {
+                return fail("service_account_token.audience", "must not be empty");
+            }
+            if token.expiration_seconds < 600 {
+                return fail(
+                    "service_account_token.expiration_seconds",
+                    "at least 600 (the API server's minimum)",
+                );
+            }
         }
         Ok(())
     }
@@ -426,11 +469,21 @@ pub fn patch_for(
             "path": "proxy.yaml",
             "fieldRef": {"fieldPath": format!("metadata.annotations['{CONFIG_ANNOTATION}']")},
         }]}}),
-        json!({"name": "custody-token", "secret": {
-            "secretName": config.token_secret,
-            "items": [{"key": "token", "path": "token"}],
-            "defaultMode": 0o444,
-        }}),
+        match &config.service_account_token {
+            Some(token) => json!({"name": "custody-token", "projected": {
+                "sources": [{"serviceAccountToken": {
+                    "audience": token.audience,
+                    "expirationSeconds": token.expiration_seconds,
+                    "path": "token",
+                }}],
+                "defaultMode": 0o444,
+            }}),
+            None => json!({"name": "custody-token", "secret": {
+                "secretName": config.token_secret,
+                "items": [{"key": "token", "path": "token"}],
+                "defaultMode": 0o444,
+            }}),
+        },
         json!({"name": "custody-state", "emptyDir": {"sizeLimit": "16Mi"}}),
     ];
     let has_volumes = spec
@@ -533,7 +586,10 @@ pub fn proxy_config(
         },
         "inbound": { "upstream": format!("127.0.0.1:{app_port}") },
         "outbound": { "mode": "transparent" },
-        "control_plane": { "token_file": "/var/run/custody/token" },
+        "control_plane": match config.service_account_token {
+            Some(_) => json!({ "service_account_token_file": format!("{SERVICE_ACCOUNT_TOKEN_DIR}/token") }),
+            None => json!({ "token_file": "/var/run/custody/token" }),
+        },
         // The control plane issues the signing key, bound to this workload,
         // and publishes it mesh-wide; it is renewed before it expires.
         "signing": { "register": true },
@@ -605,6 +661,10 @@ fn probe(config: &InjectConfig, path: &str, period: u32, failures: u32) -> Value
 }
 
 fn sidecar_container(config: &InjectConfig) -> Value {
+    let token_dir = match config.service_account_token {
+        Some(_) => SERVICE_ACCOUNT_TOKEN_DIR,
+        None => "/var/run/custody",
+    };
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     json!({
         "name": SIDECAR_NAME,
@@ -635,7 +695,7 @@ fn sidecar_container(config: &InjectConfig) -> Value {
         },
         "volumeMounts": [
             {"name": "custody-config", "mountPath": "/etc/custody", "readOnly": true},
-            {"name": "custody-token", "mountPath": "/var/run/custody", "readOnly": true},
+            {"name": "custody-token", "mountPath": token_dir, "readOnly": true},
             {"name": "custody-state", "mountPath": "/var/lib/custody"},
         ],
     })

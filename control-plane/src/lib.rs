@@ -6,6 +6,7 @@
 //! - [`distribution`]: the policy in force, its versions, and its push.
 //! - [`trust`]: the root key and the signing keys issued to sidecars.
 //! - [`auth`]: bearer tokens for every API.
+//! - [`workload_auth`]: workloads proven by projected service-account tokens.
 //! - [`grpc`]: the `custody.v1` services (Ingest, PolicyDistribution, Trust).
 //! - [`http`]: the investigation and policy API and `/metrics`.
 //! - [`inject`]: sidecar injection, the admission webhook's pure core.
@@ -30,6 +31,7 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod trust;
+pub mod workload_auth;
 
 /// The current Unix time in nanoseconds (0 before 1970).
 pub fn unix_nanos() -> u64 {

@@ -10,6 +10,7 @@
 //! | `custody_policy_push_latency_seconds` | histogram | from a policy commit to a client's acknowledgement |
 //! | `custody_connected_clients` | gauge | `kind`: `proxy`, `agent`, `other` |
 //! | `custody_store_bytes` | gauge | bytes in use in the store |
+//! | `custody_control_auth_refused_total` | counter | `api`: `grpc`, `http`; `reason`: `missing`, `unknown_token`, a workload-token refusal (`malformed`, `disallowed_algorithm`, `unknown_key_id`, `bad_signature`, `expired`, `not_yet_valid`, `wrong_issuer`, `wrong_audience`, `claims`), `role` (authenticated, not allowed there), `workload_mismatch` (a workload token claiming another workload) |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -39,6 +40,15 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// The labels of `custody_control_auth_refused_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthRefusedLabels {
+    /// `grpc` or `http`.
+    pub api: &'static str,
+    /// A bounded reason.
+    pub reason: &'static str,
+}
+
 /// A label set with one label `kind`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -66,6 +76,8 @@ pub struct Metrics {
     pub connected_clients: Family<KindLabel, Gauge>,
     /// Store size.
     pub store_bytes: Gauge,
+    /// Callers refused, by API and reason.
+    pub auth_refused: Family<AuthRefusedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -97,6 +109,7 @@ impl Metrics {
         ]);
         let connected_clients = Family::<KindLabel, Gauge>::default();
         let store_bytes = Gauge::default();
+        let auth_refused = Family::<AuthRefusedLabels, Counter>::default();
         registry.register(
             "custody_chains",
             "Chains assembled, by coverage class",
@@ -133,6 +146,11 @@ impl Metrics {
             "Bytes in use in the store",
             store_bytes.clone(),
         );
+        registry.register(
+            "custody_control_auth_refused",
+            "Callers refused: not authenticated, or not allowed what they asked",
+            auth_refused.clone(),
+        );
         Metrics {
             registry,
             chains,
@@ -143,6 +161,7 @@ impl Metrics {
             policy_push_latency,
             connected_clients,
             store_bytes,
+            auth_refused,
         }
     }
 

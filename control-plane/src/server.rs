@@ -20,10 +20,10 @@ use tokio::task::JoinHandle;
 
 use crate::assembler::{Assembler, Dirty};
 use crate::assembly::ChainSummary;
-use crate::auth::Authenticator;
+use crate::auth::{AuthError, Authenticator, Caller};
 use crate::config::{Config, ConfigError};
 use crate::distribution::PolicyCenter;
-use crate::metrics::Metrics;
+use crate::metrics::{AuthRefusedLabels, Metrics};
 use crate::store::{Retention, SqliteOptions, SqliteStore, Store, StoreError};
 use crate::trust::{Trust, TrustError};
 use crate::{config, unix_nanos};
@@ -66,6 +66,31 @@ impl Shared {
             map.clear();
         }
         map.insert(client, kind);
+    }
+
+    /// The caller presenting `authorization`; a refusal is logged and
+    /// counted under `api` (`grpc` or `http`).
+    pub fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        api: &'static str,
+    ) -> Result<Caller, AuthError> {
+        self.auth.authenticate(authorization).inspect_err(|e| {
+            self.refused(api, e.as_str());
+            if matches!(e, AuthError::Workload(_)) {
+                tracing::warn!(api, reason = e.as_str(), "workload token refused");
+            } else {
+                tracing::debug!(api, reason = e.as_str(), "caller not authenticated");
+            }
+        })
+    }
+
+    /// Counts a refused caller.
+    pub fn refused(&self, api: &'static str, reason: &'static str) {
+        self.metrics
+            .auth_refused
+            .get_or_create(&AuthRefusedLabels { api, reason })
+            .inc();
     }
 
     /// The kind a client subscribed as (`other` if unknown).
@@ -131,6 +156,17 @@ impl Running {
 /// Starts the server.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
     let tokens = config.tokens()?;
+    let workload_auth = match &config.workload_auth {
+        Some(w) => Some(
+            crate::workload_auth::WorkloadVerifier::load(w.clone()).map_err(|e| {
+                ConfigError::Field {
+                    field: "workload_auth.jwks_file".into(),
+                    message: e.to_string(),
+                }
+            })?,
+        ),
+        None => None,
+    };
     let data_dir = config.data_dir.clone();
     let sync_full = config.sync == config::SyncMode::Full;
     let store: Arc<dyn Store> = Arc::new(
@@ -163,7 +199,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let shared = Arc::new(Shared {
         store: store.clone(),
         metrics: metrics.clone(),
-        auth: Authenticator::new(tokens),
+        auth: Authenticator::new(tokens, workload_auth),
         policy,
         trust,
         dirty: dirty.clone(),

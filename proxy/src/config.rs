@@ -476,6 +476,11 @@ pub struct ControlPlaneConfig {
     /// A file holding the bearer token to present (a mounted secret).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// A Kubernetes projected service-account token (audience `custody`),
+    /// presented instead of `token_file` when set. Read again on every call,
+    /// since the kubelet rotates it.
+    #[serde(default)]
+    pub service_account_token_file: Option<PathBuf>,
 }
 
 /// The keys trusted to verify tokens.

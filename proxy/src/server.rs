@@ -138,9 +138,13 @@ impl Sidecar {
             Some(path) => Some(trust::load_seed(path)?),
             None => None,
         };
-        let auth = match &config.control_plane.token_file {
-            Some(path) => ControlPlaneAuth::from_file(path)?,
-            None => ControlPlaneAuth::none(),
+        let auth = match (
+            &config.control_plane.service_account_token_file,
+            &config.control_plane.token_file,
+        ) {
+            (Some(path), _) => ControlPlaneAuth::from_service_account_token_file(path)?,
+            (None, Some(path)) => ControlPlaneAuth::from_file(path)?,
+            (None, None) => ControlPlaneAuth::none(),
         };
         let mut keys = match &config.trust.key_set_file {
             Some(path) => KeySetFile::load(path)?,

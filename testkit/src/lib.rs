@@ -6,7 +6,9 @@
 //! server and removes its directory; [`remove_stale`] removes what a killed
 //! test run left behind. [`fixtures`] holds the "shop" schema with
 //! deterministic fake customers (emails, phone numbers, SSNs, card numbers)
-//! and a large table for result-set tests.
+//! and a large table for result-set tests. [`service_account`] stands in
+//! for a Kubernetes service-account issuer: an RSA or P-256 key made with
+//! `openssl`, its JWKS, and projected service-account tokens signed with it.
 //!
 //! Servers refuse to run as root, so when the tests run as root the servers
 //! run as the system user [`DEFAULT_OS_USER`] (created if missing); otherwise
@@ -27,6 +29,7 @@
 pub mod fixtures;
 mod mariadb;
 mod postgres;
+pub mod service_account;
 mod sys;
 
 use std::net::{IpAddr, Ipv4Addr};

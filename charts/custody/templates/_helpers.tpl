@@ -122,3 +122,12 @@ kept from the existing Secret on upgrade. Returns YAML: crt, key, ca (base64).
 {{- end -}}
 {{- toYaml (index $cache "_generated") -}}
 {{- end }}
+
+{{/* The ConfigMap holding the service-account issuer's JWKS (workloadAuth). */}}
+{{- define "custody.workloadJwksConfigMap" -}}
+{{- if .Values.workloadAuth.existingConfigMap -}}
+{{- .Values.workloadAuth.existingConfigMap -}}
+{{- else -}}
+{{- printf "%s-workload-jwks" (include "custody.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end }}

@@ -37,4 +37,29 @@ fn errors_name_the_field() {
         "retention.interval_secs",
     );
     check(&format!("{GOOD}colour: blue\n"), "colour");
+    // The workload role is proven by a service-account token, never given
+    // to a static one.
+    check(
+        &GOOD.replace("role: admin", "role: workload"),
+        "tokens[0].role",
+    );
+    check(
+        &format!("{GOOD}workload_auth: {{ issuer: \"\", jwks_file: /j }}\n"),
+        "workload_auth.issuer",
+    );
+    check(
+        &format!("{GOOD}workload_auth: {{ issuer: https://k, jwks_file: /j, audiences: [a] }}\n"),
+        "workload_auth.audiences",
+    );
+}
+
+#[test]
+fn workload_auth_defaults_to_the_custody_audience() {
+    let c = Config::parse(&format!(
+        "{GOOD}workload_auth: {{ issuer: \"https://kubernetes.default.svc.cluster.local\", jwks_file: /etc/custody/jwks/jwks.json }}\n"
+    ))
+    .unwrap();
+    let w = c.workload_auth.unwrap();
+    assert_eq!((w.audience.as_str(), w.leeway_secs), ("custody", 60));
+    assert_eq!(w.trust_domain, None);
 }

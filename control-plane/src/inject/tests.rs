@@ -359,3 +359,50 @@ fn configuration_errors_name_the_field() {
     );
     check(&|c| c.resources = json!("lots"), "inject.resources");
 }
+
+#[test]
+fn with_workload_auth_the_sidecar_presents_a_projected_service_account_token() {
+    let mut c = config();
+    c.service_account_token = Some(
+        serde_norway::from_str("{}").unwrap(), // the defaults: audience custody, 3600 s
+    );
+    c.validate().unwrap();
+    let (reviewed, pod) = run(&c, DEPLOYMENT_POD);
+    assert_eq!(reviewed.skipped, None);
+    let volumes = pod["spec"]["volumes"].as_array().unwrap();
+    let token = volumes
+        .iter()
+        .find(|v| v["name"] == "custody-token")
+        .unwrap();
+    assert!(
+        token.get("secret").is_none(),
+        "no node-token Secret: {token}"
+    );
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"],
+        json!({"audience": "custody", "expirationSeconds": 3600, "path": "token"})
+    );
+    let proxy = container(&pod, "initContainers", "custody-proxy");
+    let mount = proxy["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "custody-token")
+        .unwrap();
+    assert_eq!(mount["mountPath"], SERVICE_ACCOUNT_TOKEN_DIR);
+    assert_eq!(mount["readOnly"], true);
+    let annotations = &pod["metadata"]["annotations"];
+    let proxy_config: Value =
+        serde_norway::from_str(annotations[CONFIG_ANNOTATION].as_str().unwrap()).unwrap();
+    assert_eq!(
+        proxy_config["control_plane"],
+        json!({"service_account_token_file": "/var/run/secrets/custody/token"})
+    );
+
+    // The API server refuses tokens shorter than 10 minutes.
+    c.service_account_token = Some(serde_norway::from_str("expiration_seconds: 300").unwrap());
+    assert_eq!(
+        c.validate().unwrap_err().0,
+        "inject.service_account_token.expiration_seconds"
+    );
+}

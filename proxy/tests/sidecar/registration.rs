@@ -1,6 +1,8 @@
 //! Signing keys issued by the real control plane: two sidecars register
 //! their keys, verify each other's tokens through the pushed key set alone,
-//! and keep doing so across a key renewal.
+//! and keep doing so across a key renewal; with workload authentication, a
+//! sidecar's projected service-account token decides which workload it may
+//! register a key for.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -123,6 +125,124 @@ async fn registered_keys_verify_mesh_wide_and_are_renewed() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     drop(front);
+    drop(back);
+    control.shutdown().await;
+}
+
+/// The workload authentication of a Kubernetes mesh: the sidecar presents
+/// its projected service-account token (re-read on every call, as the
+/// kubelet rotates it), and the control plane issues keys only for the
+/// workload the token proves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_token_registers_its_own_workload_and_no_other() {
+    use custody_testkit::service_account::{Issuer, KeyKind, Pod};
+
+    const ISS: &str = "https://kubernetes.default.svc.cluster.local";
+    let issuer = Issuer::new(KeyKind::P256, ISS).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = custody_control::config::Config::parse(&format!(
+        "data_dir: {}\ngrpc_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\n\
+         tokens:\n  - {{ name: nodes, role: node, secret: {NODE_TOKEN} }}\n\
+         trust: {{ signing_key_ttl_secs: 6 }}\n\
+         workload_auth: {{ issuer: \"{ISS}\", jwks_file: \"{}\", audience: custody, trust_domain: {TD} }}\n",
+        dir.path().display(),
+        issuer.jwks_file().display(),
+    ))
+    .unwrap();
+    let control = custody_control::server::start(&config).await.unwrap();
+    let keys_for = |sa: &str| {
+        control
+            .shared
+            .store
+            .signing_keys(0)
+            .unwrap()
+            .into_iter()
+            .filter(|k| k.workload == format!("spiffe://{TD}/ns/test/sa/{sa}"))
+            .collect::<Vec<_>>()
+    };
+    let refused = || {
+        control
+            .shared
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "custody_control_auth_refused_total{api=\"grpc\",reason=\"workload_mismatch\"}",
+                )
+                .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    let token_file = dir.path().join("token");
+    std::fs::write(
+        &token_file,
+        issuer.token(&Pod::new("test", "back", "back-0"), "custody", 3600),
+    )
+    .unwrap();
+    let extra = format!(
+        "control_plane: {{ service_account_token_file: \"{}\" }}\n\
+         policy: {{ control_plane: \"http://{}\" }}\n",
+        token_file.display(),
+        control.grpc_addr
+    );
+    let trust = Trust::new(&["back", "front"]);
+
+    // A sidecar whose token is for another workload does not start: the
+    // refusal names the field.
+    let app = App::ok().await;
+    let mut spec = Spec::new("front", app.addr);
+    spec.extra = &extra;
+    spec.signing = "register: true";
+    let yaml = config_yaml(
+        &spec,
+        &trust,
+        dir.path(),
+        [free_port(), free_port(), free_port()],
+    );
+    let front = custody_proxy::Config::from_yaml(&yaml).unwrap();
+    let error = tokio::task::spawn_blocking(move || custody_proxy::Sidecar::build(front))
+        .await
+        .unwrap()
+        .expect_err("a token for back registers no key for front")
+        .to_string();
+    assert!(error.contains("workload.service_account"), "{error}");
+    assert!(keys_for("front").is_empty());
+    assert_eq!(refused(), 1.0);
+
+    // With its own token it registers and gets a key bound to it.
+    let mut spec = Spec::new("back", app.addr);
+    spec.extra = &extra;
+    spec.signing = "register: true";
+    let back = start(spec, &trust).await;
+    assert_eq!(keys_for("back").len(), 1, "one key issued to back");
+
+    // The file now holds a token for another workload: the next renewal
+    // presents it, and is refused.
+    let replaced = custody_context::unix_now();
+    std::fs::write(
+        &token_file,
+        issuer.token(&Pod::new("test", "other", "other-0"), "custody", 3600),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // Every key back held before the swap has expired: its renewal,
+        // due at two thirds of its lifetime, came after the swap.
+        let now = custody_context::unix_now();
+        let held = keys_for("back");
+        let renewed = held.iter().any(|k| k.not_before_unix > replaced);
+        assert!(!renewed, "a key was issued with the other workload's token");
+        if refused() >= 2.0 && held.iter().all(|k| k.not_after_unix < now) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "renewal with the other workload's token was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(keys_for("other").is_empty());
     drop(back);
     control.shutdown().await;
 }
