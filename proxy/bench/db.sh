@@ -13,7 +13,10 @@
 #                     sidecar    sysbench -> custody-proxy (databases: mysql) -> MariaDB
 #
 # Prints TPS and average latency per run, and both as a ratio of the direct
-# run of the same workload (measured right before it), as a markdown table.
+# run of the same workload (measured right before it), as a markdown table,
+# with the proxy's own CPU per transaction (user + system time of the
+# sidecar or pgbouncer process over the run, divided by the transactions):
+# the figure least disturbed by other load on the machine.
 # A path that cannot be set up or fails prints n/a and the run goes on.
 # Ports: 18110-18119 (sidecar: 18113 PostgreSQL, 18114 MySQL; 18115
 # pgbouncer), checked free first; the databases take free ports.
@@ -141,37 +144,48 @@ fi
 declare -A ADDR=([direct]="$PG_UP" [sidecar]="$SIDECAR_PG" [pgbouncer]="$PGBOUNCER")
 declare -A MYADDR=([direct]="$MY_UP" [sidecar]="$SIDECAR_MY")
 
-row() { # database workload protocol path tps latency direct-tps direct-latency
-    awk -v d="$1" -v w="$2" -v m="$3" -v p="$4" -v t="$5" -v l="$6" -v dt="$7" -v dl="$8" 'BEGIN {
-        if (t == "" || l == "") { printf "| %s | %s | %s | %s | n/a | n/a | n/a | n/a |\n", d, w, m, p; exit }
+row() { # database workload protocol path tps latency direct-tps direct-latency [cpu-ticks transactions]
+    awk -v d="$1" -v w="$2" -v m="$3" -v p="$4" -v t="$5" -v l="$6" -v dt="$7" -v dl="$8" \
+        -v ticks="${9:-}" -v n="${10:-}" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+        if (t == "" || l == "") { printf "| %s | %s | %s | %s | n/a | n/a | n/a | n/a | n/a |\n", d, w, m, p; exit }
         rt = (dt > 0) ? sprintf("%.3f", t / dt) : "n/a"
         rl = (dl > 0) ? sprintf("%.3f", l / dl) : "n/a"
-        printf "| %s | %s | %s | %s | %.0f | %.3f | %s | %s |\n", d, w, m, p, t, l, rt, rl
+        cpu = (ticks != "" && n > 0) ? sprintf("%.1f", ticks / hz / n * 1e6) : ""
+        printf "| %s | %s | %s | %s | %.0f | %.3f | %s | %s | %s |\n", d, w, m, p, t, l, rt, rl, cpu
     }'
 }
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+declare -A PROC=([sidecar]="$sidecar")
+if [[ -n "${AVAILABLE[pgbouncer]:-}" ]]; then PROC[pgbouncer]=$(pgrep -n -f "pgbouncer $pgb/pgbouncer.ini" || true); fi
 
-echo "| database | workload | protocol | path | TPS | avg latency (ms) | TPS vs direct | latency vs direct |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| database | workload | protocol | path | TPS | avg latency (ms) | TPS vs direct | latency vs direct | proxy CPU per transaction (µs) |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 for workload in select-only tpcb-like; do
     flags=()
     [[ $workload == select-only ]] && flags=(-S)
     for mode in simple prepared; do
         dt= dl=
         for path in direct sidecar pgbouncer; do
-            tps= lat=
+            tps= lat= used= done=
             if [[ -n "${AVAILABLE[$path]:-}" ]]; then
                 a="${ADDR[$path]}"
                 out="$work/pg-$workload-$mode-$path.log"
+                proc="${PROC[$path]:-}"
+                [[ -n $proc ]] && t0=$(ticks "$proc")
                 if pgbench -h "${a%:*}" -p "${a#*:}" -U "$PG_USER" "${flags[@]}" -M "$mode" \
                     -c "$clients" -j 2 -T "$secs" "$PG_NAME" > "$out" 2>&1; then
                     tps=$(awk '/^tps = / { print $3; exit }' "$out")
                     lat=$(awk '/^latency average = / { print $4; exit }' "$out")
+                    if [[ -n $proc ]]; then
+                        used=$(( $(ticks "$proc") - t0 ))
+                        done=$(awk -F': ' '/number of transactions actually processed/ { split($2, a, "/"); print a[1]; exit }' "$out")
+                    fi
                 else
                     note "pgbench $workload $mode via $path failed: $(tail -n 1 "$out")"
                 fi
             fi
             [[ $path == direct ]] && { dt=$tps; dl=$lat; }
-            row PostgreSQL "pgbench $workload" "$mode" "$path" "$tps" "$lat" "$dt" "$dl"
+            row PostgreSQL "pgbench $workload" "$mode" "$path" "$tps" "$lat" "$dt" "$dl" "$used" "$done"
         done
     done
 done
@@ -180,20 +194,25 @@ for mode in text prepared; do
     [[ $mode == prepared ]] && ps=auto
     dt= dl=
     for path in direct sidecar; do
-        tps= lat=
+        tps= lat= used= done=
         if [[ -n "${AVAILABLE[$path]:-}" ]]; then
             a="${MYADDR[$path]}"
             out="$work/my-$mode-$path.log"
+            [[ $path == sidecar ]] && t0=$(ticks "$sidecar")
             if sysbench oltp_point_select "${sysbench_args[@]}" --mysql-host="${a%:*}" --mysql-port="${a#*:}" \
                 --db-ps-mode="$ps" --threads="$clients" --time="$secs" --report-interval=0 run > "$out" 2>&1; then
                 tps=$(awk '/transactions:/ { gsub(/\(/, "", $3); print $3; exit }' "$out")
                 lat=$(awk '$1 == "avg:" { print $2; exit }' "$out")
+                if [[ $path == sidecar ]]; then
+                    used=$(( $(ticks "$sidecar") - t0 ))
+                    done=$(awk '/transactions:/ { print $2; exit }' "$out")
+                fi
             else
                 note "sysbench $mode via $path failed: $(tail -n 1 "$out")"
             fi
         fi
         [[ $path == direct ]] && { dt=$tps; dl=$lat; }
-        row MariaDB "sysbench oltp_point_select" "$mode" "$path" "$tps" "$lat" "$dt" "$dl"
+        row MariaDB "sysbench oltp_point_select" "$mode" "$path" "$tps" "$lat" "$dt" "$dl" "$used" "$done"
     done
 done
 echo

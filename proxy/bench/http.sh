@@ -3,6 +3,9 @@
 #
 #   direct       wrk -> backend
 #   bare         wrk -> bare pingora (no Custody logic) -> backend
+#   bare+mint    wrk -> bare pingora minting and signing one Txn-Token per
+#                request, nothing else (the floor of a proxy that starts a
+#                signed chain per request) -> backend
 #   one sidecar  wrk -> server sidecar (inbound: mints a chain per request) -> backend
 #   two sidecars wrk -> client sidecar (outbound: mints, egress policy) -> server sidecar
 #                (inbound: verifies) -> backend
@@ -23,7 +26,7 @@ trap cleanup EXIT
 
 cargo build --release --quiet -p custody-proxy --bin custody-proxy --example bench_backend --example bare_pingora
 bin=target/release
-BACKEND=127.0.0.1:18081 BARE=127.0.0.1:18082
+BACKEND=127.0.0.1:18081 BARE=127.0.0.1:18082 MINT=127.0.0.1:18083
 
 sidecar() { # name inbound outbound admin upstreams-yaml
     cat > "$work/$1.yaml" <<YAML
@@ -48,6 +51,7 @@ sidecar client 127.0.0.1:18020 127.0.0.1:18021 127.0.0.1:18022 '"svc": "127.0.0.
 # Learn each sidecar's public key from its admin /keys, then trust both.
 "$bin/examples/bench_backend" "$BACKEND" & pids+=($!)
 "$bin/examples/bare_pingora" "$BARE" "$BACKEND" >/dev/null 2>&1 & pids+=($!)
+"$bin/examples/bare_pingora" "$MINT" "$BACKEND" mint >/dev/null 2>&1 & pids+=($!)
 start_sidecar() { RUST_LOG=warn "$bin/custody-proxy" --config "$work/$1.yaml" >/dev/null 2>&1 & echo $!; }
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 spid=$(start_sidecar server); cpid=$(start_sidecar client); pids+=("$spid" "$cpid")
@@ -62,7 +66,7 @@ json.dump({"keys": keys}, open(f"{work}/keys.json", "w"))
 PY
 kill "$spid" "$cpid"; wait "$spid" "$cpid" 2>/dev/null || true
 spid=$(start_sidecar server); cpid=$(start_sidecar client); pids+=("$spid" "$cpid")
-for p in $BACKEND $BARE 127.0.0.1:18010 127.0.0.1:18021; do wait_port "$p"; done
+for p in $BACKEND $BARE $MINT 127.0.0.1:18010 127.0.0.1:18021; do wait_port "$p"; done
 
 cat > "$work/paced.lua" <<'LUA'
 function delay() return 10 end
@@ -71,6 +75,7 @@ LUA
 declare -A URL HDR
 URL[direct]="http://$BACKEND/"; HDR[direct]="x-custody-user: bench"
 URL[bare]="http://$BARE/"; HDR[bare]="x-custody-user: bench"
+URL[bare+mint]="http://$MINT/"; HDR[bare+mint]="x-custody-user: bench"
 URL[one]="http://127.0.0.1:18010/"; HDR[one]="x-custody-user: bench"
 URL[two]="http://127.0.0.1:18021/"; HDR[two]="Host: svc"
 
@@ -84,7 +89,7 @@ to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us/, "", v); print v/1000
 echo "| scenario | rate (req/s) | p50 (ms) | p99 (ms) | max throughput (req/s) |"
 echo "| --- | --- | --- | --- | --- |"
 declare -A P50 P99 MAX
-for s in direct bare one two; do
+for s in direct bare bare+mint one two; do
     wrk -t1 -c10 -d"${secs}s" --latency -s "$work/paced.lua" -H "${HDR[$s]}" "${URL[$s]}" > "$work/$s.paced"
     wrk -t2 -c64 -d"${secs}s" -H "${HDR[$s]}" "${URL[$s]}" > "$work/$s.max"
     P50[$s]=$(to_ms "$(field 50% "$work/$s.paced")")
@@ -94,7 +99,9 @@ for s in direct bare one two; do
 done
 echo
 awk -v a="${P50[two]}" -v b="${P99[two]}" -v c="${P50[direct]}" -v d="${P99[direct]}" -v t="${MAX[two]}" -v f="${MAX[bare]}" \
-    'BEGIN { printf "two sidecars add p50 %.3f ms, p99 %.3f ms; throughput %.2f x bare pingora\n", a-c, b-d, t/f }'
+    -v o="${MAX[one]}" -v m="${MAX[bare+mint]}" \
+    'BEGIN { printf "two sidecars add p50 %.3f ms, p99 %.3f ms; throughput %.2f x bare pingora\n", a-c, b-d, t/f;
+             printf "one sidecar: %.2f x bare pingora, %.2f x bare pingora minting a token per request\n", o/f, o/m }'
 
 # Resources at ~2,000 req/s through both sidecars (20 connections, 10 ms pauses).
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
