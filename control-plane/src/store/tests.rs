@@ -538,3 +538,61 @@ fn concurrent_batches_are_each_answered_for_their_own_hops() {
     pending.sort();
     assert_eq!(pending.len(), 4 * 20 * 50);
 }
+
+#[test]
+fn sqlite_the_fact_index_by_chain_of_the_earlier_layout_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let hops = [hop("a", C1, "1111111111111111", "", 100)];
+    {
+        let store = open(dir.path());
+        store.put_hops(&hops).unwrap();
+        store.put_chains(&assemble(&hops, &[]), &[], &[]).unwrap();
+    }
+    let indexes = || -> i64 {
+        rusqlite::Connection::open(dir.path().join("custody.db"))
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'chain_facts_chain'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    rusqlite::Connection::open(dir.path().join("custody.db"))
+        .unwrap()
+        .execute_batch("CREATE INDEX chain_facts_chain ON chain_facts (chain_id);")
+        .unwrap();
+    assert_eq!(indexes(), 1);
+    let store = open(dir.path());
+    assert_eq!(indexes(), 0);
+    // The chain's facts still work and are still replaced.
+    let ids = |q: ChainQuery| -> Vec<String> {
+        store
+            .chains(&q)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.chain_id)
+            .collect()
+    };
+    let by_alice = ChainQuery {
+        initiator: Some("alice".into()),
+        ..ChainQuery::default()
+    };
+    assert_eq!(ids(by_alice.clone()), vec![C1]);
+    let mut later = hops[0].clone();
+    later.event_id = "b".into();
+    later.span_id = "2222222222222222".into();
+    later.parent_span_id = "1111111111111111".into();
+    later.start_unix_nanos = 500;
+    let both = [hops[0].clone(), later];
+    store.put_hops(&both).unwrap();
+    store.put_chains(&assemble(&both, &[]), &[], &[]).unwrap();
+    // Found through facts that carry the chain's new time.
+    assert_eq!(
+        ids(ChainQuery {
+            since: Some(505),
+            ..by_alice
+        }),
+        vec![C1]
+    );
+}
