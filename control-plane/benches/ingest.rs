@@ -15,8 +15,11 @@
 //! of them, at most 1,000,000) are sent over gRPC in batches of 1,000 hops
 //! from 4 concurrent clients and timed, `sync: full`
 //! (`CUSTODY_BENCH_SYNC=normal` to compare). Prints ingest-only and
-//! ingest-with-assembly rates, then p50/p99 of `GET /v1/chains/{id}` and of
-//! a filtered `GET /v1/chains` over every stored chain.
+//! ingest-with-assembly rates, the process CPU time (user + system, the
+//! benchmark's clients included) per hop over that timed part, then p50/p99
+//! of `GET /v1/chains/{id}` and of a filtered `GET /v1/chains` over every
+//! stored chain. CPU per hop is the figure to compare on a shared machine:
+//! hops/s follow whatever CPU the process gets.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)] // a benchmark's report; failures abort it
 
@@ -124,6 +127,18 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
+/// This process's CPU time so far (user + system), from `/proc/self/stat`
+/// (clock ticks of 10 ms, the Linux default `CLK_TCK` of 100).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (which may hold spaces): state is the
+    // first, utime the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -212,6 +227,7 @@ fn main() {
         let chains_per_batch = BATCH / HOPS_PER_CHAIN;
         let batches = (chains - preload_chains).div_ceil(chains_per_batch);
         let started = Instant::now();
+        let cpu_started = process_cpu();
         let mut tasks = Vec::new();
         for c in 0..CLIENTS {
             let addr = server.grpc_addr;
@@ -245,6 +261,7 @@ fn main() {
         let ingested = started.elapsed();
         wait_assembled(&server, 0).await;
         let assembled = started.elapsed();
+        let cpu = process_cpu() - cpu_started;
         let total = (chains - preload_chains) * HOPS_PER_CHAIN;
         println!(
             "stored hops: {} ({chains} chains), {total} of them over gRPC",
@@ -259,6 +276,12 @@ fn main() {
             "ingest with assembly (all chains assembled): {:.1} s, {:.0} hops/s",
             assembled.as_secs_f64(),
             total as f64 / assembled.as_secs_f64()
+        );
+        println!(
+            "process CPU during ingest with assembly (user+sys, clients included): {:.1} s, {:.1} us per hop, {:.2} cores",
+            cpu.as_secs_f64(),
+            cpu.as_secs_f64() * 1e6 / total as f64,
+            cpu.as_secs_f64() / assembled.as_secs_f64()
         );
         let size = { server.shared.store.size_bytes().unwrap() };
         println!("store size: {:.1} MiB", size as f64 / (1 << 20) as f64);

@@ -16,6 +16,13 @@
 //! The dirty set is mirrored durably by the store's pending chains (written
 //! with the hops, cleared with the trees), so a restart resumes assembly of
 //! everything acknowledged before a crash.
+//!
+//! Ingest hands the hops it just stored to the dirty set as well (up to
+//! [`MAX_HANDED_HOPS`] waiting at a time), so the assembler does not read
+//! them back: when the store holds exactly as many hops of a chain as were
+//! handed over (one index count), the handed hops are the whole chain;
+//! otherwise (hops stored before, or a restart) the chain is read from the
+//! store.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -34,39 +41,75 @@ pub const BATCH: usize = 2_000;
 pub const MAX_WINDOW_NANOS: u64 = 600_000_000_000;
 /// Slack around a chain's interval when looking for neighbours.
 pub const SLACK_NANOS: u64 = 1_000_000_000;
+/// Stored hops kept in memory for the assembler at most; beyond that,
+/// chains are marked without their hops and read back from the store.
+pub const MAX_HANDED_HOPS: usize = 200_000;
 
-/// Chain ids waiting for assembly.
+/// Chain ids waiting for assembly, with the hops ingest stored for them
+/// since they were last taken.
 #[derive(Debug, Default)]
 pub struct Dirty {
-    ids: Mutex<BTreeSet<String>>,
+    inner: Mutex<DirtyInner>,
     notify: Notify,
 }
 
+#[derive(Debug, Default)]
+struct DirtyInner {
+    ids: BTreeSet<String>,
+    hops: HashMap<String, Vec<HopEvent>>,
+    handed: usize,
+}
+
 impl Dirty {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DirtyInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Marks chains dirty.
     pub fn mark(&self, ids: impl IntoIterator<Item = String>) {
-        let mut set = self
-            .ids
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        set.extend(ids);
-        drop(set);
+        let mut inner = self.lock();
+        inner.ids.extend(ids);
+        drop(inner);
         self.notify.notify_one();
     }
 
-    fn take(&self, max: usize) -> Vec<String> {
-        let mut set = self
-            .ids
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut out = Vec::new();
-        while out.len() < max {
-            match set.pop_first() {
-                Some(id) => out.push(id),
+    /// Marks the chains of hops just stored (each stored for the first
+    /// time) dirty, and keeps the hops for the assembler while there is room.
+    pub fn mark_stored(&self, hops: Vec<HopEvent>) {
+        let mut inner = self.lock();
+        let room = inner.handed + hops.len() <= MAX_HANDED_HOPS;
+        for h in hops {
+            if !inner.ids.contains(&h.chain_id) {
+                inner.ids.insert(h.chain_id.clone());
+            }
+            if room {
+                inner.handed += 1;
+                inner.hops.entry(h.chain_id.clone()).or_default().push(h);
+            }
+        }
+        drop(inner);
+        self.notify.notify_one();
+    }
+
+    fn take(&self, max: usize) -> (Vec<String>, HashMap<String, Vec<HopEvent>>) {
+        let mut inner = self.lock();
+        let mut ids = Vec::new();
+        let mut hops = HashMap::new();
+        while ids.len() < max {
+            match inner.ids.pop_first() {
+                Some(id) => {
+                    if let Some(h) = inner.hops.remove(&id) {
+                        inner.handed -= h.len();
+                        hops.insert(id.clone(), h);
+                    }
+                    ids.push(id);
+                }
                 None => break,
             }
         }
-        out
+        (ids, hops)
     }
 
     /// Waits until something is marked.
@@ -76,10 +119,7 @@ impl Dirty {
 
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
-        self.ids
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_empty()
+        self.lock().ids.is_empty()
     }
 }
 
@@ -120,11 +160,11 @@ impl Assembler {
 
     /// One pass over at most [`BATCH`] dirty chains; returns how many were taken.
     pub fn pass(&self) -> Result<usize, StoreError> {
-        let ids = self.dirty.take(BATCH);
+        let (ids, handed) = self.dirty.take(BATCH);
         if ids.is_empty() {
             return Ok(0);
         }
-        match self.assemble(&ids) {
+        match self.assemble(&ids, handed) {
             Ok(()) => Ok(ids.len()),
             Err(e) => {
                 // Still pending in the store; try again on the next pass.
@@ -134,11 +174,27 @@ impl Assembler {
         }
     }
 
-    fn assemble(&self, ids: &[String]) -> Result<(), StoreError> {
+    fn assemble(
+        &self,
+        ids: &[String],
+        mut handed: HashMap<String, Vec<HopEvent>>,
+    ) -> Result<(), StoreError> {
         let dirty: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
         // The generations first: hops stored after this read keep their chain pending.
         let generations = self.store.pending_generations(ids)?;
-        let mut hops = self.store.hops_of_chains(ids)?;
+        // Handed hops are the whole chain when the store holds no other
+        // (handed hops are stored, each once, so equal counts mean equal sets).
+        let (with_hops, mut read): (Vec<String>, Vec<String>) =
+            ids.iter().cloned().partition(|id| handed.contains_key(id));
+        let counts = self.store.chain_hop_counts(&with_hops)?;
+        let mut hops = Vec::new();
+        for (id, count) in with_hops.into_iter().zip(counts) {
+            match handed.remove(&id) {
+                Some(h) if h.len() as u64 == count => hops.extend(h),
+                _ => read.push(id),
+            }
+        }
+        hops.extend(self.store.hops_of_chains(&read)?);
         let mut loaded: BTreeSet<String> = ids.iter().cloned().collect();
         let mut searched: BTreeSet<String> = BTreeSet::new();
         let mut flows = Vec::new();

@@ -187,7 +187,13 @@ impl Ingest for IngestService {
             .metrics
             .ingest_duplicates
             .inc_by(u64::from(outcome.duplicates));
-        shared.dirty.mark(outcome.chains);
+        // The assembler gets the new hops in memory rather than reading them back.
+        let stored: Vec<v1::HopEvent> = valid
+            .into_iter()
+            .zip(&outcome.fresh)
+            .filter_map(|(h, fresh)| fresh.then_some(h))
+            .collect();
+        shared.dirty.mark_stored(stored);
         Ok(Response::new(BatchAck {
             accepted: outcome.accepted,
             duplicates: outcome.duplicates,

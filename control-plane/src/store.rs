@@ -36,6 +36,9 @@ pub enum StoreError {
     /// A stored value is out of range.
     #[error("stored value out of range: {0}")]
     Range(&'static str),
+    /// The transaction that also held this write failed (group commit).
+    #[error("group commit failed: {0}")]
+    Group(String),
 }
 
 /// What a batch write did.
@@ -186,6 +189,17 @@ pub trait Store: Send + Sync {
     fn put_flows(&self, flows: &[FlowEvent]) -> Result<PutOutcome, StoreError>;
     /// Every hop reported under these chain ids.
     fn hops_of_chains(&self, chain_ids: &[String]) -> Result<Vec<HopEvent>, StoreError>;
+    /// How many hops are stored under each of these chain ids, in order.
+    /// The default reads the hops; a backend may count an index instead.
+    fn chain_hop_counts(&self, chain_ids: &[String]) -> Result<Vec<u64>, StoreError> {
+        chain_ids
+            .iter()
+            .map(|id| {
+                self.hops_of_chains(std::slice::from_ref(id))
+                    .map(|h| h.len() as u64)
+            })
+            .collect()
+    }
     /// Hops with identity context of these workloads that started in
     /// `[earliest, latest]` and ended at or after `ended_by` (Unix
     /// nanoseconds): the candidate parents of contextless hops.

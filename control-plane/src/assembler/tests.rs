@@ -60,7 +60,21 @@ impl Fixture {
         )
     }
 
+    /// Stores and hands the new hops to the assembler, as gRPC ingest does.
     fn ingest(&self, assembler: &Assembler, hops: &[HopEvent]) {
+        let out = self.store.put_hops(hops).unwrap();
+        let fresh = hops
+            .iter()
+            .zip(&out.fresh)
+            .filter(|(_, f)| **f)
+            .map(|(h, _)| h.clone())
+            .collect();
+        self.dirty.mark_stored(fresh);
+        while assembler.pass().unwrap() > 0 {}
+    }
+
+    /// Stores and marks the chains only, as after a restart.
+    fn ingest_unhanded(&self, assembler: &Assembler, hops: &[HopEvent]) {
         let out = self.store.put_hops(hops).unwrap();
         self.dirty.mark(out.chains);
         while assembler.pass().unwrap() > 0 {}
@@ -128,4 +142,49 @@ fn a_chain_counts_once_per_class_it_enters() {
     assert_eq!(f.counted(Coverage::Propagated), 2);
     assert_eq!(f.counted(Coverage::Partial), 1);
     assert_eq!(f.store.chain(CHAIN).unwrap().unwrap().hops.len(), 7);
+}
+
+#[test]
+fn handed_hops_are_completed_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&SqliteOptions {
+        data_dir: dir.path().to_path_buf(),
+        sync_full: false,
+    })
+    .unwrap();
+    let f = Fixture {
+        store: Arc::new(store),
+        metrics: Arc::new(Metrics::new()),
+        dirty: Arc::new(Dirty::default()),
+    };
+    let assembler = f.assembler();
+    // Stored but not handed over (as before a restart), then one hop handed.
+    let a = hop("a", "1111111111111111", "", 100);
+    f.store.put_hops(std::slice::from_ref(&a)).unwrap();
+    f.ingest(
+        &assembler,
+        &[hop("b", "2222222222222222", "1111111111111111", 200)],
+    );
+    let tree = f.store.chain(CHAIN).unwrap().unwrap();
+    assert_eq!(tree.hops.len(), 2, "the stored hop is read back");
+    assert_eq!(tree.summary.hop_count, 2);
+    // Only handed hops: the tree is the same as from the store.
+    f.ingest(
+        &assembler,
+        &[hop("c", "3333333333333333", "2222222222222222", 300)],
+    );
+    f.ingest_unhanded(
+        &assembler,
+        &[hop("d", "4444444444444444", "3333333333333333", 400)],
+    );
+    let tree = f.store.chain(CHAIN).unwrap().unwrap();
+    assert_eq!(tree.hops.len(), 4);
+    assert!(f.store.pending_chains(10).unwrap().is_empty());
+    assert!(f.dirty.is_empty());
+    // A duplicate is not handed over a second time.
+    f.ingest(
+        &assembler,
+        &[hop("d", "4444444444444444", "3333333333333333", 400)],
+    );
+    assert_eq!(f.store.chain(CHAIN).unwrap().unwrap().hops.len(), 4);
 }

@@ -1,6 +1,12 @@
 //! The embedded store: SQLite in WAL mode, one writer connection and one
 //! reader connection, events kept as protobuf blobs next to the columns the
 //! queries filter on, chain facts in one indexed table.
+//!
+//! Hop batches are group-committed: each caller encodes its rows, queues
+//! them, and waits for the writer; whoever takes the writer writes every
+//! queued batch in one transaction (one WAL sync) and hands each caller its
+//! outcome after the commit, so every caller still returns only once its
+//! batch is durable.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -65,7 +71,6 @@ CREATE TABLE IF NOT EXISTS chain_facts (
     chain_id TEXT NOT NULL,
     PRIMARY KEY (kind, value, last_ns, chain_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS chain_facts_chain ON chain_facts (chain_id);
 CREATE TABLE IF NOT EXISTS policy_current (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     version INTEGER NOT NULL,
@@ -120,6 +125,49 @@ pub struct SqliteStore {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
     path: PathBuf,
+    hop_queue: Mutex<HopQueue>,
+}
+
+/// Hop batches waiting for the writer, and outcomes of batches another
+/// caller committed.
+#[derive(Default)]
+struct HopQueue {
+    next: u64,
+    waiting: Vec<(u64, Vec<HopRow>)>,
+    done: HashMap<u64, Result<PutOutcome, String>>,
+}
+
+/// One hop, encoded for its row.
+struct HopRow {
+    event_id: String,
+    chain_id: String,
+    workload: String,
+    start: i64,
+    end: i64,
+    context: bool,
+    conn: String,
+    body: Vec<u8>,
+}
+
+impl HopRow {
+    fn of(hop: &HopEvent) -> Self {
+        let mut workload = String::with_capacity(96);
+        write_workload_uri(&mut workload, hop.workload.as_ref());
+        HopRow {
+            event_id: hop.event_id.clone(),
+            chain_id: hop.chain_id.clone(),
+            workload,
+            start: i64_of(hop.start_unix_nanos),
+            end: i64_of(hop.start_unix_nanos.saturating_add(hop.duration_nanos)),
+            context: has_context(hop),
+            conn: hop
+                .connection
+                .as_ref()
+                .map(connection_key)
+                .unwrap_or_default(),
+            body: hop.encode_to_vec(),
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -138,7 +186,7 @@ fn u64_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -179,6 +227,7 @@ impl SqliteStore {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
             path,
+            hop_queue: Mutex::new(HopQueue::default()),
         })
     }
 
@@ -192,7 +241,8 @@ impl SqliteStore {
 /// their whole tree as JSON (now only its shape; the nodes are rebuilt from
 /// the stored hops) and facts had no time, so those tables are dropped and
 /// every chain is queued for assembly again; one parent-search index was
-/// wider.
+/// wider; facts had an index by chain id (a chain's facts are now found
+/// from its stored summary, see [`delete_facts`]).
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let old_chains: i64 = conn.query_row(
         "SELECT (SELECT count(*) FROM pragma_table_info('chains') WHERE name = 'tree')
@@ -215,7 +265,10 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
              COMMIT;",
         )?;
     }
-    conn.execute_batch("DROP INDEX IF EXISTS hops_workload_time;")?;
+    conn.execute_batch(
+        "DROP INDEX IF EXISTS hops_workload_time;
+         DROP INDEX IF EXISTS chain_facts_chain;",
+    )?;
     Ok(())
 }
 
@@ -250,8 +303,10 @@ fn decode_hops(rows: Vec<Vec<u8>>) -> Result<Vec<HopEvent>, StoreError> {
         .collect()
 }
 
-fn facts(tree: &ChainTree) -> BTreeSet<(&'static str, String)> {
-    let s = &tree.summary;
+/// The facts a chain is found by. They are derived from its summary alone,
+/// so the facts of a stored chain are recomputed from its stored summary
+/// to delete them: the fact table needs no second index by chain id.
+fn facts(s: &ChainSummary) -> BTreeSet<(&'static str, String)> {
     let mut out = BTreeSet::new();
     if let Some(i) = &s.initiator {
         out.insert(("principal", i.subject.clone()));
@@ -286,61 +341,51 @@ fn facts(tree: &ChainTree) -> BTreeSet<(&'static str, String)> {
 
 impl Store for SqliteStore {
     fn put_hops(&self, hops: &[HopEvent]) -> Result<PutOutcome, StoreError> {
-        let mut out = PutOutcome {
-            fresh: Vec::with_capacity(hops.len()),
-            ..PutOutcome::default()
+        // Encoded before queueing: callers do this in parallel.
+        let rows: Vec<HopRow> = hops.iter().map(HopRow::of).collect();
+        let ticket = {
+            let mut q = lock(&self.hop_queue);
+            q.next += 1;
+            let ticket = q.next;
+            q.waiting.push((ticket, rows));
+            ticket
         };
-        let mut chains: BTreeSet<&str> = BTreeSet::new();
-        // One buffer for every encoded body and workload URI of the batch.
-        let mut body = Vec::with_capacity(1024);
-        let mut workload = String::with_capacity(128);
         let mut conn = lock(&self.writer);
-        let tx = conn.transaction()?;
-        {
-            let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO hops (event_id, chain_id, workload, start_ns, end_ns, context, conn, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?;
-            for hop in hops {
-                let end = hop.start_unix_nanos.saturating_add(hop.duration_nanos);
-                body.clear();
-                hop.encode(&mut body)
-                    .map_err(|_| StoreError::Range("hop body"))?;
-                workload.clear();
-                write_workload_uri(&mut workload, hop.workload.as_ref());
-                let n = stmt.execute(params![
-                    hop.event_id,
-                    hop.chain_id,
-                    workload,
-                    i64_of(hop.start_unix_nanos),
-                    i64_of(end),
-                    has_context(hop),
-                    hop.connection
-                        .as_ref()
-                        .map(connection_key)
-                        .unwrap_or_default(),
-                    body,
-                ])?;
-                out.fresh.push(n == 1);
-                if n == 1 {
-                    out.accepted += 1;
-                    chains.insert(hop.chain_id.as_str());
-                } else {
-                    out.duplicates += 1;
+        // Outcomes are published before the writer is released, so a batch
+        // another caller wrote is found here.
+        let group = {
+            let mut q = lock(&self.hop_queue);
+            if let Some(done) = q.done.remove(&ticket) {
+                return done.map_err(StoreError::Group);
+            }
+            std::mem::take(&mut q.waiting)
+        };
+        let written = write_hop_batches(&mut conn, &group);
+        let mut q = lock(&self.hop_queue);
+        let mut mine = None;
+        match written {
+            Ok(outcomes) => {
+                for ((t, _), out) in group.iter().zip(outcomes) {
+                    if *t == ticket {
+                        mine = Some(Ok(out));
+                    } else {
+                        q.done.insert(*t, Ok(out));
+                    }
                 }
             }
-            let mut pending = tx.prepare_cached(
-                "INSERT INTO pending (chain_id, generation) VALUES (?1, 1)
-                     ON CONFLICT (chain_id) DO UPDATE SET generation = generation + 1",
-            )?;
-            for c in &chains {
-                pending.execute([c])?;
+            Err(e) => {
+                let message = e.to_string();
+                for (t, _) in &group {
+                    if *t != ticket {
+                        q.done.insert(*t, Err(message.clone()));
+                    }
+                }
+                mine = Some(Err(e));
             }
         }
-        tx.commit()?;
+        drop(q);
         drop(conn);
-        out.chains = chains.into_iter().map(str::to_owned).collect();
-        Ok(out)
+        mine.unwrap_or_else(|| Err(StoreError::Group("batch not in its group".into())))
     }
 
     fn put_flows(&self, flows: &[FlowEvent]) -> Result<PutOutcome, StoreError> {
@@ -386,6 +431,16 @@ impl Store for SqliteStore {
             }
         }
         Ok(out)
+    }
+
+    fn chain_hop_counts(&self, chain_ids: &[String]) -> Result<Vec<u64>, StoreError> {
+        let conn = lock(&self.reader);
+        // Answered from the chain index alone.
+        let mut stmt = conn.prepare_cached("SELECT count(*) FROM hops WHERE chain_id = ?1")?;
+        chain_ids
+            .iter()
+            .map(|id| Ok(u64_of(stmt.query_row([id], |r| r.get::<_, i64>(0))?)))
+            .collect()
     }
 
     fn hops_in_window(
@@ -522,13 +577,17 @@ impl Store for SqliteStore {
             for (id, generation) in assembled {
                 done.execute(params![id, i64_of(*generation)])?;
             }
+            drop(done);
+            let mut old = tx.prepare_cached(
+                "SELECT coverage, last_ns, summary FROM chains WHERE chain_id = ?1",
+            )?;
             let mut del_chain = tx.prepare_cached("DELETE FROM chains WHERE chain_id = ?1")?;
-            let mut del_facts = tx.prepare_cached("DELETE FROM chain_facts WHERE chain_id = ?1")?;
             for id in superseded {
-                del_chain.execute([id])?;
-                del_facts.execute([id])?;
+                if let Some(stored) = stored_chain(&mut old, id)? {
+                    delete_facts(&tx, id, &stored)?;
+                    del_chain.execute([id])?;
+                }
             }
-            let mut old = tx.prepare_cached("SELECT coverage FROM chains WHERE chain_id = ?1")?;
             let mut put = tx.prepare_cached(
                 "INSERT OR REPLACE INTO chains (chain_id, coverage, first_ns, last_ns, summary, shape)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -538,13 +597,9 @@ impl Store for SqliteStore {
             )?;
             for (tree, (summary, shape)) in trees.iter().zip(&rows) {
                 let s = &tree.summary;
-                let previous = old
-                    .query_row([&s.chain_id], |r| r.get::<_, String>(0))
-                    .optional()?;
-                if previous.is_some() {
-                    del_facts.execute([&s.chain_id])?;
-                }
-                before.push(previous.as_deref().and_then(Coverage::parse));
+                let new_facts = facts(s);
+                let previous = stored_chain(&mut old, &s.chain_id)?;
+                before.push(previous.as_ref().and_then(|p| Coverage::parse(&p.coverage)));
                 put.execute(params![
                     s.chain_id,
                     s.coverage.as_str(),
@@ -553,7 +608,17 @@ impl Store for SqliteStore {
                     summary,
                     shape,
                 ])?;
-                for (kind, value) in facts(tree) {
+                if let Some(p) = &previous {
+                    // Re-assembly that changed neither the facts nor the
+                    // chain's time leaves the fact rows as they are.
+                    if p.last_ns == s.last_unix_nanos
+                        && p.facts.as_ref().is_some_and(|f| *f == new_facts)
+                    {
+                        continue;
+                    }
+                    delete_facts(&tx, &s.chain_id, p)?;
+                }
+                for (kind, value) in &new_facts {
                     fact.execute(params![kind, value, i64_of(s.last_unix_nanos), s.chain_id])?;
                 }
             }
@@ -610,7 +675,8 @@ impl Store for SqliteStore {
                 (
                     String::from(
                         "SELECT c.summary FROM chain_facts f CROSS JOIN chains c
-                         WHERE f.kind = ? AND f.value = ? AND c.chain_id = f.chain_id",
+                         WHERE f.kind = ? AND f.value = ? AND c.chain_id = f.chain_id
+                         AND c.last_ns = f.last_ns",
                     ),
                     " ORDER BY f.last_ns DESC, f.chain_id LIMIT ?",
                 )
@@ -921,17 +987,160 @@ impl Store for SqliteStore {
     }
 }
 
+/// Writes queued hop batches in one transaction; one outcome per batch, in
+/// order, valid once this returns `Ok` (the transaction is committed).
+fn write_hop_batches(
+    conn: &mut Connection,
+    group: &[(u64, Vec<HopRow>)],
+) -> Result<Vec<PutOutcome>, StoreError> {
+    let mut outcomes = Vec::with_capacity(group.len());
+    let mut chains: BTreeSet<&str> = BTreeSet::new();
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT OR IGNORE INTO hops (event_id, chain_id, workload, start_ns, end_ns, context, conn, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for (_, rows) in group {
+            let mut out = PutOutcome {
+                fresh: Vec::with_capacity(rows.len()),
+                ..PutOutcome::default()
+            };
+            let mut batch_chains: BTreeSet<&str> = BTreeSet::new();
+            for row in rows {
+                let n = stmt.execute(params![
+                    row.event_id,
+                    row.chain_id,
+                    row.workload,
+                    row.start,
+                    row.end,
+                    row.context,
+                    row.conn,
+                    row.body,
+                ])?;
+                out.fresh.push(n == 1);
+                if n == 1 {
+                    out.accepted += 1;
+                    batch_chains.insert(row.chain_id.as_str());
+                } else {
+                    out.duplicates += 1;
+                }
+            }
+            out.chains = batch_chains.iter().map(|c| (*c).to_owned()).collect();
+            chains.extend(batch_chains);
+            outcomes.push(out);
+        }
+        // One generation step per chain and transaction: enough to tell
+        // the assembler that hops arrived since it read the chain.
+        let mut pending = tx.prepare_cached(
+            "INSERT INTO pending (chain_id, generation) VALUES (?1, 1)
+                 ON CONFLICT (chain_id) DO UPDATE SET generation = generation + 1",
+        )?;
+        for c in &chains {
+            pending.execute([c])?;
+        }
+    }
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+/// What a stored chain row says about the chain's fact rows.
+struct StoredChain {
+    coverage: String,
+    last_ns: u64,
+    /// The facts of its stored summary; `None` if the summary no longer
+    /// decodes (its facts are then found by a scan).
+    facts: Option<BTreeSet<(&'static str, String)>>,
+}
+
+fn stored_chain(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    chain_id: &str,
+) -> Result<Option<StoredChain>, StoreError> {
+    let row = stmt
+        .query_row([chain_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })
+        .optional()?;
+    Ok(row.map(|(coverage, last_ns, summary)| StoredChain {
+        coverage,
+        last_ns: u64_of(last_ns),
+        facts: serde_json::from_str::<ChainSummary>(&summary)
+            .ok()
+            .map(|s| facts(&s)),
+    }))
+}
+
+/// Deletes the fact rows of a stored chain, by their primary key.
+fn delete_facts(conn: &Connection, chain_id: &str, stored: &StoredChain) -> Result<(), StoreError> {
+    match &stored.facts {
+        Some(facts) => {
+            let mut del = conn.prepare_cached(
+                "DELETE FROM chain_facts WHERE kind = ?1 AND value = ?2 AND last_ns = ?3 AND chain_id = ?4",
+            )?;
+            for (kind, value) in facts {
+                del.execute(params![kind, value, i64_of(stored.last_ns), chain_id])?;
+            }
+        }
+        None => {
+            conn.execute("DELETE FROM chain_facts WHERE chain_id = ?1", [chain_id])?;
+        }
+    }
+    Ok(())
+}
+
 fn delete_before(writer: &Mutex<Connection>, cutoff: u64) -> Result<RetentionOutcome, StoreError> {
     let cutoff = i64_of(cutoff);
     let mut conn = lock(writer);
     let tx = conn.transaction()?;
     let hops = tx.execute("DELETE FROM hops WHERE start_ns < ?1", [cutoff])?;
     let flows = tx.execute("DELETE FROM flows WHERE at_ns < ?1", [cutoff])?;
-    tx.execute(
-        "DELETE FROM chain_facts WHERE chain_id IN (SELECT chain_id FROM chains WHERE last_ns < ?1)",
-        [cutoff],
-    )?;
-    let chains = tx.execute("DELETE FROM chains WHERE last_ns < ?1", [cutoff])?;
+    // Chains in slices, oldest first, each with its facts.
+    let mut chains = 0;
+    loop {
+        let old: Vec<(String, StoredChain)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT chain_id, coverage, last_ns, summary FROM chains
+                 WHERE last_ns < ?1 ORDER BY last_ns LIMIT 10000",
+            )?;
+            stmt.query_map([cutoff], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })?
+            .map(|row| {
+                row.map(|(id, coverage, last_ns, summary)| {
+                    let facts = serde_json::from_str::<ChainSummary>(&summary)
+                        .ok()
+                        .map(|s| facts(&s));
+                    (
+                        id,
+                        StoredChain {
+                            coverage,
+                            last_ns: u64_of(last_ns),
+                            facts,
+                        },
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?
+        };
+        if old.is_empty() {
+            break;
+        }
+        let mut del_chain = tx.prepare_cached("DELETE FROM chains WHERE chain_id = ?1")?;
+        for (id, stored) in &old {
+            delete_facts(&tx, id, stored)?;
+            chains += del_chain.execute([id])?;
+        }
+    }
     tx.commit()?;
     Ok(RetentionOutcome {
         hops: hops as u64,

@@ -409,3 +409,190 @@ fn sqlite_chains_of_the_earlier_layout_are_assembled_again() {
     assert_eq!(tree.hops, assemble(&hops, &[])[0].hops);
     assert!(store.pending_chains(10).unwrap().is_empty());
 }
+
+/// Fact rows of one chain, by a raw count (the store keeps no index by chain).
+fn fact_rows(dir: &std::path::Path, chain: &str) -> i64 {
+    fact_rows_not_at(dir, chain, -1)
+}
+
+/// Fact rows of one chain carrying another time than `last_ns`.
+fn fact_rows_not_at(dir: &std::path::Path, chain: &str, last_ns: i64) -> i64 {
+    rusqlite::Connection::open(dir.join("custody.db"))
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM chain_facts WHERE chain_id = ?1 AND last_ns != ?2",
+            rusqlite::params![chain, last_ns],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+#[test]
+fn facts_follow_reassembly_supersession_and_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: &dyn Store = &open(dir.path());
+    let ids = |initiator: &str| -> Vec<String> {
+        store
+            .chains(&ChainQuery {
+                initiator: Some(initiator.into()),
+                ..ChainQuery::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|s| s.chain_id)
+            .collect()
+    };
+    let a = hop("a", C1, "1111111111111111", "", 100);
+    store.put_hops(std::slice::from_ref(&a)).unwrap();
+    store
+        .put_chains(&assemble(std::slice::from_ref(&a), &[]), &[], &[])
+        .unwrap();
+    assert_eq!(ids("alice"), vec![C1]);
+    let first = fact_rows(dir.path(), C1);
+    assert!(first > 0);
+    // Re-assembled with a later hop of another initiator: the old facts go.
+    let mut b = hop("b", C1, "2222222222222222", "", 200);
+    b.initiator.as_mut().unwrap().subject = "carol".into();
+    b.initiator.as_mut().unwrap().actors.clear();
+    let both = [b.clone(), a.clone()];
+    store.put_hops(&both).unwrap();
+    let trees = assemble(&both, &[]);
+    let subject = trees[0].summary.initiator.as_ref().unwrap().subject.clone();
+    store.put_chains(&trees, &[], &[]).unwrap();
+    assert_eq!(ids(&subject), vec![C1]);
+    let last = i64::try_from(trees[0].summary.last_unix_nanos).unwrap();
+    assert!(fact_rows(dir.path(), C1) > 0);
+    assert_eq!(fact_rows_not_at(dir.path(), C1, last), 0, "no stale facts");
+    let other = if subject == "alice" { "carol" } else { "alice" };
+    assert!(ids(other).is_empty(), "{other} is no longer the initiator");
+    // The same tree again leaves the same rows.
+    let rows = fact_rows(dir.path(), C1);
+    store.put_chains(&trees, &[], &[]).unwrap();
+    assert_eq!(fact_rows(dir.path(), C1), rows);
+    // Joined into another chain: its own row and facts go.
+    let c = hop("c", C2, "3333333333333333", "", 7_000);
+    store.put_hops(std::slice::from_ref(&c)).unwrap();
+    store
+        .put_chains(&assemble(std::slice::from_ref(&c), &[]), &[], &[])
+        .unwrap();
+    assert!(fact_rows(dir.path(), C2) > 0);
+    store.put_chains(&[], &[C2.to_owned()], &[]).unwrap();
+    assert_eq!(fact_rows(dir.path(), C2), 0);
+    assert!(store.chain(C2).unwrap().is_none());
+    // Retention takes the facts with the chain.
+    store
+        .retain(
+            Retention {
+                max_age_secs: 1,
+                max_bytes: u64::MAX,
+            },
+            10_000_000_000,
+        )
+        .unwrap();
+    assert_eq!(fact_rows(dir.path(), C1), 0);
+    assert!(ids(&subject).is_empty());
+}
+
+#[test]
+fn concurrent_batches_are_each_answered_for_their_own_hops() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(open(dir.path()));
+    // 8 writers, 20 rounds of 50 hops; every hop is also in one other
+    // writer's batch, so each is accepted once and refused once.
+    let outcomes: Vec<Vec<(Vec<String>, PutOutcome)>> = (0..8u64)
+        .map(|w| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                (0..20u64)
+                    .map(|round| {
+                        let batch: Vec<HopEvent> = (0..50u64)
+                            .map(|i| {
+                                // Writers w and w ^ 1 send the same hops.
+                                let n = ((w / 2) * 20 + round) * 50 + i;
+                                hop(&format!("e{n}"), &format!("{n:032x}"), "", "", n)
+                            })
+                            .collect();
+                        let out = store.put_hops(&batch).unwrap();
+                        (batch.iter().map(|h| h.event_id.clone()).collect(), out)
+                    })
+                    .collect()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let mut accepted = std::collections::HashMap::new();
+    for (ids, out) in outcomes.iter().flatten() {
+        assert_eq!(out.fresh.len(), ids.len());
+        assert_eq!(out.accepted + out.duplicates, 50);
+        assert_eq!(out.accepted as usize, out.chains.len());
+        for (id, fresh) in ids.iter().zip(&out.fresh) {
+            *accepted.entry(id.clone()).or_insert(0) += u32::from(*fresh);
+        }
+    }
+    assert_eq!(accepted.len(), 4 * 20 * 50);
+    assert!(accepted.values().all(|n| *n == 1));
+    assert_eq!(store.hop_count().unwrap(), 4 * 20 * 50);
+    let mut pending = store.pending_chains(u32::MAX).unwrap();
+    pending.sort();
+    assert_eq!(pending.len(), 4 * 20 * 50);
+}
+
+#[test]
+fn sqlite_the_fact_index_by_chain_of_the_earlier_layout_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let hops = [hop("a", C1, "1111111111111111", "", 100)];
+    {
+        let store = open(dir.path());
+        store.put_hops(&hops).unwrap();
+        store.put_chains(&assemble(&hops, &[]), &[], &[]).unwrap();
+    }
+    let indexes = || -> i64 {
+        rusqlite::Connection::open(dir.path().join("custody.db"))
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'chain_facts_chain'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    rusqlite::Connection::open(dir.path().join("custody.db"))
+        .unwrap()
+        .execute_batch("CREATE INDEX chain_facts_chain ON chain_facts (chain_id);")
+        .unwrap();
+    assert_eq!(indexes(), 1);
+    let store = open(dir.path());
+    assert_eq!(indexes(), 0);
+    // The chain's facts still work and are still replaced.
+    let ids = |q: ChainQuery| -> Vec<String> {
+        store
+            .chains(&q)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.chain_id)
+            .collect()
+    };
+    let by_alice = ChainQuery {
+        initiator: Some("alice".into()),
+        ..ChainQuery::default()
+    };
+    assert_eq!(ids(by_alice.clone()), vec![C1]);
+    let mut later = hops[0].clone();
+    later.event_id = "b".into();
+    later.span_id = "2222222222222222".into();
+    later.parent_span_id = "1111111111111111".into();
+    later.start_unix_nanos = 500;
+    let both = [hops[0].clone(), later];
+    store.put_hops(&both).unwrap();
+    store.put_chains(&assemble(&both, &[]), &[], &[]).unwrap();
+    // Found through facts that carry the chain's new time.
+    assert_eq!(
+        ids(ChainQuery {
+            since: Some(505),
+            ..by_alice
+        }),
+        vec![C1]
+    );
+}
