@@ -51,7 +51,8 @@ pub enum BuildError {
     /// The control plane did not issue a signing key.
     #[error("{0}")]
     Registration(String),
-    /// The inbound TLS listener's certificate or key cannot be used.
+    /// A TLS certificate, key or CA (inbound TLS listener, mesh mTLS, TLS
+    /// origination) cannot be used.
     #[error("{0}")]
     Tls(String),
     /// The SQL analyzer or the classifier could not be built.
@@ -229,12 +230,22 @@ impl Sidecar {
             crate::db::check_certificate(&tls.cert_file, &tls.key_file, "listeners.inbound_tls")
                 .map_err(BuildError::Tls)?;
         }
+        let mesh = match &config.mesh_tls {
+            Some(mesh) => Some(Arc::new(
+                crate::mesh::MeshTls::load(mesh, &workload, &config.workload.trust_domain)
+                    .map_err(BuildError::Tls)?,
+            )),
+            None => None,
+        };
+        let origination = crate::mesh::OriginationRoots::load(&config).map_err(BuildError::Tls)?;
         let db = crate::db::Engines::new(&config).map_err(BuildError::Database)?;
         let taint_ttl =
             std::time::Duration::from_secs(config.signing.token_ttl_secs.unwrap_or(300).max(60));
         let shared = Arc::new(Shared {
             taint: crate::taint::TaintTable::new(16_384, taint_ttl),
             db,
+            mesh,
+            origination,
             bearer,
             workload,
             workload_uri,

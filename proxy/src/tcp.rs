@@ -23,10 +23,11 @@ use custody_context::token::InitiatorKind;
 use custody_context::traceparent::SpanId;
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 
-use crate::config::{DatabaseConfig, DatabaseProtocol, OutboundMode};
+use crate::config::{DatabaseConfig, DatabaseProtocol, MeshTlsMode, OutboundMode};
 use crate::inflight::Stitch;
 use crate::metrics::{RequestLabels, VerdictLabels};
 use crate::proxy::{Direction, DirectionProxy, Shared};
@@ -354,6 +355,30 @@ impl ServerApp for Sniffing {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // (Connections of the `inbound_tls` listener arrive with TLS ended.)
+        if self.direction == Direction::Inbound
+            && let Some(mesh) = &self.shared.mesh
+            && stream.get_ssl_digest().is_none()
+        {
+            // Mesh mTLS and plaintext share the inbound port: a TLS
+            // handshake record (0x16) is mesh mTLS.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(IDLE, stream.try_peek(&mut first)).await {
+                Ok(Ok(true)) if first[0] == 0x16 => {
+                    let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+                    let tls = mesh.accept(*l4, &self.shared.metrics).await?;
+                    return ServerApp::process_new(&self.http, Box::new(tls), shutdown).await;
+                }
+                Ok(Ok(true)) if mesh.mode == MeshTlsMode::Strict => {
+                    mesh.count_plaintext(&self.shared.metrics, true);
+                    tracing::info!(message = "plaintext refused (mesh_tls strict)");
+                    return None;
+                }
+                Ok(Ok(true)) => mesh.count_plaintext(&self.shared.metrics, false),
+                Ok(Ok(false)) => {}
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
         let dest = self.destination(&stream);
         let config = &self.shared.config;
         if self.direction == Direction::Outbound
