@@ -646,3 +646,207 @@ async fn plain_http_from_the_app_leaves_as_tls_to_an_external_server() {
         1.0
     );
 }
+
+/// Reads the hop events of a JSON-lines file once at least `n` are there.
+fn hops_in(path: &Path, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let hops: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if hops.len() >= n {
+            return hops;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hop events missing in {}: {text}",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Two pods' sidecars (the real binary) in a network namespace, with
+/// iptables redirection as a mesh installs it: the client app's calls go
+/// to its sidecar's outbound port, and everything for the server's pod
+/// address goes to the server sidecar's one inbound port, where mesh mTLS
+/// and plaintext meet.
+#[test]
+fn redirected_traffic_is_mesh_mtls_on_the_one_inbound_port() {
+    use crate::transparent::{Netns, run};
+
+    assert_eq!(
+        run(&["id", "-u"]).trim(),
+        "0",
+        "this test creates a network namespace and needs root"
+    );
+    let certs = mesh_certificates();
+    let c = certs.path();
+    let trust = Trust::new(&["client", "server"]);
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("custody-mesh-{}", std::process::id());
+    run(&["ip", "netns", "add", &name]);
+    let mut ns = Netns {
+        name,
+        children: vec![],
+    };
+    let rules: [&[&str]; 4] = [
+        &["ip", "link", "set", "lo", "up"],
+        &["ip", "addr", "add", "10.98.0.2/32", "dev", "lo"],
+        // The client app (source ports 20000-20100) → its sidecar's outbound.
+        &[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "10.98.0.0/24",
+            "--sport",
+            "20000:20100",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+        // Anything else for the server pod's app port → the server sidecar's inbound.
+        &[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "10.98.0.2",
+            "--dport",
+            "8080",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15006",
+        ],
+    ];
+    for args in rules {
+        let status = ns.exec(args).status().unwrap();
+        assert!(status.success(), "{args:?}");
+    }
+    std::fs::write(dir.path().join("hello.txt"), "hello from the server pod\n").unwrap();
+    let sidecar = |name: &str, ports: [u16; 3], app: u16, mesh: &str| {
+        let hops = dir.path().join(format!("{name}.jsonl"));
+        let config = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+workload: {{ trust_domain: {TD}, namespace: test, service_account: {name} }}
+listeners: {{ inbound: "127.0.0.1:{}", outbound: "127.0.0.1:{}", admin: "127.0.0.1:{}" }}
+inbound: {{ upstream: "127.0.0.1:{app}" }}
+outbound: {{ mode: transparent }}
+signing: {{ seed_file: "{}" }}
+trust: {{ key_set_file: "{}" }}
+exporter: {{ jsonl_file: "{}", flush_interval_ms: 20 }}
+shutdown: {{ grace_period_secs: 0 }}
+{}
+"#,
+                ports[0],
+                ports[1],
+                ports[2],
+                trust.seed_file(name).display(),
+                trust.key_set.display(),
+                hops.display(),
+                mesh_tls_yaml(c, "mesh", name, mesh),
+            ),
+        )
+        .unwrap();
+        (config, hops)
+    };
+    let (server_config, server_hops) =
+        sidecar("server", [15006, 15101, 15020], 8080, "mode: strict");
+    let (client_config, client_hops) = sidecar(
+        "client",
+        [15106, 15001, 15120],
+        8081,
+        "peers: [\"10.98.0.0/24\"]",
+    );
+    let served = dir.path().to_str().unwrap().to_owned();
+    ns.spawn(&[
+        "python3",
+        "-m",
+        "http.server",
+        "8080",
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        &served,
+    ]);
+    for config in [&server_config, &client_config] {
+        ns.spawn(&[
+            env!("CARGO_BIN_EXE_custody-proxy"),
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for url in [
+        "http://127.0.0.1:15020/ready",
+        "http://127.0.0.1:15120/ready",
+        "http://127.0.0.1:8080/hello.txt",
+    ] {
+        while !ns
+            .exec(&["curl", "-sf", "--max-time", "2", url])
+            .status()
+            .unwrap()
+            .success()
+        {
+            assert!(std::time::Instant::now() < deadline, "{url} did not answer");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    let curl = |sport: &str| {
+        ns.exec(&[
+            "curl",
+            "-s",
+            "--max-time",
+            "10",
+            "--local-port",
+            sport,
+            "-w",
+            "\n%{http_code}",
+            "http://10.98.0.2:8080/hello.txt",
+        ])
+        .output()
+        .unwrap()
+    };
+    // The client app's call: outbound sidecar → mTLS → redirected to the
+    // server sidecar's inbound port → the server app.
+    let out = curl("20000-20100");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the server pod\n\n200"
+    );
+    let inbound = hops_in(&server_hops, 1);
+    assert_eq!(inbound[0]["direction"], "DIRECTION_INBOUND");
+    assert_eq!(
+        inbound[0]["transport_security"],
+        "TRANSPORT_SECURITY_MESH_MTLS"
+    );
+    assert_eq!(inbound[0]["peer_identity"], uri_of("client"));
+    assert_eq!(inbound[0]["context_outcome"], "CONTEXT_OUTCOME_PROPAGATED");
+    let outbound = hops_in(&client_hops, 1);
+    assert_eq!(outbound[0]["direction"], "DIRECTION_OUTBOUND");
+    assert_eq!(outbound[0]["peer_identity"], uri_of("server"));
+    assert_eq!(outbound[0]["egress"]["destination"]["ip"], "10.98.0.2");
+    assert_eq!(outbound[0]["chain_id"], inbound[0]["chain_id"]);
+
+    // Plaintext to the server pod from outside the mesh: strict mode closes it.
+    let out = curl("30000-30100");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("000"));
+    assert_eq!(hops_in(&server_hops, 1).len(), 1);
+}
