@@ -167,7 +167,11 @@ pub struct MeshPeer {
 }
 
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    deny_unknown_fields,
+    expecting = "a host, host suffix, address or CIDR, or { destination, identity }"
+)]
 enum MeshPeerEntry {
     Pattern(String),
     Detailed {
@@ -258,7 +262,11 @@ pub struct Upstream {
 }
 
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    deny_unknown_fields,
+    expecting = "an address (\"ip:port\"), or { address, mesh, identity, tls: { server_name, ca_file } }"
+)]
 enum UpstreamEntry {
     Address(SocketAddr),
     Detailed {
@@ -325,9 +333,22 @@ pub struct OriginationConfig {
     /// (default 443); explicit upstreams keep their address when unset.
     #[serde(default)]
     pub port: Option<u16>,
-    /// Server name and CA.
-    #[serde(flatten)]
-    pub tls: OriginateTls,
+    /// The name sent (SNI) and checked in the server's certificate; `host`
+    /// when unset.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// The CA the server's certificate must chain to (PEM).
+    pub ca_file: PathBuf,
+}
+
+impl OriginationConfig {
+    /// Its server name and CA.
+    pub fn tls(&self) -> OriginateTls {
+        OriginateTls {
+            server_name: self.server_name.clone(),
+            ca_file: self.ca_file.clone(),
+        }
+    }
 }
 
 fn default_databases() -> Vec<DatabaseConfig> {
@@ -1082,7 +1103,7 @@ impl Config {
                     "must not be 0",
                 ));
             }
-            check_server_name(&format!("tls_origination[{i}].server_name"), &entry.tls)?;
+            check_server_name(&format!("tls_origination[{i}].server_name"), &entry.tls())?;
         }
         Ok(())
     }

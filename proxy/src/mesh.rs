@@ -699,7 +699,7 @@ impl OriginationRoots {
         let mut roots = OriginationRoots::default();
         for (i, entry) in config.tls_origination.iter().enumerate() {
             roots.entries.push(load_roots(
-                &entry.tls.ca_file,
+                &entry.ca_file,
                 &format!("tls_origination[{i}].ca_file"),
             )?);
         }

@@ -941,7 +941,7 @@ impl DirectionProxy {
                 .find(|(_, e)| e.host.eq_ignore_ascii_case(host))
         {
             let roots = shared.origination.entry(index)?;
-            let tls = UpstreamTls::originate(&entry.tls, roots, host)?;
+            let tls = UpstreamTls::originate(&entry.tls(), roots, host)?;
             let addr = entry
                 .port
                 .map_or(addr, |port| SocketAddr::new(addr.ip(), port));

@@ -369,13 +369,12 @@ impl ServerApp for Sniffing {
                     let tls = mesh.accept(*l4, &self.shared.metrics).await?;
                     return ServerApp::process_new(&self.http, Box::new(tls), shutdown).await;
                 }
-                Ok(Ok(true)) if mesh.mode == MeshTlsMode::Strict => {
+                Ok(Ok(_)) if mesh.mode == MeshTlsMode::Strict => {
                     mesh.count_plaintext(&self.shared.metrics, true);
                     tracing::info!(message = "plaintext refused (mesh_tls strict)");
                     return None;
                 }
-                Ok(Ok(true)) => mesh.count_plaintext(&self.shared.metrics, false),
-                Ok(Ok(false)) => {}
+                Ok(Ok(_)) => mesh.count_plaintext(&self.shared.metrics, false),
                 Ok(Err(_)) | Err(_) => return None,
             }
         }

@@ -319,4 +319,28 @@ mesh_tls:
     let origination =
         MINIMAL.to_string() + "tls_origination: [{ host: api.example, port: 0, ca_file: /ca }]\n";
     assert_eq!(err(&origination), "tls_origination[0].port: must not be 0");
+    let unknown =
+        MINIMAL.to_string() + "tls_origination: [{ host: api.example, ca_file: /ca, bogus: 1 }]\n";
+    assert!(
+        err(&unknown).starts_with("tls_origination[0]"),
+        "{}",
+        err(&unknown)
+    );
+    assert!(err(&unknown).contains("bogus"), "{}", err(&unknown));
+    // (Inside the tagged `outbound`, the path stops at `outbound`.)
+    let unknown = explicit(r#"{ address: "127.0.0.1:9", bogus: true }"#);
+    assert!(err(&unknown).starts_with("outbound"), "{}", err(&unknown));
+    assert!(err(&unknown).contains("an address"), "{}", err(&unknown));
+    let bad_address = explicit(r#""nowhere""#);
+    assert!(
+        err(&bad_address).contains("an address"),
+        "{}",
+        err(&bad_address)
+    );
+    let bad_peer = MINIMAL.to_string() + &mesh.replace("orders,", "{ dest: orders },");
+    assert!(
+        err(&bad_peer).starts_with("mesh_tls.peers[0]"),
+        "{}",
+        err(&bad_peer)
+    );
 }

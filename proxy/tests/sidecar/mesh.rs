@@ -221,6 +221,17 @@ async fn sidecars_speak_mtls_and_the_server_hop_records_the_verified_client() {
     assert_eq!(outbound["transport_error"], "");
     assert_eq!(outbound["chain_id"], inbound["chain_id"]);
     assert_eq!(inbound["chain_id"], claims["txn"]);
+    // A second call on the pooled connection: no new handshake, the same
+    // verified identity on its hop.
+    let resp = call_out(client.outbound, "server", None).await;
+    assert_eq!(resp.status(), 200);
+    let hops = client.hops_where(2, |h| !is_inbound(h)).await;
+    let second = hops.iter().filter(|h| !is_inbound(h)).nth(1).unwrap();
+    assert_eq!(second["peer_identity"], uri_of("server"));
+    assert_eq!(second["transport_security"], "TRANSPORT_SECURITY_MESH_MTLS");
+    let hops = server.hops_where(2, is_inbound).await;
+    let second = hops.iter().filter(|h| is_inbound(h)).nth(1).unwrap();
+    assert_eq!(second["peer_identity"], uri_of("client"));
 
     // HTTP/2 from the app (h2c), HTTP/2 by ALPN between the sidecars.
     let tcp = tokio::net::TcpStream::connect(client.outbound)
@@ -237,9 +248,9 @@ async fn sidecars_speak_mtls_and_the_server_hop_records_the_verified_client() {
         .unwrap();
     assert_eq!(body_string(resp).await, (200, "ok".to_owned()));
     let seen = app.seen();
-    assert_eq!(seen.len(), 2);
-    assert_eq!(seen[1].version, hyper::Version::HTTP_2);
-    let txn = seen[1].token().unwrap()["txn"].clone();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[2].version, hyper::Version::HTTP_2);
+    let txn = seen[2].token().unwrap()["txn"].clone();
     let inbound = server
         .wait_hop(|h| is_inbound(h) && h["operation"] == "GET /h2")
         .await;
@@ -436,7 +447,7 @@ async fn permissive_mode_serves_plaintext_as_not_mtls_and_flags_a_token_from_ano
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outbound_refuses_a_wrong_identity_a_foreign_ca_and_a_plaintext_peer() {
+async fn outbound_refuses_wrong_or_missing_identities_foreign_cas_and_plaintext_peers() {
     let certs = mesh_certificates();
     let dir = certs.path();
     let trust = Trust::new(&["client", "server"]);
@@ -452,10 +463,12 @@ async fn outbound_refuses_a_wrong_identity_a_foreign_ca_and_a_plaintext_peer() {
     let rogue = start(spec, &trust).await;
     // Not a sidecar: an app that would record any plaintext request.
     let plain = App::ok().await;
+    // A TLS server with a mesh certificate that names no workload.
+    let nameless = https_server(dir, "nameless").await;
 
     let client_app = App::ok().await;
     let peers = format!(
-        "peers: [{{ destination: wrong-id, identity: \"{}\" }}, {{ destination: server, identity: \"{}\" }}, rogue, plain]",
+        "peers: [{{ destination: wrong-id, identity: \"{}\" }}, {{ destination: server, identity: \"{}\" }}, rogue, plain, nameless]",
         uri_of("other"),
         uri_of("server"),
     );
@@ -466,6 +479,7 @@ async fn outbound_refuses_a_wrong_identity_a_foreign_ca_and_a_plaintext_peer() {
         ("server".into(), server.inbound),
         ("rogue".into(), rogue.inbound),
         ("plain".into(), plain.addr),
+        ("nameless".into(), nameless),
     ];
     spec.extra = &client_mesh;
     let client = start(spec, &trust).await;
@@ -474,6 +488,7 @@ async fn outbound_refuses_a_wrong_identity_a_foreign_ca_and_a_plaintext_peer() {
         ("wrong-id", "peer_identity_mismatch"),
         ("rogue", "peer_certificate_untrusted"),
         ("plain", "handshake_failed"),
+        ("nameless", "peer_identity_missing"),
     ] {
         let resp = call_out(client.outbound, host, None).await;
         assert_eq!(resp.status(), 502, "{host}");
@@ -541,14 +556,15 @@ async fn a_certificate_for_another_workload_is_refused_at_start() {
     }
 }
 
-/// An HTTPS server (HTTP/1.1) with the certificate for `api.partner.test`
-/// in `dir`, answering `secure`.
-async fn https_server(dir: &Path) -> SocketAddr {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("tls.crt"))
-        .unwrap()
-        .map(|c| c.unwrap())
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(dir.join("tls.key")).unwrap();
+/// An HTTPS server (HTTP/1.1) with certificate `<name>.crt` of `dir`,
+/// answering `secure`.
+async fn https_server(dir: &Path, name: &str) -> SocketAddr {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(dir.join(format!("{name}.crt")))
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join(format!("{name}.key"))).unwrap();
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -585,7 +601,7 @@ async fn plain_http_from_the_app_leaves_as_tls_to_an_external_server() {
     let certs = tempfile::tempdir().unwrap();
     tls_certificates(certs.path(), "api.partner.test");
     mesh_ca(certs.path(), "other");
-    let https = https_server(certs.path()).await;
+    let https = https_server(certs.path(), "tls").await;
     let trust = Trust::new(&["client"]);
     let app = App::ok().await;
     let ca = certs.path().join("ca.crt");
