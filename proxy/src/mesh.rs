@@ -6,13 +6,15 @@
 //! start the sidecar checks that it names its own workload.
 //!
 //! Inbound, on the same port as plaintext: the listener looks at each new
-//! connection's first byte. `0x16` (a TLS handshake record) is mesh mTLS,
-//! ended here with the sidecar's certificate; the client must show a
+//! connection's first bytes. A TLS ClientHello that offers the ALPN marker
+//! [`MESH_ALPN`] (next to `h2` or `http/1.1`) is mesh mTLS, ended here with
+//! the sidecar's certificate; the client must show a
 //! certificate that chains to the mesh CA and carries a SPIFFE ID in the
 //! trust domain. That ID travels with the connection (the TLS digest's
 //! extension, [`MeshPeerCert`]) to the HTTP proxy, which records it on each
-//! hop as the verified peer. Anything else is plaintext: served in
-//! `permissive` mode, closed in `strict` mode.
+//! hop as the verified peer. Anything else (plaintext, or TLS of the
+//! application's own) is served as without `mesh_tls` in `permissive` mode
+//! and closed in `strict` mode.
 //!
 //! Outbound: a request to a mesh peer gets a pingora peer whose L4
 //! connector ([`TlsConnect`]) opens TCP, then TLS 1.3 with the sidecar's
@@ -66,6 +68,16 @@ use x509_parser::extensions::GeneralName;
 
 use crate::config::{MeshTlsConfig, MeshTlsMode, OriginateTls};
 use crate::metrics::{MeshTlsLabels, Metrics, OriginationLabels};
+
+/// The ALPN protocol a sidecar offers, next to the HTTP one, when it opens
+/// mesh mTLS: how the inbound side tells mesh mTLS from other TLS on one
+/// port. It is never selected.
+pub const MESH_ALPN: &[u8] = b"custody-mesh";
+
+/// Whether a ClientHello's ALPN offer marks it as mesh mTLS.
+pub fn offers_mesh(alpn: &[Vec<u8>]) -> bool {
+    alpn.iter().any(|p| p == MESH_ALPN)
+}
 
 /// Longest wait for TCP and the TLS handshake to an upstream.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -287,17 +299,14 @@ impl MeshTls {
         Some(tls)
     }
 
-    /// Counts an inbound plaintext connection, served or refused.
-    pub fn count_plaintext(&self, metrics: &Metrics, refused: bool) {
+    /// Counts an inbound connection that is not mesh mTLS: `plaintext`,
+    /// `plaintext_refused`, `tls_passthrough` or `tls_refused`.
+    pub fn count_inbound(&self, metrics: &Metrics, result: &'static str) {
         metrics
             .mesh_tls_connections
             .get_or_create(&MeshTlsLabels {
                 direction: "inbound",
-                result: if refused {
-                    "plaintext_refused"
-                } else {
-                    "plaintext"
-                },
+                result,
             })
             .inc();
     }
@@ -604,11 +613,15 @@ impl TlsConnect {
                 .with_custom_certificate_verifier(verifier)
                 .with_no_client_auth(),
         };
-        config.alpn_protocols = vec![if self.h2 {
+        let http = if self.h2 {
             b"h2".to_vec()
         } else {
             b"http/1.1".to_vec()
-        }];
+        };
+        config.alpn_protocols = match self.tls {
+            UpstreamTls::Mesh { .. } => vec![http, MESH_ALPN.to_vec()],
+            UpstreamTls::Originate { .. } => vec![http],
+        };
         // Mesh peers are named by address: no SNI, the SPIFFE ID is checked.
         let name = name.unwrap_or(ServerName::IpAddress(
             std::net::Ipv4Addr::UNSPECIFIED.into(),

@@ -94,7 +94,8 @@ pub struct MeshTlsLabels {
     /// `inbound` or `outbound`.
     pub direction: &'static str,
     /// Inbound: `mtls`, `plaintext` (served, permissive mode),
-    /// `plaintext_refused` (strict mode), `handshake_failed` (including a
+    /// `plaintext_refused` (strict mode), `tls_passthrough` and
+    /// `tls_refused` (TLS that is not mesh mTLS), `handshake_failed` (including a
     /// client certificate from another CA), `identity_refused` (no SPIFFE
     /// ID of the trust domain). Outbound: `mtls`,
     /// `peer_certificate_untrusted`, `peer_identity_mismatch`,

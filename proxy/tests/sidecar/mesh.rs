@@ -101,8 +101,13 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
-/// A test client showing certificate `name`, trusting the `mesh` CA.
+/// A test client showing certificate `name`, trusting the `mesh` CA, and
+/// offering the mesh's ALPN marker as sidecars do.
 fn mtls_client(dir: &Path, name: &str) -> TlsConnector {
+    mtls_client_with(dir, name, true)
+}
+
+fn mtls_client_with(dir: &Path, name: &str, marker: bool) -> TlsConnector {
     let provider = Arc::new(ring::default_provider());
     let verifier =
         WebPkiServerVerifier::builder_with_provider(roots(dir, "mesh"), provider.clone())
@@ -121,7 +126,11 @@ fn mtls_client(dir: &Path, name: &str) -> TlsConnector {
         .with_custom_certificate_verifier(Arc::new(ChainOnly(verifier)))
         .with_client_auth_cert(chain, key)
         .unwrap();
+    // Offered by sidecars next to the HTTP protocol: marks mesh mTLS.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if marker {
+        config.alpn_protocols.push(b"custody-mesh".to_vec());
+    }
     TlsConnector::from(Arc::new(config))
 }
 
@@ -322,6 +331,14 @@ async fn strict_mode_refuses_plaintext_foreign_cas_and_certificates_without_iden
     // A client certificate from another CA, one without a SPIFFE ID.
     let rogue = mtls_get(dir, "rogue-client", server.inbound, &[]).await;
     assert!(rogue.is_err(), "a foreign CA was served: {rogue:?}");
+    // The mesh's own certificate, without the ALPN marker: not mesh mTLS.
+    let tcp = tokio::net::TcpStream::connect(server.inbound)
+        .await
+        .unwrap();
+    let unmarked = mtls_client_with(dir, "client", false)
+        .connect(ServerName::IpAddress(server.inbound.ip().into()), tcp)
+        .await;
+    assert!(unmarked.is_err(), "TLS without the mesh marker was served");
     let nameless = mtls_get(dir, "nameless", server.inbound, &[]).await;
     assert!(
         nameless.is_err(),
@@ -383,6 +400,7 @@ async fn strict_mode_refuses_plaintext_foreign_cas_and_certificates_without_iden
         )
     };
     assert!(server.metric(&metric("plaintext_refused")).await >= 1.0);
+    assert!(server.metric(&metric("tls_refused")).await >= 1.0);
     assert!(server.metric(&metric("handshake_failed")).await >= 1.0);
     assert!(server.metric(&metric("identity_refused")).await >= 1.0);
     assert!(server.metric(&metric("mtls")).await >= 2.0);
@@ -443,6 +461,61 @@ async fn permissive_mode_serves_plaintext_as_not_mtls_and_flags_a_token_from_ano
             .metric("custody_proxy_mesh_tls_connections_total{direction=\"inbound\",result=\"plaintext\"}")
             .await
             >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_mode_passes_the_applications_own_tls_through() {
+    let certs = mesh_certificates();
+    let dir = certs.path();
+    let tls_dir = tempfile::tempdir().unwrap();
+    tls_certificates(tls_dir.path(), "server.test");
+    let app = https_server(tls_dir.path(), "tls").await;
+    let trust = Trust::new(&["server"]);
+    let server_mesh = mesh_tls_yaml(dir, "mesh", "server", "mode: permissive");
+    let mut spec = Spec::new("server", app);
+    spec.extra = &server_mesh;
+    let server = start(spec, &trust).await;
+
+    // A client of the application's own TLS (no mesh marker, no client
+    // certificate): end to end with the application, through the sidecar.
+    let config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots(tls_dir.path(), "ca"))
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(server.inbound)
+        .await
+        .unwrap();
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("server.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            Request::get("/own-tls")
+                .header("host", "server.test")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(body_string(resp).await, (200, "secure".to_owned()));
+    drop(sender);
+    let hop = server
+        .wait_hop(|h| h["protocol"] == "PROTOCOL_TLS_OPAQUE")
+        .await;
+    assert_eq!(hop["direction"], "DIRECTION_INBOUND");
+    assert_eq!(hop["egress"], Value::Null);
+    assert_eq!(
+        server
+            .metric("custody_proxy_mesh_tls_connections_total{direction=\"inbound\",result=\"tls_passthrough\"}")
+            .await,
+        1.0
     );
 }
 
