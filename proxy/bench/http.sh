@@ -14,12 +14,13 @@
 # For each: latency at a fixed rate (1 KiB responses, ~1,000 req/s: 10
 # connections, each pausing 10 ms between requests; p50/p99 from wrk) and
 # the maximum throughput (64 connections). Then the sidecars' RSS and CPU at
-# ~2,000 req/s through both. Ports 18010-18089.
+# ~2,000 req/s through both. Ports 18010-18089 (BENCH_PORT_PREFIX=190: 19010-19089).
 #
 #   proxy/bench/http.sh [seconds per run, default 15]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs="${1:-15}"
+pp="${BENCH_PORT_PREFIX:-180}"
 work="$(mktemp -d)"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -27,7 +28,7 @@ trap cleanup EXIT
 
 cargo build --release --quiet -p custody-proxy --bin custody-proxy --example bench_backend --example bare_pingora
 bin=target/release
-BACKEND=127.0.0.1:18081 BARE=127.0.0.1:18082
+BACKEND=127.0.0.1:${pp}81 BARE=127.0.0.1:${pp}82
 
 sidecar() { # name inbound outbound admin upstreams-yaml
     cat > "$work/$1.yaml" <<YAML
@@ -58,27 +59,27 @@ done
 printf '%064x\n' 1 > "$work/server.seed"
 printf '%064x\n' 2 > "$work/client.seed"
 echo '{"keys":[]}' > "$work/keys.json"
-sidecar server 127.0.0.1:18010 127.0.0.1:18011 127.0.0.1:18012 ""
-sidecar client 127.0.0.1:18020 127.0.0.1:18021 127.0.0.1:18022 \
-    '"svc": "127.0.0.1:18010", "msvc": { address: "127.0.0.1:18010", mesh: true }'
+sidecar server 127.0.0.1:${pp}10 127.0.0.1:${pp}11 127.0.0.1:${pp}12 ""
+sidecar client 127.0.0.1:${pp}20 127.0.0.1:${pp}21 127.0.0.1:${pp}22 \
+    "\"svc\": \"127.0.0.1:${pp}10\", \"msvc\": { address: \"127.0.0.1:${pp}10\", mesh: true }"
 # Learn each sidecar's public key from its admin /keys, then trust both.
 "$bin/examples/bench_backend" "$BACKEND" & pids+=($!)
 "$bin/examples/bare_pingora" "$BARE" "$BACKEND" >/dev/null 2>&1 & pids+=($!)
 start_sidecar() { RUST_LOG=warn "$bin/custody-proxy" --config "$work/$1.yaml" >/dev/null 2>&1 & echo $!; }
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 spid=$(start_sidecar server); cpid=$(start_sidecar client); pids+=("$spid" "$cpid")
-wait_port 127.0.0.1:18012; wait_port 127.0.0.1:18022
-python3 - "$work" <<'PY'
+wait_port 127.0.0.1:${pp}12; wait_port 127.0.0.1:${pp}22
+python3 - "$work" "$pp" <<'PY'
 import json, sys, urllib.request
-work = sys.argv[1]
+work, pp = sys.argv[1], sys.argv[2]
 keys = []
-for port in (18012, 18022):
+for port in (f"{pp}12", f"{pp}22"):
     keys += json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/keys"))["keys"]
 json.dump({"keys": keys}, open(f"{work}/keys.json", "w"))
 PY
 kill "$spid" "$cpid"; wait "$spid" "$cpid" 2>/dev/null || true
 spid=$(start_sidecar server); cpid=$(start_sidecar client); pids+=("$spid" "$cpid")
-for p in $BACKEND $BARE 127.0.0.1:18010 127.0.0.1:18021; do wait_port "$p"; done
+for p in $BACKEND $BARE 127.0.0.1:${pp}10 127.0.0.1:${pp}21; do wait_port "$p"; done
 
 cat > "$work/paced.lua" <<'LUA'
 function delay() return 10 end
@@ -87,9 +88,9 @@ LUA
 declare -A URL HDR
 URL[direct]="http://$BACKEND/"; HDR[direct]="x-custody-user: bench"
 URL[bare]="http://$BARE/"; HDR[bare]="x-custody-user: bench"
-URL[one]="http://127.0.0.1:18010/"; HDR[one]="x-custody-user: bench"
-URL[two]="http://127.0.0.1:18021/"; HDR[two]="Host: svc"
-URL[mtls]="http://127.0.0.1:18021/"; HDR[mtls]="Host: msvc"
+URL[one]="http://127.0.0.1:${pp}10/"; HDR[one]="x-custody-user: bench"
+URL[two]="http://127.0.0.1:${pp}21/"; HDR[two]="Host: svc"
+URL[mtls]="http://127.0.0.1:${pp}21/"; HDR[mtls]="Host: msvc"
 
 # Sanity: the two-sidecar paths carry a verified chain end to end.
 for s in two mtls; do

@@ -17,7 +17,7 @@
 //! and closed in `strict` mode.
 //!
 //! Outbound: a request to a mesh peer gets a pingora peer whose L4
-//! connector ([`TlsConnect`]) opens TCP, then TLS 1.3 with the sidecar's
+//! connector (`TlsConnect`) opens TCP, then TLS 1.3 with the sidecar's
 //! client certificate, verifying that the server's chain ends at the mesh CA
 //! and that its SPIFFE ID is in the trust domain (and is the expected one,
 //! when configured). HTTP runs over it: HTTP/1.1, or HTTP/2 named by ALPN.
@@ -151,7 +151,7 @@ impl TlsAccept for PeerIdentity {
 
 /// The mesh's certificates, loaded and checked at start.
 pub struct MeshTls {
-    /// Whether inbound plaintext is still served.
+    /// Whether inbound connections that are not mesh mTLS are still served.
     pub mode: MeshTlsMode,
     acceptor: Acceptor,
     roots: Arc<RootCertStore>,
