@@ -16,41 +16,40 @@
 //! application's own) is served as without `mesh_tls` in `permissive` mode
 //! and closed in `strict` mode.
 //!
-//! Outbound: a request to a mesh peer gets a pingora peer whose L4
-//! connector (`TlsConnect`) opens TCP, then TLS 1.3 with the sidecar's
-//! client certificate, verifying that the server's chain ends at the mesh CA
-//! and that its SPIFFE ID is in the trust domain (and is the expected one,
-//! when configured). HTTP runs over it: HTTP/1.1, or HTTP/2 named by ALPN.
-//! TLS origination uses the same connector with the usual server-name check
-//! against its own CA. A failed handshake fails the request (502) and is
-//! recorded; nothing is sent in plaintext instead.
+//! Outbound: a request to a mesh peer goes through the sidecar's
+//! [`Tunnel`], which pingora uses as an HTTP CONNECT proxy on a Unix socket.
+//! The tunnel opens TCP, then TLS 1.3 with the sidecar's client
+//! certificate, verifying that the server's chain ends at the mesh CA and
+//! that its SPIFFE ID is in the trust domain (and is the expected one, when
+//! configured), answers with that ID, and relays. HTTP runs over it:
+//! HTTP/1.1, or HTTP/2 named by ALPN. TLS origination goes the same way
+//! with the usual server-name check against its own CA. A failed handshake
+//! is answered with the reason and fails the request (502, recorded);
+//! nothing is sent in plaintext instead.
 //!
-//! Why an L4 connector rather than pingora's own upstream TLS: with the
-//! rustls backend, pingora checks a server certificate against DNS or IP
-//! names only (or not at all), keeps no SAN in its TLS digest, and its
+//! Why a tunnel rather than pingora's own upstream TLS: with the rustls
+//! backend, pingora checks a server certificate against DNS or IP names
+//! only (or not at all), keeps no SAN in its TLS digest, and its
 //! post-handshake hook exists for OpenSSL only, so a SPIFFE ID (a URI SAN)
-//! cannot be checked there.
+//! cannot be checked there. Why not a custom L4 connector returning the TLS
+//! stream as a "virtual" socket: pingora only reuses a pooled connection
+//! whose file descriptor matches the peer's address, which a virtual socket
+//! has not, so every request would pay a handshake. Through the tunnel the
+//! connection pingora holds is a Unix socket it can match and pool.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use custody_context::workload::WorkloadId;
-use pingora::connectors::L4Connect;
 use pingora::listeners::TlsAccept;
 use pingora::listeners::tls::{Acceptor, TlsSettings};
-use pingora::protocols::l4::socket::SocketAddr as AnyAddr;
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
 use pingora::protocols::tls::TlsRef;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::client::WebPkiServerVerifier;
@@ -159,9 +158,6 @@ pub struct MeshTls {
     key: PrivateKeyDer<'static>,
     /// `spiffe://<trust_domain>/`.
     prefix: String,
-    /// The SPIFFE ID each upstream address last proved, for requests on a
-    /// pooled connection (which make no handshake of their own).
-    verified: Mutex<HashMap<SocketAddr, String>>,
 }
 
 impl fmt::Debug for MeshTls {
@@ -172,9 +168,6 @@ impl fmt::Debug for MeshTls {
             .finish_non_exhaustive()
     }
 }
-
-/// Upstream addresses whose proven identity is remembered at most.
-const MAX_REMEMBERED: usize = 4096;
 
 impl MeshTls {
     /// Loads `mesh_tls` and checks that the certificate names `workload`,
@@ -248,7 +241,6 @@ impl MeshTls {
             chain,
             key,
             prefix,
-            verified: Mutex::new(HashMap::new()),
         })
     }
 
@@ -310,20 +302,6 @@ impl MeshTls {
             })
             .inc();
     }
-
-    fn remember(&self, addr: SocketAddr, id: &str) {
-        if let Ok(mut map) = self.verified.lock() {
-            if map.len() >= MAX_REMEMBERED && !map.contains_key(&addr) {
-                map.clear();
-            }
-            map.insert(addr, id.to_owned());
-        }
-    }
-
-    /// The SPIFFE ID `addr` proved on its last mesh connection.
-    pub(crate) fn proven(&self, addr: SocketAddr) -> Option<String> {
-        self.verified.lock().ok()?.get(&addr).cloned()
-    }
 }
 
 /// How an upstream is reached over TLS.
@@ -337,47 +315,28 @@ pub(crate) enum UpstreamTls {
     },
     /// TLS origination to an external server.
     Originate {
-        /// Its CA.
-        roots: Arc<RootCertStore>,
+        /// Where its CA is configured: `upstream:<name>` or
+        /// `tls_origination:<index>`.
+        route: String,
         /// The name sent and checked.
         server_name: ServerName<'static>,
     },
 }
 
 impl UpstreamTls {
-    /// TLS origination as configured, naming `host` unless a server name is set.
-    pub(crate) fn originate(
-        tls: &OriginateTls,
-        roots: &Arc<RootCertStore>,
-        host: &str,
-    ) -> Option<Self> {
+    /// TLS origination as configured at `route`, naming `host` unless a
+    /// server name is set.
+    pub(crate) fn originate(tls: &OriginateTls, route: String, host: &str) -> Option<Self> {
         let name = tls.server_name.as_deref().unwrap_or(host).to_owned();
         let server_name = ServerName::try_from(name).ok()?;
-        Some(UpstreamTls::Originate {
-            roots: Arc::clone(roots),
-            server_name,
-        })
-    }
-
-    /// A pool key for pingora's connection reuse: connections of different
-    /// TLS settings (and plaintext ones, key 0) never mix.
-    pub(crate) fn group_key(&self, h2: bool) -> u64 {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        h2.hash(&mut hasher);
-        match self {
-            UpstreamTls::Mesh { expected } => ("mesh", expected).hash(&mut hasher),
-            UpstreamTls::Originate { server_name, .. } => {
-                ("originate", server_name.to_str()).hash(&mut hasher);
-            }
-        }
-        hasher.finish() | 1
+        Some(UpstreamTls::Originate { route, server_name })
     }
 }
 
 /// What the TLS connection of one request came to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// No handshake (yet): a pooled connection was reused, or none was made.
+    /// No handshake (yet).
     #[default]
     Pending,
     /// Handshake done; the server's SPIFFE ID for mesh peers.
@@ -476,89 +435,68 @@ impl ServerCertVerifier for Verifier {
     }
 }
 
-/// A TLS client connection as a pingora "virtual" socket, so HTTP/1.1 or
-/// HTTP/2 run over it like over TCP.
-#[derive(Debug)]
-struct TlsSocket(tokio_rustls::client::TlsStream<TcpStream>);
+/// Response header of the tunnel: the SPIFFE ID the mesh peer proved.
+pub const PEER_IDENTITY_HEADER: &str = "x-custody-peer-identity";
+/// Response header of the tunnel: why TLS to the upstream failed.
+pub const TRANSPORT_ERROR_HEADER: &str = "x-custody-transport-error";
+const TLS_HEADER: &str = "x-custody-tls";
+const EXPECT_HEADER: &str = "x-custody-expect";
+const ROUTE_HEADER: &str = "x-custody-route";
+const SERVER_NAME_HEADER: &str = "x-custody-server-name";
+const ALPN_HEADER: &str = "x-custody-alpn";
 
-impl AsyncRead for TlsSocket {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
+/// The bounded labels of `transport_error`.
+const TRANSPORT_ERRORS: [&str; 5] = [
+    "peer_certificate_untrusted",
+    "peer_identity_mismatch",
+    "peer_identity_missing",
+    "handshake_failed",
+    "connect_failed",
+];
+
+/// The transport error label a tunnel answer names, if it is a known one.
+pub(crate) fn transport_error(value: &str) -> Option<&'static str> {
+    TRANSPORT_ERRORS.iter().copied().find(|l| *l == value)
 }
 
-impl AsyncWrite for TlsSocket {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-}
-
-impl VirtualSocket for TlsSocket {
-    fn set_socket_option(&self, opt: VirtualSockOpt) -> std::io::Result<()> {
-        match opt {
-            VirtualSockOpt::NoDelay => self.0.get_ref().0.set_nodelay(true),
-            _ => Ok(()),
+impl UpstreamTls {
+    /// The headers of the CONNECT request that asks the tunnel for this TLS
+    /// (they are part of pingora's pool key, so pools never mix).
+    pub(crate) fn connect_headers(&self, h2: bool) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let mut headers = std::collections::BTreeMap::new();
+        let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+        headers.insert(ALPN_HEADER.to_owned(), alpn.to_vec());
+        match self {
+            UpstreamTls::Mesh { expected } => {
+                headers.insert(TLS_HEADER.to_owned(), b"mesh".to_vec());
+                if let Some(id) = expected {
+                    headers.insert(EXPECT_HEADER.to_owned(), id.as_bytes().to_vec());
+                }
+            }
+            UpstreamTls::Originate { route, server_name } => {
+                headers.insert(TLS_HEADER.to_owned(), b"originate".to_vec());
+                headers.insert(ROUTE_HEADER.to_owned(), route.as_bytes().to_vec());
+                headers.insert(
+                    SERVER_NAME_HEADER.to_owned(),
+                    server_name.to_str().as_bytes().to_vec(),
+                );
+            }
         }
+        headers
     }
 }
 
-/// The L4 connector of one request to a TLS upstream: TCP, then TLS
-/// verified as [`UpstreamTls`] says.
-pub(crate) struct TlsConnect {
+/// Opens TCP and then TLS to one upstream, verified as [`UpstreamTls`] says.
+struct TlsConnect<'a> {
     tls: UpstreamTls,
-    mesh: Option<Arc<MeshTls>>,
+    roots: Arc<RootCertStore>,
+    mesh: Option<&'a MeshTls>,
     h2: bool,
     slot: Slot,
-    metrics: Arc<Metrics>,
+    metrics: &'a Metrics,
 }
 
-impl fmt::Debug for TlsConnect {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsConnect")
-            .field("tls", &self.tls)
-            .field("h2", &self.h2)
-            .finish_non_exhaustive()
-    }
-}
-
-impl TlsConnect {
-    /// A connector for one request; `h2` when HTTP/2 will run over it.
-    pub(crate) fn new(
-        tls: UpstreamTls,
-        mesh: Option<Arc<MeshTls>>,
-        h2: bool,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        TlsConnect {
-            tls,
-            mesh,
-            h2,
-            slot: Slot::default(),
-            metrics,
-        }
-    }
-
-    /// Where the outcome of the handshake is written.
-    pub(crate) fn outcome(&self) -> Arc<Mutex<Outcome>> {
-        Arc::clone(&self.slot)
-    }
-
+impl TlsConnect<'_> {
     fn count(&self, result: &'static str) {
         match self.tls {
             UpstreamTls::Mesh { .. } => self
@@ -577,28 +515,25 @@ impl TlsConnect {
         };
     }
 
-    fn client_config(&self) -> Result<(ClientConfig, ServerName<'static>), String> {
-        let (roots, spiffe, name) = match (&self.tls, &self.mesh) {
-            (UpstreamTls::Mesh { expected }, Some(mesh)) => (
-                Arc::clone(&mesh.roots),
-                Some((mesh.prefix.clone(), expected.clone())),
-                None,
-            ),
-            (UpstreamTls::Mesh { .. }, None) => return Err("mesh_tls is not configured".into()),
-            (UpstreamTls::Originate { roots, server_name }, _) => {
-                (Arc::clone(roots), None, Some(server_name.clone()))
+    fn client_config(&self) -> Result<(ClientConfig, Option<ServerName<'static>>), String> {
+        let (spiffe, name) = match (&self.tls, self.mesh) {
+            (UpstreamTls::Mesh { expected }, Some(mesh)) => {
+                (Some((mesh.prefix.clone(), expected.clone())), None)
             }
+            (UpstreamTls::Mesh { .. }, None) => return Err("mesh_tls is not configured".into()),
+            (UpstreamTls::Originate { server_name, .. }, _) => (None, Some(server_name.clone())),
         };
-        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider())
-            .build()
-            .map_err(|e| e.to_string())?;
+        let webpki =
+            WebPkiServerVerifier::builder_with_provider(Arc::clone(&self.roots), provider())
+                .build()
+                .map_err(|e| e.to_string())?;
         let verifier = Arc::new(Verifier {
             webpki,
             spiffe,
             slot: Arc::clone(&self.slot),
         });
         let builder = ClientConfig::builder_with_provider(provider());
-        let mut config = match (&self.tls, &self.mesh) {
+        let mut config = match (&self.tls, self.mesh) {
             (UpstreamTls::Mesh { .. }, Some(mesh)) => builder
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .map_err(|e| e.to_string())?
@@ -622,24 +557,21 @@ impl TlsConnect {
             UpstreamTls::Mesh { .. } => vec![http, MESH_ALPN.to_vec()],
             UpstreamTls::Originate { .. } => vec![http],
         };
-        // Mesh peers are named by address: no SNI, the SPIFFE ID is checked.
-        let name = name.unwrap_or(ServerName::IpAddress(
-            std::net::Ipv4Addr::UNSPECIFIED.into(),
-        ));
         Ok((config, name))
     }
 
-    async fn handshake(&self, addr: SocketAddr) -> Result<L4Stream, (&'static str, String)> {
+    async fn handshake(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, (&'static str, String)> {
         let (config, name) = self.client_config().map_err(|e| ("handshake_failed", e))?;
-        let name = match name {
-            ServerName::IpAddress(_) => ServerName::IpAddress(addr.ip().into()),
-            other => other,
-        };
+        // Mesh peers are named by address (no SNI): the SPIFFE ID is checked.
+        let name = name.unwrap_or(ServerName::IpAddress(addr.ip().into()));
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| ("connect_failed", e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let tls = TlsConnector::from(Arc::new(config))
+        TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await
             .map_err(|e| {
@@ -648,52 +580,176 @@ impl TlsConnect {
                     _ => "handshake_failed",
                 };
                 (label, e.to_string())
-            })?;
-        Ok(VirtualSocketStream::new(Box::new(TlsSocket(tls))).into())
+            })
     }
-}
 
-#[async_trait]
-impl L4Connect for TlsConnect {
-    async fn connect(&self, addr: &AnyAddr) -> pingora::Result<L4Stream> {
-        let Some(addr) = addr.as_inet().copied() else {
-            return Err(pingora::Error::explain(
-                pingora::ErrorType::ConnectError,
-                "TLS upstream is not an internet address",
-            ));
-        };
+    /// The TLS connection and the peer's SPIFFE ID (mesh), or the reason
+    /// label; counted either way.
+    async fn open(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, Option<String>), &'static str> {
         let result = match tokio::time::timeout(CONNECT_TIMEOUT, self.handshake(addr)).await {
             Ok(result) => result,
             Err(_) => Err(("connect_failed", "timed out".to_owned())),
         };
         match result {
-            Ok(stream) => {
-                let outcome = self.slot.lock().map_or(Outcome::Pending, |s| s.clone());
-                if let (Some(mesh), Outcome::Verified(Some(id))) = (&self.mesh, &outcome) {
-                    mesh.remember(addr, id);
-                }
+            Ok(tls) => {
                 self.count(match self.tls {
                     UpstreamTls::Mesh { .. } => "mtls",
                     UpstreamTls::Originate { .. } => "tls",
                 });
-                Ok(stream)
+                let id = match self.slot.lock().map_or(Outcome::Pending, |s| s.clone()) {
+                    Outcome::Verified(id) => id,
+                    _ => None,
+                };
+                Ok((tls, id))
             }
             Err((label, error)) => {
-                set(&self.slot, Outcome::Failed(label));
                 self.count(label);
                 tracing::info!(message = "upstream TLS refused", %addr, reason = label, %error);
-                let mut e = pingora::Error::explain(
-                    if label == "connect_failed" {
-                        pingora::ErrorType::ConnectError
-                    } else {
-                        pingora::ErrorType::TLSHandshakeFailure
-                    },
-                    format!("upstream TLS to {addr}: {label}"),
-                );
-                e.set_retry(false);
-                Err(e)
+                Err(label)
             }
         }
+    }
+}
+
+/// Longest CONNECT request head the tunnel reads.
+const MAX_CONNECT_HEAD: usize = 8 * 1024;
+
+/// The sidecar's TLS tunnel, on a Unix socket only pingora's connector
+/// (the sidecar itself) uses: pingora reaches a TLS upstream through it as
+/// through an HTTP CONNECT proxy, the tunnel opens and verifies the TLS
+/// connection and relays. pingora pools these connections (keyed by the
+/// socket and the CONNECT headers) and keeps the tunnel's answer, with the
+/// verified SPIFFE ID, as the connection's proxy digest, so a request on a
+/// pooled connection knows its peer too.
+pub struct Tunnel {
+    shared: Arc<crate::proxy::Shared>,
+}
+
+impl fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tunnel").finish_non_exhaustive()
+    }
+}
+
+/// A parsed CONNECT request head: the target and the headers.
+fn parse_connect(head: &[u8]) -> Option<(SocketAddr, HashMap<String, String>)> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    if first.next()? != "CONNECT" {
+        return None;
+    }
+    let authority = first.next()?;
+    let target: SocketAddr = authority.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Some((target, headers))
+}
+
+impl Tunnel {
+    /// The tunnel of a sidecar.
+    pub fn new(shared: Arc<crate::proxy::Shared>) -> Self {
+        Tunnel { shared }
+    }
+
+    /// What TLS a CONNECT request asks for: (how, CA, h2).
+    fn plan(
+        &self,
+        headers: &HashMap<String, String>,
+    ) -> Option<(UpstreamTls, Arc<RootCertStore>, bool)> {
+        let h2 = headers.get(ALPN_HEADER).is_some_and(|a| a == "h2");
+        match headers.get(TLS_HEADER)?.as_str() {
+            "mesh" => {
+                let mesh = self.shared.mesh.as_ref()?;
+                let expected = headers.get(EXPECT_HEADER).cloned();
+                Some((UpstreamTls::Mesh { expected }, Arc::clone(&mesh.roots), h2))
+            }
+            "originate" => {
+                let route = headers.get(ROUTE_HEADER)?;
+                let roots = self.shared.origination.route(route)?;
+                let server_name =
+                    ServerName::try_from(headers.get(SERVER_NAME_HEADER)?.clone()).ok()?;
+                Some((
+                    UpstreamTls::Originate {
+                        route: route.clone(),
+                        server_name,
+                    },
+                    Arc::clone(roots),
+                    h2,
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    async fn serve(&self, mut stream: pingora::protocols::Stream) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut head = Vec::with_capacity(512);
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if head.len() >= MAX_CONNECT_HEAD || !matches!(stream.read(&mut byte).await, Ok(1)) {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let Some((target, headers)) = parse_connect(&head) else {
+            let _ = stream
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            return;
+        };
+        let Some((tls, roots, h2)) = self.plan(&headers) else {
+            let _ = stream
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            return;
+        };
+        let connect = TlsConnect {
+            tls,
+            roots,
+            mesh: self.shared.mesh.as_deref(),
+            h2,
+            slot: Slot::default(),
+            metrics: &self.shared.metrics,
+        };
+        match connect.open(target).await {
+            Ok((mut upstream, id)) => {
+                let answer = match id {
+                    Some(id) => format!("HTTP/1.1 200 OK\r\n{PEER_IDENTITY_HEADER}: {id}\r\n\r\n"),
+                    None => "HTTP/1.1 200 OK\r\n\r\n".to_owned(),
+                };
+                if stream.write_all(answer.as_bytes()).await.is_err()
+                    || stream.flush().await.is_err()
+                {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+            }
+            Err(label) => {
+                let answer = format!(
+                    "HTTP/1.1 502 Bad Gateway\r\n{TRANSPORT_ERROR_HEADER}: {label}\r\ncontent-length: 0\r\n\r\n"
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.flush().await;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl pingora::apps::ServerApp for Tunnel {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: pingora::protocols::Stream,
+        _shutdown: &pingora::server::ShutdownWatch,
+    ) -> Option<pingora::protocols::Stream> {
+        self.serve(stream).await;
+        None
     }
 }
 
@@ -729,14 +785,13 @@ impl OriginationRoots {
         Ok(roots)
     }
 
-    /// The CA of `tls_origination[index]`.
-    pub(crate) fn entry(&self, index: usize) -> Option<&Arc<RootCertStore>> {
+    /// The CA at `route` (`upstream:<name>` or `tls_origination:<index>`).
+    pub(crate) fn route(&self, route: &str) -> Option<&Arc<RootCertStore>> {
+        if let Some(name) = route.strip_prefix("upstream:") {
+            return self.upstreams.get(name);
+        }
+        let index: usize = route.strip_prefix("tls_origination:")?.parse().ok()?;
         self.entries.get(index)
-    }
-
-    /// The CA of the explicit upstream `name`.
-    pub(crate) fn upstream(&self, name: &str) -> Option<&Arc<RootCertStore>> {
-        self.upstreams.get(name)
     }
 }
 

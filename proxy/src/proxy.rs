@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{Config, IdentitySource, OutboundMode, Upstream};
 use crate::export::HopSink;
 use crate::inflight::{InFlightGuard, InFlightRequest, InFlightTable};
-use crate::mesh::{MeshPeerCert, Outcome, TlsConnect, UpstreamTls};
+use crate::mesh::{MeshPeerCert, UpstreamTls};
 use crate::metrics::{ContextLabels, Metrics, RequestLabels, VerdictLabels, status_class};
 use crate::policy_store::PolicyStore;
 
@@ -72,6 +72,8 @@ pub struct Shared {
     pub mesh: Option<Arc<crate::mesh::MeshTls>>,
     /// The CAs of TLS origination.
     pub origination: crate::mesh::OriginationRoots,
+    /// The Unix socket of the TLS tunnel (with mesh mTLS or TLS origination).
+    pub tunnel: Option<std::path::PathBuf>,
 }
 
 /// Which side of the application a proxy serves.
@@ -140,8 +142,6 @@ pub struct HopCtx {
     identity_mismatch: &'static str,
     /// How the upstream is reached over TLS (outbound), if it is.
     upstream_tls: Option<UpstreamTls>,
-    /// What the upstream TLS handshake came to.
-    tls_outcome: Option<Arc<std::sync::Mutex<Outcome>>>,
 }
 
 impl HopCtx {
@@ -173,7 +173,6 @@ impl HopCtx {
             transport_error: "",
             identity_mismatch: "",
             upstream_tls: None,
-            tls_outcome: None,
         }
     }
 }
@@ -921,8 +920,8 @@ impl DirectionProxy {
                 return Some((addr, Some(UpstreamTls::Mesh { expected })));
             }
             if let Some(tls) = &upstream.tls {
-                let roots = shared.origination.upstream(name)?;
-                let tls = UpstreamTls::originate(tls, roots, host.unwrap_or(name))?;
+                let route = format!("upstream:{name}");
+                let tls = UpstreamTls::originate(tls, route, host.unwrap_or(name))?;
                 return Some((addr, Some(tls)));
             }
         }
@@ -940,8 +939,8 @@ impl DirectionProxy {
                 .enumerate()
                 .find(|(_, e)| e.host.eq_ignore_ascii_case(host))
         {
-            let roots = shared.origination.entry(index)?;
-            let tls = UpstreamTls::originate(&entry.tls(), roots, host)?;
+            let route = format!("tls_origination:{index}");
+            let tls = UpstreamTls::originate(&entry.tls(), route, host)?;
             let addr = entry
                 .port
                 .map_or(addr, |port| SocketAddr::new(addr.ip(), port));
@@ -1019,6 +1018,26 @@ impl DirectionProxy {
     }
 }
 
+/// The tunnel's refusal in a failed connection's error chain. (Walked by
+/// hand: pingora stores causes boxed once more, which `root_cause` misses.)
+fn tunnel_answer(e: &pingora::Error) -> Option<&ResponseHeader> {
+    use pingora::protocols::raw_connect::ConnectProxyError;
+    let mut cause = e.cause.as_deref();
+    while let Some(c) = cause {
+        if let Some(refused) = c
+            .downcast_ref::<ConnectProxyError>()
+            .or_else(|| c.downcast_ref::<Box<ConnectProxyError>>().map(|b| &**b))
+        {
+            return Some(&refused.response);
+        }
+        cause = c
+            .downcast_ref::<pingora::Error>()
+            .or_else(|| c.downcast_ref::<Box<pingora::Error>>().map(|b| &**b))
+            .and_then(|inner| inner.cause.as_deref());
+    }
+    None
+}
+
 /// The connection 5-tuple of a TCP hop, when both ends are known: what the
 /// control plane joins with node-agent flows.
 pub(crate) fn tcp_five_tuple(
@@ -1076,33 +1095,73 @@ impl ProxyHttp for DirectionProxy {
             pingora::Error::explain(pingora::ErrorType::InternalError, "no upstream chosen")
         })?;
         let h2 = session.is_http2();
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let mut peer = match (&ctx.upstream_tls, &self.shared.tunnel) {
+            // TLS through the sidecar's tunnel, as through a CONNECT proxy:
+            // pooled apart from plaintext (the tunnel and its headers are
+            // part of the pool key).
+            (Some(tls), Some(tunnel)) => HttpPeer::new_proxy(
+                &tunnel.to_string_lossy(),
+                addr.ip(),
+                addr.port(),
+                false,
+                "",
+                tls.connect_headers(h2),
+            ),
+            (Some(_), None) => {
+                return Err(pingora::Error::explain(
+                    pingora::ErrorType::InternalError,
+                    "no TLS tunnel",
+                ));
+            }
+            (None, _) => HttpPeer::new(addr, false, String::new()),
+        };
         if h2 {
             peer.options.set_http_version(2, 2);
         }
-        if let Some(tls) = ctx.upstream_tls.clone() {
-            // TLS under pingora's HTTP: its own pool key, so a TLS
-            // connection is never handed to a plaintext request or back.
-            peer.group_key = tls.group_key(h2);
-            let connect = TlsConnect::new(
-                tls,
-                self.shared.mesh.clone(),
-                h2,
-                Arc::clone(&self.shared.metrics),
-            );
-            ctx.tls_outcome = Some(connect.outcome());
-            peer.options.custom_l4 = Some(Arc::new(connect));
-        }
         Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut HopCtx,
+    ) -> pingora::Result<()> {
+        // The tunnel's answer stays with the connection, pooled or new.
+        if ctx.upstream_tls.is_some() {
+            ctx.peer_identity = digest
+                .and_then(|d| d.proxy_digest.as_ref())
+                .and_then(|p| p.response.headers.get(crate::mesh::PEER_IDENTITY_HEADER))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            if self.direction == Direction::Outbound {
+                ctx.peer = ctx
+                    .peer_identity
+                    .as_deref()
+                    .and_then(|id| WorkloadId::parse_uri(id).ok());
+            }
+        }
+        Ok(())
     }
 
     fn fail_to_connect(
         &self,
         _session: &mut Session,
         _peer: &HttpPeer,
-        _ctx: &mut HopCtx,
+        ctx: &mut HopCtx,
         e: Box<pingora::Error>,
     ) -> Box<pingora::Error> {
+        if ctx.upstream_tls.is_some() {
+            ctx.transport_error = tunnel_answer(&e)
+                .and_then(|r| r.headers.get(crate::mesh::TRANSPORT_ERROR_HEADER))
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::mesh::transport_error)
+                .unwrap_or("connect_failed");
+        }
         // The upstream could not be reached (or failed its TLS check): 502.
         e.into_up()
     }
@@ -1207,26 +1266,6 @@ impl ProxyHttp for DirectionProxy {
             })
             .inc();
         shared.count_context(ctx.outcome, ctx.reason);
-        if let Some(slot) = &ctx.tls_outcome {
-            let outcome = slot.lock().map_or(Outcome::Pending, |s| s.clone());
-            match outcome {
-                Outcome::Verified(id) => ctx.peer_identity = id,
-                Outcome::Failed(label) => ctx.transport_error = label,
-                // A pooled connection: what its address proved when it was made.
-                Outcome::Pending => {
-                    if let (Some(UpstreamTls::Mesh { .. }), Some(mesh), Some(addr)) =
-                        (&ctx.upstream_tls, &shared.mesh, ctx.upstream)
-                    {
-                        ctx.peer_identity = mesh.proven(addr);
-                    }
-                }
-            }
-            if self.direction == Direction::Outbound
-                && let Some(id) = &ctx.peer_identity
-            {
-                ctx.peer = WorkloadId::parse_uri(id).ok();
-            }
-        }
         let hop = self.hop_event(session, ctx, status);
         shared.hops.emit(hop);
     }

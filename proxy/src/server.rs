@@ -238,6 +238,16 @@ impl Sidecar {
             None => None,
         };
         let origination = crate::mesh::OriginationRoots::load(&config).map_err(BuildError::Tls)?;
+        let tls_upstreams = matches!(&config.outbound, crate::config::OutboundMode::Explicit { upstreams, .. }
+            if upstreams.values().any(|u| u.tls.is_some()));
+        let tunnel =
+            (mesh.is_some() || !config.tls_origination.is_empty() || tls_upstreams).then(|| {
+                std::env::temp_dir().join(format!(
+                    "custody-tls-tunnel-{}-{:016x}.sock",
+                    std::process::id(),
+                    rand::random::<u64>()
+                ))
+            });
         let db = crate::db::Engines::new(&config).map_err(BuildError::Database)?;
         let taint_ttl =
             std::time::Duration::from_secs(config.signing.token_ttl_secs.unwrap_or(300).max(60));
@@ -246,6 +256,7 @@ impl Sidecar {
             db,
             mesh,
             origination,
+            tunnel,
             bearer,
             workload,
             workload_uri,
@@ -295,6 +306,19 @@ impl Sidecar {
                 service.add_tcp(&listen.to_string());
                 server.add_service(service);
             }
+        }
+        if let Some(path) = &shared.tunnel {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mut service = Service::new(
+                "custody tls tunnel".to_owned(),
+                crate::mesh::Tunnel::new(Arc::clone(&shared)),
+            );
+            // Only this sidecar's user may open TLS with its certificate.
+            service.add_uds(
+                &path.to_string_lossy(),
+                Some(std::fs::Permissions::from_mode(0o600)),
+            );
+            server.add_service(service);
         }
         let mut admin = Service::new(
             "custody admin".to_owned(),

@@ -57,18 +57,45 @@ fn the_spiffe_id_is_the_first_spiffe_uri_san() {
 }
 
 #[test]
-fn tls_settings_have_pool_keys_of_their_own() {
+fn tls_settings_ask_the_tunnel_with_headers_of_their_own() {
     let mesh = |expected: Option<&str>| UpstreamTls::Mesh {
         expected: expected.map(str::to_owned),
     };
-    let a = mesh(None).group_key(false);
-    assert_ne!(a, 0, "0 is the plaintext pool");
-    assert_eq!(a, mesh(None).group_key(false));
-    assert_ne!(a, mesh(None).group_key(true));
-    assert_ne!(a, mesh(Some("spiffe://td/ns/a/sa/b")).group_key(false));
-    let originate = UpstreamTls::Originate {
-        roots: Arc::new(RootCertStore::empty()),
-        server_name: ServerName::try_from("api.example").unwrap(),
-    };
-    assert_ne!(originate.group_key(false), a);
+    let a = mesh(None).connect_headers(false);
+    assert_eq!(a[TLS_HEADER], b"mesh");
+    assert_eq!(a[ALPN_HEADER], b"http/1.1");
+    assert!(!a.contains_key(EXPECT_HEADER));
+    assert_ne!(a, mesh(None).connect_headers(true));
+    let b = mesh(Some("spiffe://td/ns/a/sa/b")).connect_headers(false);
+    assert_eq!(b[EXPECT_HEADER], b"spiffe://td/ns/a/sa/b");
+    let originate = UpstreamTls::originate(
+        &crate::config::OriginateTls {
+            server_name: None,
+            ca_file: "/ca".into(),
+        },
+        "tls_origination:0".into(),
+        "api.example",
+    )
+    .unwrap()
+    .connect_headers(false);
+    assert_eq!(originate[TLS_HEADER], b"originate");
+    assert_eq!(originate[SERVER_NAME_HEADER], b"api.example");
+    assert_eq!(originate[ROUTE_HEADER], b"tls_origination:0");
+}
+
+#[test]
+fn connect_requests_are_parsed_and_errors_are_bounded() {
+    let (target, headers) = parse_connect(
+        b"CONNECT 10.0.0.5:8080 HTTP/1.1\r\nHost: 10.0.0.5:8080\r\nX-Custody-TLS: mesh\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(target, "10.0.0.5:8080".parse().unwrap());
+    assert_eq!(headers[TLS_HEADER], "mesh");
+    assert!(parse_connect(b"GET / HTTP/1.1\r\n\r\n").is_none());
+    assert!(parse_connect(b"CONNECT nowhere HTTP/1.1\r\n\r\n").is_none());
+    assert_eq!(
+        transport_error("peer_identity_mismatch"),
+        Some("peer_identity_mismatch")
+    );
+    assert_eq!(transport_error("anything else"), None);
 }
