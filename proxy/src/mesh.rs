@@ -728,6 +728,18 @@ impl Tunnel {
                 {
                     return;
                 }
+                // Nothing from the server is relayed before pingora's first
+                // bytes: pingora reads this answer with a buffered read and
+                // would drop whatever came with it (an HTTP/2 server's
+                // SETTINGS, sent at once).
+                let mut first = vec![0u8; 16 * 1024];
+                let n = match stream.read(&mut first).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if upstream.write_all(&first[..n]).await.is_err() {
+                    return;
+                }
                 let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
             }
             Err(label) => {
