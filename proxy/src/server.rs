@@ -352,7 +352,11 @@ impl Sidecar {
     /// Runs until SIGTERM (graceful: stop accepting, drain for the grace
     /// period, exit), SIGINT (fast) or SIGQUIT.
     pub fn run(self) {
+        let tunnel = self.shared.tunnel.clone();
         self.server.run(RunArgs::default());
+        if let Some(path) = tunnel {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// Runs in a thread of its own until [`Running::stop`].
@@ -412,6 +416,9 @@ impl Running {
         self.stop.send_replace(Some(true));
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+        if let Some(path) = &self.shared.tunnel {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
