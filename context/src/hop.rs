@@ -105,6 +105,9 @@ pub fn validate(hop: &HopEvent) -> Result<(), HopError> {
     bounded("operation", &hop.operation)?;
     bounded("refusal_reason", &hop.refusal_reason)?;
     bounded("key_id", &hop.key_id)?;
+    bounded("peer_identity", &hop.peer_identity)?;
+    bounded("transport_error", &hop.transport_error)?;
+    bounded("identity_mismatch", &hop.identity_mismatch)?;
     bounded_list("workloads", &hop.workloads)?;
     bounded_list("taint", &hop.taint)?;
     if let Some(initiator) = &hop.initiator {

@@ -25,7 +25,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use custody_context::token::InitiatorKind;
@@ -107,6 +107,248 @@ pub struct Config {
     /// How database results are classified.
     #[serde(default)]
     pub classification: ClassificationConfig,
+    /// Mutual TLS between sidecars, with SPIFFE IDs in the certificates
+    /// (off when unset).
+    #[serde(default)]
+    pub mesh_tls: Option<MeshTlsConfig>,
+    /// External destinations the application calls in plain HTTP that the
+    /// sidecar calls over TLS (TLS origination), by host.
+    #[serde(default)]
+    pub tls_origination: Vec<OriginationConfig>,
+}
+
+/// Mutual TLS between sidecars.
+///
+/// Every sidecar holds a certificate whose URI SAN is its workload's SPIFFE
+/// ID (`spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>`),
+/// issued by the mesh CA in `ca_file`. Inbound, a connection whose first
+/// byte opens a TLS handshake (0x16) is mesh mTLS on the same port as
+/// plaintext; outbound, calls to the destinations in `peers` (and to
+/// explicit upstreams with `mesh: true`) go out over mTLS.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshTlsConfig {
+    /// This sidecar's certificate chain (PEM); the leaf carries its SPIFFE ID.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
+    /// The mesh CA (PEM): peers' certificates must chain to it.
+    pub ca_file: PathBuf,
+    /// Whether plaintext is still accepted inbound (default `permissive`).
+    #[serde(default)]
+    pub mode: MeshTlsMode,
+    /// Outbound destinations that are mesh peers: a host (`orders`, an
+    /// explicit upstream name), a host suffix (`*.svc.cluster.local` or
+    /// `.svc.cluster.local`), an address or a CIDR (`10.0.0.0/8`); or
+    /// `{ destination, identity }` to also require the server's SPIFFE ID.
+    #[serde(default)]
+    pub peers: Vec<MeshPeer>,
+}
+
+/// Whether inbound plaintext is accepted next to mesh mTLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MeshTlsMode {
+    /// mTLS and plaintext both accepted; hops say which.
+    #[default]
+    Permissive,
+    /// Only mTLS: plaintext connections are closed.
+    Strict,
+}
+
+/// An outbound destination that is a mesh peer.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(from = "MeshPeerEntry")]
+pub struct MeshPeer {
+    /// Host, host suffix, address or CIDR.
+    pub destination: String,
+    /// The SPIFFE ID the server must show; any in the trust domain when unset.
+    pub identity: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    deny_unknown_fields,
+    expecting = "a host, host suffix, address or CIDR, or { destination, identity }"
+)]
+enum MeshPeerEntry {
+    Pattern(String),
+    Detailed {
+        destination: String,
+        #[serde(default)]
+        identity: Option<String>,
+    },
+}
+
+impl From<MeshPeerEntry> for MeshPeer {
+    fn from(entry: MeshPeerEntry) -> Self {
+        match entry {
+            MeshPeerEntry::Pattern(destination) => MeshPeer {
+                destination,
+                identity: None,
+            },
+            MeshPeerEntry::Detailed {
+                destination,
+                identity,
+            } => MeshPeer {
+                destination,
+                identity,
+            },
+        }
+    }
+}
+
+/// Parses `a.b.c.d/n` or `x::y/n`.
+fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
+    let (ip, bits) = text.split_once('/')?;
+    let ip: IpAddr = ip.parse().ok()?;
+    let bits: u8 = bits.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (bits <= max).then_some((ip, bits))
+}
+
+fn in_cidr(ip: IpAddr, (net, bits): (IpAddr, u8)) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+impl MeshPeer {
+    /// Whether a destination named `host` (lowercase) at `ip` is this peer.
+    pub fn matches(&self, host: Option<&str>, ip: Option<IpAddr>) -> bool {
+        let pattern = self.destination.as_str();
+        if let Some(cidr) = parse_cidr(pattern) {
+            return ip.is_some_and(|ip| in_cidr(ip, cidr));
+        }
+        if let Ok(addr) = pattern.parse::<IpAddr>() {
+            return ip == Some(addr);
+        }
+        let Some(host) = host else {
+            return false;
+        };
+        match pattern
+            .strip_prefix("*.")
+            .or_else(|| pattern.strip_prefix('.'))
+        {
+            Some(suffix) => host
+                .strip_suffix(suffix)
+                .is_some_and(|head| head.ends_with('.')),
+            None => host.eq_ignore_ascii_case(pattern),
+        }
+    }
+}
+
+/// An explicit upstream: an address, or an address with how to reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(from = "UpstreamEntry")]
+pub struct Upstream {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// A mesh peer: called over mesh mTLS (needs `mesh_tls`).
+    pub mesh: bool,
+    /// With `mesh`: the SPIFFE ID the server must show.
+    pub identity: Option<String>,
+    /// An external server called over TLS (TLS origination).
+    pub tls: Option<OriginateTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    deny_unknown_fields,
+    expecting = "an address (\"ip:port\"), or { address, mesh, identity, tls: { server_name, ca_file } }"
+)]
+enum UpstreamEntry {
+    Address(SocketAddr),
+    Detailed {
+        address: SocketAddr,
+        #[serde(default)]
+        mesh: bool,
+        #[serde(default)]
+        identity: Option<String>,
+        #[serde(default)]
+        tls: Option<OriginateTls>,
+    },
+}
+
+impl From<UpstreamEntry> for Upstream {
+    fn from(entry: UpstreamEntry) -> Self {
+        match entry {
+            UpstreamEntry::Address(address) => Upstream::plain(address),
+            UpstreamEntry::Detailed {
+                address,
+                mesh,
+                identity,
+                tls,
+            } => Upstream {
+                address,
+                mesh,
+                identity,
+                tls,
+            },
+        }
+    }
+}
+
+impl Upstream {
+    /// An upstream reached in plaintext.
+    pub fn plain(address: SocketAddr) -> Self {
+        Upstream {
+            address,
+            mesh: false,
+            identity: None,
+            tls: None,
+        }
+    }
+}
+
+/// TLS the sidecar opens to an external server.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginateTls {
+    /// The name sent (SNI) and checked in the server's certificate; the
+    /// request's host when unset.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// The CA the server's certificate must chain to (PEM).
+    pub ca_file: PathBuf,
+}
+
+/// TLS origination for one external host (any outbound mode).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginationConfig {
+    /// The host the application names (`Host` / `:authority`), lowercase.
+    pub host: String,
+    /// The server's TLS port, replacing the port the application called
+    /// (default 443); explicit upstreams keep their address when unset.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// The name sent (SNI) and checked in the server's certificate; `host`
+    /// when unset.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// The CA the server's certificate must chain to (PEM).
+    pub ca_file: PathBuf,
+}
+
+impl OriginationConfig {
+    /// Its server name and CA.
+    pub fn tls(&self) -> OriginateTls {
+        OriginateTls {
+            server_name: self.server_name.clone(),
+            ca_file: self.ca_file.clone(),
+        }
+    }
 }
 
 fn default_databases() -> Vec<DatabaseConfig> {
@@ -413,9 +655,11 @@ pub enum OutboundMode {
     /// Destinations by `Host` / `:authority` (with or without port) for
     /// local runs and tests.
     Explicit {
-        /// Host (or `host:port`) to address.
+        /// Host (or `host:port`) to address: `"127.0.0.1:9090"`, or
+        /// `{ address, mesh: true, identity }` for a mesh peer, or
+        /// `{ address, tls: { server_name, ca_file } }` for TLS origination.
         #[serde(default)]
-        upstreams: BTreeMap<String, SocketAddr>,
+        upstreams: BTreeMap<String, Upstream>,
         /// Where hosts not in the map go; unset refuses them (502).
         #[serde(default)]
         default: Option<SocketAddr>,
@@ -743,6 +987,7 @@ impl Config {
             ));
         }
         self.validate_databases()?;
+        self.validate_tls()?;
         if let Some(file) = &self.signing.seed_file
             && file.as_os_str().is_empty()
         {
@@ -831,9 +1076,98 @@ impl Config {
         Ok(())
     }
 
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let domain = format!("spiffe://{}/", self.workload.trust_domain);
+        let check_identity = |field: String, identity: &Option<String>| match identity {
+            Some(id) if !id.starts_with(&domain) || WorkloadId::parse_uri(id).is_err() => {
+                Err(ConfigError::field(
+                    field,
+                    format!(
+                        "{id:?} is not a SPIFFE ID in trust domain {}",
+                        self.workload.trust_domain
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        };
+        if let Some(mesh) = &self.mesh_tls {
+            for (i, peer) in mesh.peers.iter().enumerate() {
+                if peer.destination.is_empty()
+                    || (peer.destination.contains('/') && parse_cidr(&peer.destination).is_none())
+                {
+                    return Err(ConfigError::field(
+                        format!("mesh_tls.peers[{i}].destination"),
+                        format!(
+                            "{:?} is not a host, suffix, address or CIDR",
+                            peer.destination
+                        ),
+                    ));
+                }
+                check_identity(format!("mesh_tls.peers[{i}].identity"), &peer.identity)?;
+            }
+        }
+        if let OutboundMode::Explicit { upstreams, .. } = &self.outbound {
+            for (name, upstream) in upstreams {
+                let field = format!("outbound.upstreams.{name}");
+                if upstream.mesh && self.mesh_tls.is_none() {
+                    return Err(ConfigError::field(
+                        format!("{field}.mesh"),
+                        "needs mesh_tls, the certificates of the mesh",
+                    ));
+                }
+                if upstream.mesh && upstream.tls.is_some() {
+                    return Err(ConfigError::field(
+                        format!("{field}.tls"),
+                        "a mesh peer is called over mesh mTLS, not tls",
+                    ));
+                }
+                if upstream.identity.is_some() && !upstream.mesh {
+                    return Err(ConfigError::field(
+                        format!("{field}.identity"),
+                        "needs mesh: true",
+                    ));
+                }
+                check_identity(format!("{field}.identity"), &upstream.identity)?;
+                if let Some(tls) = &upstream.tls {
+                    check_server_name(&format!("{field}.tls.server_name"), tls)?;
+                }
+            }
+        }
+        for (i, entry) in self.tls_origination.iter().enumerate() {
+            if entry.host.is_empty() {
+                return Err(ConfigError::field(
+                    format!("tls_origination[{i}].host"),
+                    "must not be empty",
+                ));
+            }
+            if entry.port == Some(0) {
+                return Err(ConfigError::field(
+                    format!("tls_origination[{i}].port"),
+                    "must not be 0",
+                ));
+            }
+            check_server_name(&format!("tls_origination[{i}].server_name"), &entry.tls())?;
+        }
+        Ok(())
+    }
+
     /// The database protocol recognised on outbound connections to `port`.
     pub fn database_on_port(&self, port: u16) -> Option<&DatabaseConfig> {
         self.databases.iter().find(|d| d.ports.contains(&port))
+    }
+}
+
+fn check_server_name(field: &str, tls: &OriginateTls) -> Result<(), ConfigError> {
+    match &tls.server_name {
+        Some(name)
+            if tokio_rustls::rustls::pki_types::ServerName::try_from(name.as_str()).is_err() =>
+        {
+            Err(ConfigError::field(
+                field,
+                format!("{name:?} is not a server name"),
+            ))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -353,6 +353,10 @@ struct HopJson<'a> {
     database: Option<DatabaseJson<'a>>,
     taint: &'a [String],
     key_id: &'a str,
+    transport_security: &'static str,
+    peer_identity: &'a str,
+    transport_error: &'a str,
+    identity_mismatch: &'a str,
 }
 
 #[derive(serde::Serialize)]
@@ -510,6 +514,12 @@ impl<'a> HopJson<'a> {
             }),
             taint: &hop.taint,
             key_id: &hop.key_id,
+            transport_security: enum_name(hop.transport_security, |t: v1::TransportSecurity| {
+                t.as_str_name()
+            }),
+            peer_identity: &hop.peer_identity,
+            transport_error: &hop.transport_error,
+            identity_mismatch: &hop.identity_mismatch,
         }
     }
 }

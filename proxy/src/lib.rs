@@ -8,6 +8,8 @@
 //! - [`tcp`]: connections that are not HTTP, passed through as TCP.
 //! - [`db`]: PostgreSQL and MySQL sessions, decoded on the side: each
 //!   statement attributed, analysed and classified.
+//! - [`mesh`]: mutual TLS between sidecars (SPIFFE IDs in certificates)
+//!   and TLS origination to external servers.
 //! - [`taint`]: the data classes each chain touched in this pod.
 //! - [`inflight`]: the pod's inbound requests in flight, for stitching.
 //! - [`policy_store`]: the policy in force, hot-swapped and persisted.
@@ -26,6 +28,7 @@ pub mod control_auth;
 pub mod db;
 pub mod export;
 pub mod inflight;
+pub mod mesh;
 pub mod metrics;
 pub mod policy_store;
 pub mod proxy;

@@ -106,6 +106,29 @@ pub struct ClassLabels {
     pub class: String,
 }
 
+/// Labels of `custody_proxy_mesh_tls_connections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MeshTlsLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Inbound: `mtls`, `plaintext` (served, permissive mode),
+    /// `plaintext_refused` (strict mode), `tls_passthrough` and
+    /// `tls_refused` (TLS that is not mesh mTLS), `handshake_failed` (including a
+    /// client certificate from another CA), `identity_refused` (no SPIFFE
+    /// ID of the trust domain). Outbound: `mtls`,
+    /// `peer_certificate_untrusted`, `peer_identity_mismatch`,
+    /// `peer_identity_missing`, `handshake_failed`, `connect_failed`.
+    pub result: &'static str,
+}
+
+/// Labels of `custody_proxy_tls_origination_connections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginationLabels {
+    /// `tls`, `peer_certificate_untrusted`, `handshake_failed` or
+    /// `connect_failed`.
+    pub result: &'static str,
+}
+
 /// All metrics of one sidecar.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -139,6 +162,10 @@ pub struct Metrics {
     pub db_annotated: Family<DbSystemLabels, Counter>,
     /// Statements whose results held a data class.
     pub data_classes: Family<ClassLabels, Counter>,
+    /// Mesh mTLS connections, by direction and result.
+    pub mesh_tls_connections: Family<MeshTlsLabels, Counter>,
+    /// TLS connections opened to external servers, by result.
+    pub tls_origination_connections: Family<OriginationLabels, Counter>,
 }
 
 impl Metrics {
@@ -219,6 +246,16 @@ impl Metrics {
             "data_classes",
             "Database statements whose results held a data class",
             self.data_classes.clone(),
+        );
+        r.register(
+            "mesh_tls_connections",
+            "Mesh mTLS connections between sidecars, by direction and result",
+            self.mesh_tls_connections.clone(),
+        );
+        r.register(
+            "tls_origination_connections",
+            "TLS connections the sidecar opened to external servers, by result",
+            self.tls_origination_connections.clone(),
         );
     }
 }

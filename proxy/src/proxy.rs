@@ -27,9 +27,10 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, IdentitySource, OutboundMode};
+use crate::config::{Config, IdentitySource, OutboundMode, Upstream};
 use crate::export::HopSink;
 use crate::inflight::{InFlightGuard, InFlightRequest, InFlightTable};
+use crate::mesh::{MeshPeerCert, UpstreamTls};
 use crate::metrics::{ContextLabels, Metrics, RequestLabels, VerdictLabels, status_class};
 use crate::policy_store::PolicyStore;
 
@@ -67,6 +68,12 @@ pub struct Shared {
     pub taint: crate::taint::TaintTable,
     /// SQL analysis and classification for database sessions.
     pub db: crate::db::Engines,
+    /// Mesh mTLS, when configured.
+    pub mesh: Option<Arc<crate::mesh::MeshTls>>,
+    /// The CAs of TLS origination.
+    pub origination: crate::mesh::OriginationRoots,
+    /// The Unix socket of the TLS tunnel (with mesh mTLS or TLS origination).
+    pub tunnel: Option<std::path::PathBuf>,
 }
 
 /// Which side of the application a proxy serves.
@@ -125,6 +132,16 @@ pub struct HopCtx {
     bytes_in: u64,
     bytes_out: u64,
     inflight: Option<InFlightGuard>,
+    /// How the connection to or from the peer is secured.
+    transport: v1::TransportSecurity,
+    /// The peer's SPIFFE ID as verified by mesh mTLS.
+    peer_identity: Option<String>,
+    /// Why TLS toward the upstream failed, if it did.
+    transport_error: &'static str,
+    /// Why the chain disagrees with the verified peer, if it does.
+    identity_mismatch: &'static str,
+    /// How the upstream is reached over TLS (outbound), if it is.
+    upstream_tls: Option<UpstreamTls>,
 }
 
 impl HopCtx {
@@ -151,6 +168,11 @@ impl HopCtx {
             bytes_in: 0,
             bytes_out: 0,
             inflight: None,
+            transport: v1::TransportSecurity::Plaintext,
+            peer_identity: None,
+            transport_error: "",
+            identity_mismatch: "",
+            upstream_tls: None,
         }
     }
 }
@@ -380,6 +402,18 @@ impl Shared {
     }
 }
 
+/// How an inbound connection is secured, and the client's SPIFFE ID when
+/// mesh mTLS verified it.
+fn inbound_transport(session: &Session) -> (v1::TransportSecurity, Option<String>) {
+    match session.digest().and_then(|d| d.ssl_digest.as_ref()) {
+        Some(ssl) => match ssl.extension.get::<MeshPeerCert>() {
+            Some(peer) => (v1::TransportSecurity::MeshMtls, peer.spiffe_id.clone()),
+            None => (v1::TransportSecurity::Tls, None),
+        },
+        None => (v1::TransportSecurity::Plaintext, None),
+    }
+}
+
 fn peer_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
@@ -519,6 +553,13 @@ impl DirectionProxy {
         let incoming_tp = header_str(req, TRACEPARENT).and_then(|v| TraceParent::parse(v).ok());
         let token = header_str(req, TOKEN_HEADER).map(str::to_owned);
         let peer_ip = peer_ip(session);
+        let (transport, mtls_peer) = inbound_transport(session);
+        ctx.transport = transport;
+        ctx.peer_identity.clone_from(&mtls_peer);
+        // The mTLS-verified peer outranks what a token says of it.
+        ctx.peer = mtls_peer
+            .as_deref()
+            .and_then(|id| WorkloadId::parse_uri(id).ok());
 
         let mut verified = None;
         if let Some(token) = token {
@@ -526,10 +567,32 @@ impl DirectionProxy {
                 Ok(v) => {
                     ctx.outcome = v1::ContextOutcome::Propagated;
                     ctx.attribution = HopAttribution::PROPAGATED;
-                    ctx.peer = v
-                        .claims
-                        .last_workload()
-                        .and_then(|w| WorkloadId::parse_uri(w).ok());
+                    let last = v.claims.last_workload();
+                    match mtls_peer.as_deref() {
+                        Some(id) if last != Some(id) => {
+                            ctx.identity_mismatch = "token_workload_mismatch";
+                            tracing::info!(
+                                message = "txn-token last workload is not the mTLS peer",
+                                peer_identity = %id,
+                                token_workload = ?last,
+                            );
+                            if shared.config.inbound.refuse_invalid_tokens {
+                                ctx.outcome = v1::ContextOutcome::Refused;
+                                ctx.reason = "peer_mismatch";
+                                let body = serde_json::json!({
+                                    "error": "invalid_txn_token",
+                                    "reason": "peer_mismatch",
+                                });
+                                let msg = "invalid txn-token: peer_mismatch";
+                                refuse(session, ctx, 401, 16, body, msg).await?;
+                                return Ok(true);
+                            }
+                        }
+                        Some(_) => {}
+                        None => {
+                            ctx.peer = last.and_then(|w| WorkloadId::parse_uri(w).ok());
+                        }
+                    }
                     verified = Some((v, token));
                 }
                 Err(error) => {
@@ -583,9 +646,18 @@ impl DirectionProxy {
                         if ctx.outcome != v1::ContextOutcome::Refused {
                             ctx.outcome = v1::ContextOutcome::Missing;
                         }
-                        let sub = peer_ip
-                            .map_or_else(|| "peer:unknown".to_owned(), |ip| format!("peer:{ip}"));
-                        ((sub, InitiatorKind::Service, None), "peer")
+                        // Attributed to the peer: its verified workload
+                        // identity when mesh mTLS proved one, else its address.
+                        match &mtls_peer {
+                            Some(id) => ((id.clone(), InitiatorKind::Service, None), "mtls"),
+                            None => {
+                                let sub = peer_ip.map_or_else(
+                                    || "peer:unknown".to_owned(),
+                                    |ip| format!("peer:{ip}"),
+                                );
+                                ((sub, InitiatorKind::Service, None), "peer")
+                            }
+                        }
                     }
                 };
                 match shared.mint(txn, initiator, peer_ip, Some(authn)) {
@@ -728,16 +800,18 @@ impl DirectionProxy {
             .and_then(|s| s.original_dst())
             .and_then(|a| a.as_inet())
             .copied();
-        let upstream = match &shared.config.outbound {
-            OutboundMode::Explicit { upstreams, default } => named
-                .as_ref()
-                .and_then(|(host, port)| {
-                    port.and_then(|p| upstreams.get(&format!("{host}:{p}")))
-                        .or_else(|| upstreams.get(host))
-                })
-                .or(default.as_ref())
-                .copied(),
-            OutboundMode::Transparent => original_dst,
+        let (upstream, entry) = match &shared.config.outbound {
+            OutboundMode::Explicit { upstreams, default } => {
+                let found = named.as_ref().and_then(|(host, port)| {
+                    port.and_then(|p| upstreams.get_key_value(&format!("{host}:{p}")))
+                        .or_else(|| upstreams.get_key_value(host.as_str()))
+                });
+                match found {
+                    Some((name, u)) => (Some(u.address), Some((name.as_str(), u))),
+                    None => (*default, None),
+                }
+            }
+            OutboundMode::Transparent => (original_dst, None),
         };
         // The port the application asked for: the authority's, else the one
         // it dialled (transparent), else the cleartext HTTP default.
@@ -801,16 +875,78 @@ impl DirectionProxy {
             return Ok(true);
         }
         match upstream {
-            Some(addr) => {
-                ctx.upstream = Some(addr);
-                Ok(false)
-            }
+            Some(addr) => match self.upstream_tls(addr, host, entry) {
+                Some((addr, tls)) => {
+                    ctx.transport = match tls {
+                        Some(UpstreamTls::Mesh { .. }) => v1::TransportSecurity::MeshMtls,
+                        Some(UpstreamTls::Originate { .. }) => v1::TransportSecurity::TlsOriginated,
+                        None => v1::TransportSecurity::Plaintext,
+                    };
+                    ctx.upstream_tls = tls;
+                    ctx.upstream = Some(addr);
+                    Ok(false)
+                }
+                None => {
+                    ctx.transport = v1::TransportSecurity::TlsOriginated;
+                    ctx.transport_error = "handshake_failed";
+                    let body = serde_json::json!({ "error": "upstream_tls", "chain": chain });
+                    refuse(session, ctx, 502, 14, body, "no TLS to the upstream").await?;
+                    Ok(true)
+                }
+            },
             None => {
                 let body = serde_json::json!({ "error": "no_upstream", "chain": chain });
                 refuse(session, ctx, 502, 14, body, "no upstream for destination").await?;
                 Ok(true)
             }
         }
+    }
+
+    /// Whether and how `addr` (named `host`, an explicit upstream `entry`)
+    /// is reached over TLS: mesh mTLS for mesh peers, TLS origination for
+    /// the external hosts configured; the address may change to the TLS
+    /// port. `None` when TLS is due but cannot be set up (a host that is no
+    /// server name).
+    fn upstream_tls(
+        &self,
+        addr: SocketAddr,
+        host: Option<&str>,
+        entry: Option<(&str, &Upstream)>,
+    ) -> Option<(SocketAddr, Option<UpstreamTls>)> {
+        let shared = &self.shared;
+        if let Some((name, upstream)) = entry {
+            if upstream.mesh {
+                let expected = upstream.identity.clone();
+                return Some((addr, Some(UpstreamTls::Mesh { expected })));
+            }
+            if let Some(tls) = &upstream.tls {
+                let route = format!("upstream:{name}");
+                let tls = UpstreamTls::originate(tls, route, host.unwrap_or(name))?;
+                return Some((addr, Some(tls)));
+            }
+        }
+        if let Some(mesh) = &shared.config.mesh_tls
+            && let Some(peer) = mesh.peers.iter().find(|p| p.matches(host, Some(addr.ip())))
+        {
+            let expected = peer.identity.clone();
+            return Some((addr, Some(UpstreamTls::Mesh { expected })));
+        }
+        if let Some(host) = host
+            && let Some((index, entry)) = shared
+                .config
+                .tls_origination
+                .iter()
+                .enumerate()
+                .find(|(_, e)| e.host.eq_ignore_ascii_case(host))
+        {
+            let route = format!("tls_origination:{index}");
+            let tls = UpstreamTls::originate(&entry.tls(), route, host)?;
+            let addr = entry
+                .port
+                .map_or(addr, |port| SocketAddr::new(addr.ip(), port));
+            return Some((addr, Some(tls)));
+        }
+        Some((addr, None))
     }
 
     fn hop_event(&self, session: &Session, ctx: &HopCtx, status: u32) -> HopEvent {
@@ -874,8 +1010,32 @@ impl DirectionProxy {
                 .map(|c| c.custody.taint.iter().cloned().collect())
                 .unwrap_or_default(),
             key_id: token.map(|t| t.kid.clone()).unwrap_or_default(),
+            transport_security: ctx.transport as i32,
+            peer_identity: ctx.peer_identity.clone().unwrap_or_default(),
+            transport_error: ctx.transport_error.to_owned(),
+            identity_mismatch: ctx.identity_mismatch.to_owned(),
         }
     }
+}
+
+/// The tunnel's refusal in a failed connection's error chain. (Walked by
+/// hand: pingora stores causes boxed once more, which `root_cause` misses.)
+fn tunnel_answer(e: &pingora::Error) -> Option<&ResponseHeader> {
+    use pingora::protocols::raw_connect::ConnectProxyError;
+    let mut cause = e.cause.as_deref();
+    while let Some(c) = cause {
+        if let Some(refused) = c
+            .downcast_ref::<ConnectProxyError>()
+            .or_else(|| c.downcast_ref::<Box<ConnectProxyError>>().map(|b| &**b))
+        {
+            return Some(&refused.response);
+        }
+        cause = c
+            .downcast_ref::<pingora::Error>()
+            .or_else(|| c.downcast_ref::<Box<pingora::Error>>().map(|b| &**b))
+            .and_then(|inner| inner.cause.as_deref());
+    }
+    None
 }
 
 /// The connection 5-tuple of a TCP hop, when both ends are known: what the
@@ -934,11 +1094,76 @@ impl ProxyHttp for DirectionProxy {
         let addr = ctx.upstream.ok_or_else(|| {
             pingora::Error::explain(pingora::ErrorType::InternalError, "no upstream chosen")
         })?;
-        let mut peer = HttpPeer::new(addr, false, String::new());
-        if session.is_http2() {
+        let h2 = session.is_http2();
+        let mut peer = match (&ctx.upstream_tls, &self.shared.tunnel) {
+            // TLS through the sidecar's tunnel, as through a CONNECT proxy:
+            // pooled apart from plaintext (the tunnel and its headers are
+            // part of the pool key).
+            (Some(tls), Some(tunnel)) => HttpPeer::new_proxy(
+                &tunnel.to_string_lossy(),
+                addr.ip(),
+                addr.port(),
+                false,
+                "",
+                tls.connect_headers(h2),
+            ),
+            (Some(_), None) => {
+                return Err(pingora::Error::explain(
+                    pingora::ErrorType::InternalError,
+                    "no TLS tunnel",
+                ));
+            }
+            (None, _) => HttpPeer::new(addr, false, String::new()),
+        };
+        if h2 {
             peer.options.set_http_version(2, 2);
         }
         Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut HopCtx,
+    ) -> pingora::Result<()> {
+        // The tunnel's answer stays with the connection, pooled or new.
+        if ctx.upstream_tls.is_some() {
+            ctx.peer_identity = digest
+                .and_then(|d| d.proxy_digest.as_ref())
+                .and_then(|p| p.response.headers.get(crate::mesh::PEER_IDENTITY_HEADER))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            if self.direction == Direction::Outbound {
+                ctx.peer = ctx
+                    .peer_identity
+                    .as_deref()
+                    .and_then(|id| WorkloadId::parse_uri(id).ok());
+            }
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut HopCtx,
+        e: Box<pingora::Error>,
+    ) -> Box<pingora::Error> {
+        if ctx.upstream_tls.is_some() {
+            ctx.transport_error = tunnel_answer(&e)
+                .and_then(|r| r.headers.get(crate::mesh::TRANSPORT_ERROR_HEADER))
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::mesh::transport_error)
+                .unwrap_or("connect_failed");
+        }
+        // The upstream could not be reached (or failed its TLS check): 502.
+        e.into_up()
     }
 
     async fn upstream_request_filter(

@@ -51,7 +51,8 @@ pub enum BuildError {
     /// The control plane did not issue a signing key.
     #[error("{0}")]
     Registration(String),
-    /// The inbound TLS listener's certificate or key cannot be used.
+    /// A TLS certificate, key or CA (inbound TLS listener, mesh mTLS, TLS
+    /// origination) cannot be used.
     #[error("{0}")]
     Tls(String),
     /// The SQL analyzer or the classifier could not be built.
@@ -233,12 +234,33 @@ impl Sidecar {
             crate::db::check_certificate(&tls.cert_file, &tls.key_file, "listeners.inbound_tls")
                 .map_err(BuildError::Tls)?;
         }
+        let mesh = match &config.mesh_tls {
+            Some(mesh) => Some(Arc::new(
+                crate::mesh::MeshTls::load(mesh, &workload, &config.workload.trust_domain)
+                    .map_err(BuildError::Tls)?,
+            )),
+            None => None,
+        };
+        let origination = crate::mesh::OriginationRoots::load(&config).map_err(BuildError::Tls)?;
+        let tls_upstreams = matches!(&config.outbound, crate::config::OutboundMode::Explicit { upstreams, .. }
+            if upstreams.values().any(|u| u.tls.is_some()));
+        let tunnel =
+            (mesh.is_some() || !config.tls_origination.is_empty() || tls_upstreams).then(|| {
+                std::env::temp_dir().join(format!(
+                    "custody-tls-tunnel-{}-{:016x}.sock",
+                    std::process::id(),
+                    rand::random::<u64>()
+                ))
+            });
         let db = crate::db::Engines::new(&config).map_err(BuildError::Database)?;
         let taint_ttl =
             std::time::Duration::from_secs(config.signing.token_ttl_secs.unwrap_or(300).max(60));
         let shared = Arc::new(Shared {
             taint: crate::taint::TaintTable::new(16_384, taint_ttl),
             db,
+            mesh,
+            origination,
+            tunnel,
             bearer,
             workload,
             workload_uri,
@@ -289,6 +311,19 @@ impl Sidecar {
                 server.add_service(service);
             }
         }
+        if let Some(path) = &shared.tunnel {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mut service = Service::new(
+                "custody tls tunnel".to_owned(),
+                crate::mesh::Tunnel::new(Arc::clone(&shared)),
+            );
+            // Only this sidecar's user may open TLS with its certificate.
+            service.add_uds(
+                &path.to_string_lossy(),
+                Some(std::fs::Permissions::from_mode(0o600)),
+            );
+            server.add_service(service);
+        }
         let mut admin = Service::new(
             "custody admin".to_owned(),
             HttpServer::new_app(Admin::new(Arc::clone(&shared))),
@@ -321,7 +356,11 @@ impl Sidecar {
     /// Runs until SIGTERM (graceful: stop accepting, drain for the grace
     /// period, exit), SIGINT (fast) or SIGQUIT.
     pub fn run(self) {
+        let tunnel = self.shared.tunnel.clone();
         self.server.run(RunArgs::default());
+        if let Some(path) = tunnel {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// Runs in a thread of its own until [`Running::stop`].
@@ -381,6 +420,9 @@ impl Running {
         self.stop.send_replace(Some(true));
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+        if let Some(path) = &self.shared.tunnel {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

@@ -23,10 +23,11 @@ use custody_context::token::InitiatorKind;
 use custody_context::traceparent::SpanId;
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 
-use crate::config::{DatabaseConfig, DatabaseProtocol, OutboundMode};
+use crate::config::{DatabaseConfig, DatabaseProtocol, MeshTlsMode, OutboundMode};
 use crate::inflight::Stitch;
 use crate::metrics::{RequestLabels, VerdictLabels};
 use crate::proxy::{Direction, DirectionProxy, Shared};
@@ -46,20 +47,22 @@ fn looks_like_http(head: &[u8; 4]) -> bool {
 /// Longest TLS ClientHello record read for its server name.
 const MAX_HELLO: usize = 16 * 1024 + 5;
 
-/// The server name (SNI) of a TLS ClientHello record, lowercased; `None`
-/// when the record is not a ClientHello or names no server.
-pub fn client_hello_sni(record: &[u8]) -> Option<String> {
-    fn take<'a>(buf: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        if buf.len() < n {
-            return None;
-        }
-        let (head, rest) = buf.split_at(n);
-        *buf = rest;
-        Some(head)
+fn take<'a>(buf: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if buf.len() < n {
+        return None;
     }
-    fn u16_at(b: &[u8]) -> usize {
-        usize::from(u16::from_be_bytes([b[0], b[1]]))
-    }
+    let (head, rest) = buf.split_at(n);
+    *buf = rest;
+    Some(head)
+}
+
+fn u16_at(b: &[u8]) -> usize {
+    usize::from(u16::from_be_bytes([b[0], b[1]]))
+}
+
+/// The extensions (type, data) of a TLS ClientHello record; `None` when the
+/// record is not a whole ClientHello.
+fn client_hello_extensions(record: &[u8]) -> Option<Vec<(usize, &[u8])>> {
     let mut buf = record;
     let header = take(&mut buf, 5)?;
     if header[0] != 0x16 {
@@ -79,26 +82,52 @@ pub fn client_hello_sni(record: &[u8]) -> Option<String> {
     take(&mut hs, n)?; // compression methods
     let n = u16_at(take(&mut hs, 2)?);
     let mut exts = take(&mut hs, n)?;
+    let mut found = Vec::new();
     while !exts.is_empty() {
         let kind = u16_at(take(&mut exts, 2)?);
         let n = u16_at(take(&mut exts, 2)?);
-        let mut data = take(&mut exts, n)?;
-        if kind != 0 {
-            continue;
-        }
-        let n = u16_at(take(&mut data, 2)?);
-        let mut list = take(&mut data, n)?;
-        while !list.is_empty() {
-            let name_type = take(&mut list, 1)?[0];
-            let n = u16_at(take(&mut list, 2)?);
-            let name = take(&mut list, n)?;
-            if name_type == 0 {
-                let name = std::str::from_utf8(name).ok()?;
-                return Some(name.to_ascii_lowercase());
-            }
+        found.push((kind, take(&mut exts, n)?));
+    }
+    Some(found)
+}
+
+/// The server name (SNI) of a TLS ClientHello record, lowercased; `None`
+/// when the record is not a ClientHello or names no server.
+pub fn client_hello_sni(record: &[u8]) -> Option<String> {
+    let (_, mut data) = client_hello_extensions(record)?
+        .into_iter()
+        .find(|(kind, _)| *kind == 0)?;
+    let n = u16_at(take(&mut data, 2)?);
+    let mut list = take(&mut data, n)?;
+    while !list.is_empty() {
+        let name_type = take(&mut list, 1)?[0];
+        let n = u16_at(take(&mut list, 2)?);
+        let name = take(&mut list, n)?;
+        if name_type == 0 {
+            let name = std::str::from_utf8(name).ok()?;
+            return Some(name.to_ascii_lowercase());
         }
     }
     None
+}
+
+/// The protocols a TLS ClientHello record offers by ALPN, in its order;
+/// empty when it offers none or is not a ClientHello.
+pub fn client_hello_alpn(record: &[u8]) -> Vec<Vec<u8>> {
+    let parse = || {
+        let (_, mut data) = client_hello_extensions(record)?
+            .into_iter()
+            .find(|(kind, _)| *kind == 16)?;
+        let n = u16_at(take(&mut data, 2)?);
+        let mut list = take(&mut data, n)?;
+        let mut protocols = Vec::new();
+        while !list.is_empty() {
+            let n = usize::from(take(&mut list, 1)?[0]);
+            protocols.push(take(&mut list, n)?.to_vec());
+        }
+        Some(protocols)
+    };
+    parse().unwrap_or_default()
 }
 
 /// Evaluates egress policy for a connection to `dest` (named `host` by SNI,
@@ -169,8 +198,8 @@ impl Sniffing {
         }
     }
 
-    /// Peeks a whole TLS ClientHello record (left in the stream) for its SNI.
-    async fn peek_sni(stream: &mut Stream) -> Option<String> {
+    /// Peeks a whole TLS record (left in the stream).
+    async fn peek_record(stream: &mut Stream) -> Option<Vec<u8>> {
         let mut header = [0u8; 5];
         tokio::time::timeout(IDLE, stream.try_peek(&mut header))
             .await
@@ -185,7 +214,12 @@ impl Sniffing {
             .await
             .ok()?
             .ok()?;
-        client_hello_sni(&record)
+        Some(record)
+    }
+
+    /// Peeks a whole TLS ClientHello record (left in the stream) for its SNI.
+    async fn peek_sni(stream: &mut Stream) -> Option<String> {
+        client_hello_sni(&Self::peek_record(stream).await?)
     }
 
     fn original_dst(stream: &Stream) -> Option<SocketAddr> {
@@ -354,6 +388,46 @@ impl ServerApp for Sniffing {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // (Connections of the `inbound_tls` listener arrive with TLS ended.)
+        if self.direction == Direction::Inbound
+            && let Some(mesh) = &self.shared.mesh
+            && stream.get_ssl_digest().is_none()
+        {
+            // Mesh mTLS and plaintext share the inbound port: a TLS
+            // ClientHello offering the mesh's ALPN marker is mesh mTLS.
+            // Other TLS (clients of an application's own TLS) is not.
+            let mut first = [0u8; 1];
+            let tls = match tokio::time::timeout(IDLE, stream.try_peek(&mut first)).await {
+                Ok(Ok(peeked)) => peeked && first[0] == 0x16,
+                Ok(Err(_)) | Err(_) => return None,
+            };
+            if tls
+                && Self::peek_record(&mut stream)
+                    .await
+                    .is_some_and(|r| crate::mesh::offers_mesh(&client_hello_alpn(&r)))
+            {
+                let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+                let tls = mesh.accept(*l4, &self.shared.metrics).await?;
+                return ServerApp::process_new(&self.http, Box::new(tls), shutdown).await;
+            }
+            let strict = mesh.mode == MeshTlsMode::Strict;
+            mesh.count_inbound(
+                &self.shared.metrics,
+                match (tls, strict) {
+                    (false, false) => "plaintext",
+                    (false, true) => "plaintext_refused",
+                    (true, false) => "tls_passthrough",
+                    (true, true) => "tls_refused",
+                },
+            );
+            if strict {
+                tracing::info!(
+                    message = "connection without mesh mTLS refused (strict)",
+                    tls
+                );
+                return None;
+            }
+        }
         let dest = self.destination(&stream);
         let config = &self.shared.config;
         if self.direction == Direction::Outbound

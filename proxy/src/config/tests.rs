@@ -44,7 +44,7 @@ fn explicit_mode_with_sources() {
     let config = Config::from_yaml(&text).unwrap();
     match &config.outbound {
         OutboundMode::Explicit { upstreams, default } => {
-            assert_eq!(upstreams["orders"].port(), 9);
+            assert_eq!(upstreams["orders"].address.port(), 9);
             assert!(default.is_none());
         }
         OutboundMode::Transparent => panic!("expected explicit"),
@@ -208,4 +208,160 @@ fn key_registration_needs_a_control_plane() {
     let config = Config::from_yaml(&text).unwrap();
     assert!(config.signing.register);
     assert_eq!(config.signing.register_timeout_secs, 30);
+}
+
+#[test]
+fn mesh_peers_match_hosts_suffixes_addresses_and_cidrs() {
+    let check = |pattern: &str, host: Option<&str>, ip: &str, expected: bool| {
+        let peer = MeshPeer {
+            destination: pattern.into(),
+            identity: None,
+        };
+        let ip: IpAddr = ip.parse().unwrap();
+        assert_eq!(
+            peer.matches(host, Some(ip)),
+            expected,
+            "{pattern} vs {host:?} {ip}"
+        );
+    };
+    check("orders", Some("orders"), "10.0.0.1", true);
+    check("orders", Some("orders.shop"), "10.0.0.1", false);
+    check(
+        "*.svc.cluster.local",
+        Some("a.shop.svc.cluster.local"),
+        "10.0.0.1",
+        true,
+    );
+    check(
+        ".svc.cluster.local",
+        Some("a.svc.cluster.local"),
+        "10.0.0.1",
+        true,
+    );
+    check(
+        "*.svc.cluster.local",
+        Some("svc.cluster.local"),
+        "10.0.0.1",
+        false,
+    );
+    check(
+        "*.svc.cluster.local",
+        Some("evilsvc.cluster.local"),
+        "10.0.0.1",
+        false,
+    );
+    check("*.svc.cluster.local", None, "10.0.0.1", false);
+    check("10.0.0.0/8", None, "10.200.3.4", true);
+    check("10.0.0.0/8", Some("orders"), "11.0.0.1", false);
+    check("0.0.0.0/0", None, "192.0.2.1", true);
+    check("10.1.2.3", None, "10.1.2.3", true);
+    check("10.1.2.3/32", None, "10.1.2.4", false);
+    check("fd00::/8", None, "fd12::1", true);
+    check("fd00::/8", None, "10.0.0.1", false);
+}
+
+#[test]
+fn mesh_tls_and_tls_origination_are_checked_with_the_field_named() {
+    let mesh = r#"
+mesh_tls:
+  cert_file: /c
+  key_file: /k
+  ca_file: /ca
+  mode: strict
+  peers: [orders, "10.0.0.0/8", { destination: "*.shop.svc", identity: "spiffe://td/ns/shop/sa/orders" }]
+"#;
+    let config = Config::from_yaml(&(MINIMAL.to_string() + mesh)).unwrap();
+    let m = config.mesh_tls.unwrap();
+    assert_eq!(m.mode, MeshTlsMode::Strict);
+    assert_eq!(m.peers.len(), 3);
+    assert_eq!(
+        m.peers[2].identity.as_deref(),
+        Some("spiffe://td/ns/shop/sa/orders")
+    );
+
+    let foreign = MINIMAL.to_string()
+        + &mesh.replace(
+            "spiffe://td/ns/shop/sa/orders",
+            "spiffe://other/ns/shop/sa/orders",
+        );
+    assert!(
+        err(&foreign).starts_with("mesh_tls.peers[2].identity"),
+        "{}",
+        err(&foreign)
+    );
+    let bad_cidr = MINIMAL.to_string() + &mesh.replace("10.0.0.0/8", "10.0.0.0/99");
+    assert!(
+        err(&bad_cidr).starts_with("mesh_tls.peers[1].destination"),
+        "{}",
+        err(&bad_cidr)
+    );
+    let bad_mode = MINIMAL.to_string() + &mesh.replace("strict", "sometimes");
+    assert!(
+        err(&bad_mode).starts_with("mesh_tls.mode"),
+        "{}",
+        err(&bad_mode)
+    );
+
+    let explicit = |upstream: &str| {
+        MINIMAL.replace(
+            "outbound: { mode: transparent }",
+            &format!("outbound: {{ mode: explicit, upstreams: {{ orders: {upstream} }} }}"),
+        )
+    };
+    let no_mesh = explicit(r#"{ address: "127.0.0.1:9", mesh: true }"#);
+    assert!(
+        err(&no_mesh).starts_with("outbound.upstreams.orders.mesh"),
+        "{}",
+        err(&no_mesh)
+    );
+    let identity_without_mesh =
+        explicit(r#"{ address: "127.0.0.1:9", identity: "spiffe://td/ns/a/sa/b" }"#);
+    assert!(
+        err(&identity_without_mesh).starts_with("outbound.upstreams.orders.identity"),
+        "{}",
+        err(&identity_without_mesh)
+    );
+    let tls = explicit(
+        r#"{ address: "127.0.0.1:9", tls: { server_name: "api.example", ca_file: /ca } }"#,
+    );
+    let config = Config::from_yaml(&tls).unwrap();
+    let OutboundMode::Explicit { upstreams, .. } = &config.outbound else {
+        panic!("explicit");
+    };
+    assert_eq!(
+        upstreams["orders"]
+            .tls
+            .as_ref()
+            .unwrap()
+            .server_name
+            .as_deref(),
+        Some("api.example")
+    );
+    let origination =
+        MINIMAL.to_string() + "tls_origination: [{ host: api.example, port: 0, ca_file: /ca }]\n";
+    assert_eq!(err(&origination), "tls_origination[0].port: must not be 0");
+    let unknown =
+        MINIMAL.to_string() + "tls_origination: [{ host: api.example, ca_file: /ca, bogus: 1 }]\n";
+    assert!(
+        err(&unknown).starts_with("tls_origination[0]"),
+        "{}",
+        err(&unknown)
+    );
+    assert!(err(&unknown).contains("bogus"), "{}", err(&unknown));
+    // (Inside the tagged `outbound`, the path stops at `outbound`.)
+    let unknown = explicit(r#"{ address: "127.0.0.1:9", bogus: true }"#);
+    assert!(err(&unknown).starts_with("outbound"), "{}", err(&unknown));
+    assert!(err(&unknown).contains("an address"), "{}", err(&unknown));
+    let bad_address = explicit(r#""nowhere""#);
+    assert!(
+        err(&bad_address).contains("an address"),
+        "{}",
+        err(&bad_address)
+    );
+    let bad_peer = MINIMAL.to_string() + &mesh.replace("orders,", "{ dest: orders },");
+    assert!(
+        err(&bad_peer).starts_with("mesh_tls.peers[0]"),
+        "{}",
+        err(&bad_peer)
+    );
 }

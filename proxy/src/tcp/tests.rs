@@ -68,3 +68,43 @@ fn http_starts_are_recognised() {
         assert!(!looks_like_http(other));
     }
 }
+
+/// The first record a rustls client sends, offering `alpn`.
+fn rustls_hello(alpn: &[&[u8]]) -> Vec<u8> {
+    use tokio_rustls::rustls;
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let name = rustls::pki_types::ServerName::try_from("orders.shop").unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn alpn_is_read_from_a_client_hello_and_marks_mesh_mtls() {
+    let marked = rustls_hello(&[b"h2", b"custody-mesh"]);
+    assert_eq!(
+        client_hello_alpn(&marked),
+        vec![b"h2".to_vec(), b"custody-mesh".to_vec()]
+    );
+    assert!(crate::mesh::offers_mesh(&client_hello_alpn(&marked)));
+    assert_eq!(client_hello_sni(&marked).as_deref(), Some("orders.shop"));
+    let plain = rustls_hello(&[b"http/1.1"]);
+    assert!(!crate::mesh::offers_mesh(&client_hello_alpn(&plain)));
+    assert!(client_hello_alpn(&rustls_hello(&[])).is_empty());
+    assert!(client_hello_alpn(&hello(Some("a.example"))).is_empty());
+    // A record cut short offers nothing (the whole record is peeked first).
+    for cut in 0..marked.len() {
+        assert!(
+            client_hello_alpn(&marked[..cut]).is_empty(),
+            "prefix of {cut} bytes"
+        );
+    }
+}

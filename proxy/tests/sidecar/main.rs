@@ -13,6 +13,7 @@ mod control;
 mod egress;
 mod grpc;
 mod mcp;
+mod mesh;
 mod mysql;
 mod postgres;
 mod refusal;

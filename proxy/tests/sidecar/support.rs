@@ -95,6 +95,8 @@ pub(crate) struct Spec<'a> {
     pub(crate) signing: &'a str,
     /// More fields of the `listeners` section.
     pub(crate) listeners: &'a str,
+    /// More entries of `outbound.upstreams` (YAML, `name: {...}, `).
+    pub(crate) upstreams_yaml: &'a str,
 }
 
 impl<'a> Spec<'a> {
@@ -107,6 +109,7 @@ impl<'a> Spec<'a> {
             extra: "",
             signing: "",
             listeners: "",
+            upstreams_yaml: "",
         }
     }
 }
@@ -142,7 +145,7 @@ inbound:
     - {{ type: agent_header, header: x-custody-agent }}
     - {{ type: mcp, agent_key: agent }}
 {extra_inbound}
-outbound: {{ mode: explicit, upstreams: {{ {upstreams} }} }}
+outbound: {{ mode: explicit, upstreams: {{ {upstreams}{upstreams_yaml} }} }}
 signing: {{ seed_file: "{seed}", {signing} }}
 trust: {{ key_set_file: "{keys}" }}
 exporter: {{ jsonl_file: "{hops}", flush_interval_ms: 20 }}
@@ -161,6 +164,7 @@ shutdown: {{ grace_period_secs: 0, final_timeout_secs: 1 }}
         extra = spec.extra,
         signing = spec.signing,
         listeners = spec.listeners,
+        upstreams_yaml = spec.upstreams_yaml,
     )
 }
 
@@ -510,4 +514,99 @@ pub(crate) fn tls_certificates(dir: &Path, dns_name: &str) {
         "-out",
         "tls.crt",
     ]);
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A mesh CA `<ca>.crt` / `<ca>.key` in `dir`.
+pub(crate) fn mesh_ca(dir: &Path, ca: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={ca}"),
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+        ],
+    );
+}
+
+/// A workload certificate `<name>.crt` / `<name>.key` signed by `ca`, whose
+/// URI SAN is `uri` (a SPIFFE ID) when given.
+pub(crate) fn mesh_cert(dir: &Path, ca: &str, name: &str, uri: Option<&str>) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    let mut ext = String::from("extendedKeyUsage=serverAuth,clientAuth\n");
+    if let Some(uri) = uri {
+        ext.push_str(&format!("subjectAltName=URI:{uri}\n"));
+    }
+    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.crt"),
+        ],
+    );
+}
+
+/// The `mesh_tls` section for certificate `name` under CA `ca` in `dir`,
+/// with `more` fields (`mode`, `peers`).
+pub(crate) fn mesh_tls_yaml(dir: &Path, ca: &str, name: &str, more: &str) -> String {
+    format!(
+        "mesh_tls: {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", {more} }}",
+        dir.join(format!("{name}.crt")).display(),
+        dir.join(format!("{name}.key")).display(),
+        dir.join(format!("{ca}.crt")).display(),
+    )
 }

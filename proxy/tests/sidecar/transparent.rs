@@ -8,7 +8,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn run(args: &[&str]) -> String {
+pub(crate) fn run(args: &[&str]) -> String {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
     assert!(
         out.status.success(),
@@ -18,19 +18,20 @@ fn run(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-struct Netns {
-    name: String,
-    children: Vec<Child>,
+/// A network namespace the test made, deleted with the processes it ran.
+pub(crate) struct Netns {
+    pub(crate) name: String,
+    pub(crate) children: Vec<Child>,
 }
 
 impl Netns {
-    fn exec(&self, args: &[&str]) -> Command {
+    pub(crate) fn exec(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).args(args);
         cmd
     }
 
-    fn spawn(&mut self, args: &[&str]) {
+    pub(crate) fn spawn(&mut self, args: &[&str]) {
         let child = self
             .exec(args)
             .stdout(Stdio::null())
