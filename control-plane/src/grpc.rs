@@ -111,6 +111,22 @@ impl Ingest for IngestService {
         let caller = request.extensions().get::<Caller>().cloned();
         let batch = request.into_inner();
         let shared = self.0.clone();
+        // With workload authentication on, a hop names the workload that
+        // reported it only if a workload token proved it: the shared node
+        // token (for node agents' flows) would let its holder speak for any pod.
+        if shared.auth.workload_auth().is_some()
+            && caller.as_ref().is_some_and(|c| c.role == Role::Node)
+        {
+            shared.refused("grpc", "role");
+            tracing::warn!(
+                caller = caller.as_ref().map(|c| c.name.as_str()).unwrap_or_default(),
+                hops = batch.hops.len(),
+                "hops refused from a node token: workload authentication is on"
+            );
+            return Err(Status::permission_denied(
+                "hops are accepted from workload tokens only (workload_auth is configured)",
+            ));
+        }
         let mut valid = Vec::with_capacity(batch.hops.len());
         let mut rejected = 0u32;
         let trust_domain = shared.auth.workload_auth().and_then(|w| w.trust_domain());

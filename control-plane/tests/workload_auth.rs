@@ -165,6 +165,19 @@ async fn a_workload_token_registers_and_reports_for_its_own_workload_only() {
         "workload tokens only",
     );
 
+    // ... and its hops are refused: only a workload token names a workload.
+    let mut ingest_node = ingest(server.grpc_addr, Some(NODE)).await;
+    let mut node_hops = chain(8, "wl", 1, custody_control::unix_nanos());
+    node_hops[0].workload = Some(wl("ns-b", "sa-b", "pod-b"));
+    denied(
+        "node token hops",
+        ingest_node
+            .report_hops(v1::HopBatch { hops: node_hops })
+            .await,
+        "workload tokens only",
+    );
+    assert_eq!(server.shared.store.hop_count().unwrap(), 0);
+
     // Hops: its own are stored, another workload's are rejected and counted.
     let mut ingest_a = ingest(server.grpc_addr, Some(&a)).await;
     let mut hops = chain(7, "wl", 2, custody_control::unix_nanos());
