@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Chains of 5 hops (one in 10 with a call that lost its context, joined by
-//! time containment). `CUSTODY_BENCH_HOPS` hops end up stored: the first
+//! time containment), with random-looking 128-bit chain and event ids as
+//! the sidecars send (sequential ids would flatter the store's indexes). `CUSTODY_BENCH_HOPS` hops end up stored: the first
 //! `CUSTODY_BENCH_HOPS - CUSTODY_BENCH_INGEST_HOPS` are loaded straight
 //! through the store API in batches of 50,000 (and assembled by the
 //! server's assembler), the last `CUSTODY_BENCH_INGEST_HOPS` (default: all
@@ -29,6 +30,10 @@ use custody_context::api::v1;
 use custody_control::client::Client;
 use custody_control::config::Config;
 
+// The same allocator as the `custody-control` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ADMIN: &str = "admin-token-0123456789";
 const NODE: &str = "node-token-0123456789";
 const HOPS_PER_CHAIN: u64 = 5;
@@ -44,8 +49,22 @@ fn wl(sa: &str) -> v1::WorkloadId {
     }
 }
 
+/// A fixed permutation of `u64` (splitmix64's finalizer): ids look random,
+/// as the sidecars' are, and stay the same from run to run.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// 128 random-looking bits in hex, like the sidecars' chain and event ids.
+fn id128(kind: u64, n: u64) -> String {
+    format!("{:016x}{:016x}", mix(n ^ kind << 56), mix(!n ^ kind << 56))
+}
+
 fn chain_id(n: u64) -> String {
-    format!("{:016x}{:016x}", n | 1 << 62, n + 1)
+    id128(1, n)
 }
 
 /// Chain `n`: 5 hops, nested in time, 1 ms apart from chain `n - 1`.
@@ -59,17 +78,17 @@ fn chain(n: u64, base: u64) -> Vec<v1::HopEvent> {
             let context = !(lost && i == 4);
             v1::HopEvent {
                 schema_version: 1,
-                event_id: format!("{n}-{i}"),
+                event_id: id128(2, n * HOPS_PER_CHAIN + i),
                 chain_id: if context {
                     id.clone()
                 } else {
                     chain_id(n + (1 << 40))
                 },
-                span_id: format!("{:016x}", (n << 4) + i + 1),
+                span_id: format!("{:016x}", mix((n << 4) + i + 1)),
                 parent_span_id: if i == 0 || !context {
                     String::new()
                 } else {
-                    format!("{:016x}", (n << 4) + i)
+                    format!("{:016x}", mix((n << 4) + i))
                 },
                 workload: Some(wl(if context { sa } else { "payments" })),
                 direction: if i % 2 == 0 && context {

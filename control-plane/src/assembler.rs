@@ -86,7 +86,11 @@ impl Dirty {
             }
             if room {
                 inner.handed += 1;
-                inner.hops.entry(h.chain_id.clone()).or_default().push(h);
+                inner
+                    .hops
+                    .entry(h.chain_id.clone())
+                    .or_insert_with(|| Vec::with_capacity(8))
+                    .push(h);
             }
         }
         drop(inner);
@@ -187,14 +191,16 @@ impl Assembler {
         let (with_hops, mut read): (Vec<String>, Vec<String>) =
             ids.iter().cloned().partition(|id| handed.contains_key(id));
         let counts = self.store.chain_hop_counts(&with_hops)?;
-        let mut hops = Vec::new();
+        // Kept in the batches they came in: one vector of every hop would
+        // be reallocated and copied as it grows, megabytes per pass.
+        let mut hops = Loaded::default();
         for (id, count) in with_hops.into_iter().zip(counts) {
             match handed.remove(&id) {
-                Some(h) if h.len() as u64 == count => hops.extend(h),
+                Some(h) if h.len() as u64 == count => hops.0.push(h),
                 _ => read.push(id),
             }
         }
-        hops.extend(self.store.hops_of_chains(&read)?);
+        hops.0.push(self.store.hops_of_chains(&read)?);
         let mut loaded: BTreeSet<String> = ids.iter().cloned().collect();
         let mut searched: BTreeSet<String> = BTreeSet::new();
         let mut flows = Vec::new();
@@ -205,10 +211,10 @@ impl Assembler {
             // Contextless hops a loaded chain may adopt: every kind of
             // evidence needs a loaded hop that contains the adopted one in
             // time or shares its connection, so the others are left out.
-            if let Some((from, to)) = window(&hops)
+            if let Some((from, to)) = window(hops.iter())
                 && to - from <= MAX_WINDOW_NANOS
             {
-                let near = Near::new(&hops);
+                let near = Near::new(hops.iter());
                 found.extend(
                     self.store
                         .contextless_in_window(from, to)?
@@ -219,7 +225,7 @@ impl Assembler {
             // Parents for contextless groups: same workload in time, same
             // connection, or the caller a node-agent flow names.
             let mut by_chain: HashMap<&str, Vec<&HopEvent>> = HashMap::new();
-            for h in &hops {
+            for h in hops.iter() {
                 by_chain.entry(h.chain_id.as_str()).or_default().push(h);
             }
             // Roots of unsearched contextless groups, by the workload whose
@@ -285,10 +291,10 @@ impl Assembler {
             if new.is_empty() {
                 break;
             }
-            hops.extend(self.store.hops_of_chains(&new)?);
+            hops.0.push(self.store.hops_of_chains(&new)?);
             loaded.extend(new);
         }
-        let trees: Vec<ChainTree> = assembly::assemble(&hops, &flows)
+        let trees: Vec<ChainTree> = assembly::assemble(hops.iter(), &flows)
             .into_iter()
             .filter(|t| {
                 dirty.contains(t.summary.chain_id.as_str())
@@ -326,6 +332,16 @@ impl Assembler {
     }
 }
 
+/// The hops loaded for one pass, in the batches they came in.
+#[derive(Default)]
+struct Loaded(Vec<Vec<HopEvent>>);
+
+impl Loaded {
+    fn iter(&self) -> impl Iterator<Item = &HopEvent> + Clone {
+        self.0.iter().flatten()
+    }
+}
+
 /// The intervals and connections of loaded hops, to tell which contextless
 /// hops one of them may adopt.
 struct Near {
@@ -335,9 +351,9 @@ struct Near {
 }
 
 impl Near {
-    fn new(hops: &[HopEvent]) -> Self {
+    fn new<'a>(hops: impl Iterator<Item = &'a HopEvent> + Clone) -> Self {
         let mut spans: Vec<(u64, u64)> = hops
-            .iter()
+            .clone()
             .map(|h| {
                 (
                     h.start_unix_nanos,
@@ -352,7 +368,6 @@ impl Near {
             s.1 = furthest;
         }
         let connections = hops
-            .iter()
             .filter_map(|h| h.connection.as_ref())
             .map(assembly::connection_key)
             .filter(|k| !k.is_empty())
@@ -375,10 +390,9 @@ impl Near {
     }
 }
 
-fn window(hops: &[HopEvent]) -> Option<(u64, u64)> {
-    let from = hops.iter().map(|h| h.start_unix_nanos).min()?;
+fn window<'a>(hops: impl Iterator<Item = &'a HopEvent> + Clone) -> Option<(u64, u64)> {
+    let from = hops.clone().map(|h| h.start_unix_nanos).min()?;
     let to = hops
-        .iter()
         .map(|h| h.start_unix_nanos.saturating_add(h.duration_nanos))
         .max()?;
     Some((

@@ -457,7 +457,10 @@ fn find_link(
 ///
 /// Returns one tree per chain, ordered by chain id. Hops joined by evidence
 /// appear in the tree they were joined into, not in one of their own.
-pub fn assemble(hops: &[HopEvent], flows: &[FlowEvent]) -> Vec<ChainTree> {
+pub fn assemble<'a>(
+    hops: impl IntoIterator<Item = &'a HopEvent>,
+    flows: &[FlowEvent],
+) -> Vec<ChainTree> {
     // Deduplicate by event id, deterministically.
     let mut unique: BTreeMap<&str, &HopEvent> = BTreeMap::new();
     for hop in hops {

@@ -181,8 +181,8 @@ pub struct RetentionOutcome {
 
 /// Everything the control plane keeps.
 pub trait Store: Send + Sync {
-    /// Stores hop events, ignoring those whose event id is already stored,
-    /// and marks the chains of new ones as pending assembly (durably, in the
+    /// Stores hop events, ignoring those already stored (the same event id
+    /// and start time: a resent event keeps both), and marks the chains of new ones as pending assembly (durably, in the
     /// same transaction).
     fn put_hops(&self, hops: &[HopEvent]) -> Result<PutOutcome, StoreError>;
     /// Stores flow events, ignoring those whose event id is already stored.

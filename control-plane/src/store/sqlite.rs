@@ -28,7 +28,7 @@ use crate::assembly::{
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS hops (
-    event_id TEXT PRIMARY KEY,
+    event_id TEXT NOT NULL,
     chain_id TEXT NOT NULL,
     workload TEXT NOT NULL,
     start_ns INTEGER NOT NULL,
@@ -37,11 +37,11 @@ CREATE TABLE IF NOT EXISTS hops (
     conn TEXT NOT NULL,
     body BLOB NOT NULL
 );
+CREATE UNIQUE INDEX IF NOT EXISTS hops_event ON hops (start_ns, event_id);
 CREATE INDEX IF NOT EXISTS hops_chain ON hops (chain_id);
 CREATE INDEX IF NOT EXISTS hops_contextless ON hops (start_ns) WHERE context = 0;
 CREATE INDEX IF NOT EXISTS hops_conn ON hops (conn) WHERE conn != '';
 CREATE INDEX IF NOT EXISTS hops_parents ON hops (workload, start_ns, end_ns) WHERE context = 1;
-CREATE INDEX IF NOT EXISTS hops_time ON hops (start_ns);
 CREATE TABLE IF NOT EXISTS pending (
     chain_id TEXT PRIMARY KEY,
     generation INTEGER NOT NULL
@@ -108,6 +108,10 @@ CREATE TABLE IF NOT EXISTS signing_keys (
     not_after INTEGER NOT NULL
 );
 ";
+
+/// The database file is mapped up to this size (1 GiB); beyond it, pages
+/// are read with `pread`.
+const MMAP_BYTES: i64 = 1 << 30;
 
 /// How the embedded store is opened.
 #[derive(Clone, Debug)]
@@ -213,6 +217,7 @@ impl SqliteStore {
         writer.busy_timeout(std::time::Duration::from_secs(10))?;
         // 64 MiB of page cache per connection: indexes stay in memory.
         writer.pragma_update(None, "cache_size", -65_536)?;
+        writer.pragma_update(None, "mmap_size", MMAP_BYTES)?;
         // Checkpoint every 64 MiB of WAL instead of every 4 MiB: hot index
         // pages are copied into the database once per checkpoint, not once
         // per few batches. Readers still see every commit at once.
@@ -223,6 +228,9 @@ impl SqliteStore {
         let reader = Connection::open(&path)?;
         reader.busy_timeout(std::time::Duration::from_secs(10))?;
         reader.pragma_update(None, "cache_size", -65_536)?;
+        // Every commit of the writer empties the reader's page cache, so
+        // without a mapping each read pays a `pread` and a copy per page.
+        reader.pragma_update(None, "mmap_size", MMAP_BYTES)?;
         Ok(SqliteStore {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
@@ -244,6 +252,7 @@ impl SqliteStore {
 /// wider; facts had an index by chain id (a chain's facts are now found
 /// from its stored summary, see [`delete_facts`]).
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    migrate_hop_key(conn)?;
     let old_chains: i64 = conn.query_row(
         "SELECT (SELECT count(*) FROM pragma_table_info('chains') WHERE name = 'tree')
               + (SELECT count(*) FROM sqlite_schema WHERE name = 'chain_facts')
@@ -268,6 +277,43 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch(
         "DROP INDEX IF EXISTS hops_workload_time;
          DROP INDEX IF EXISTS chain_facts_chain;",
+    )?;
+    Ok(())
+}
+
+/// Hops were keyed by event id alone, a random key: every insert dirtied
+/// its own page of that index. A resent event keeps its start time, so
+/// `(start_ns, event_id)` tells duplicates apart as well, and new keys land
+/// at the end of the index, next to each other; it also serves the time
+/// queries that had an index of their own.
+fn migrate_hop_key(conn: &Connection) -> Result<(), StoreError> {
+    let keyed_by_event: i64 = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('hops') WHERE name = 'event_id' AND pk = 1",
+        [],
+        |r| r.get(0),
+    )?;
+    if keyed_by_event == 0 {
+        return Ok(());
+    }
+    tracing::info!("store: re-keying hops by time and event id (one-time migration)");
+    conn.execute_batch(
+        "BEGIN;
+         CREATE TABLE hops_rekeyed (
+             event_id TEXT NOT NULL,
+             chain_id TEXT NOT NULL,
+             workload TEXT NOT NULL,
+             start_ns INTEGER NOT NULL,
+             end_ns INTEGER NOT NULL,
+             context INTEGER NOT NULL,
+             conn TEXT NOT NULL,
+             body BLOB NOT NULL
+         );
+         INSERT INTO hops_rekeyed (event_id, chain_id, workload, start_ns, end_ns, context, conn, body)
+             SELECT event_id, chain_id, workload, start_ns, end_ns, context, conn, body
+             FROM hops ORDER BY rowid;
+         DROP TABLE hops;
+         ALTER TABLE hops_rekeyed RENAME TO hops;
+         COMMIT;",
     )?;
     Ok(())
 }
@@ -744,23 +790,30 @@ impl Store for SqliteStore {
             return Ok(None);
         };
         let shape: Vec<NodeShape> = serde_json::from_str(&shape)?;
-        let mut body = conn.prepare_cached("SELECT body FROM hops WHERE event_id = ?1")?;
+        let summary: ChainSummary = serde_json::from_str(&summary)?;
+        // Every hop of the tree was reported under the chain or one joined into it.
+        let mut stored: HashMap<String, HopEvent> = HashMap::with_capacity(shape.len());
+        let mut by_chain = conn.prepare_cached("SELECT body FROM hops WHERE chain_id = ?1")?;
+        for id in std::iter::once(&summary.chain_id).chain(&summary.joined_chains) {
+            let mut rows = by_chain.query([id])?;
+            while let Some(row) = rows.next()? {
+                let body = row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
+                let hop = HopEvent::decode(body)?;
+                stored.insert(hop.event_id.clone(), hop);
+            }
+        }
         let mut hops = Vec::with_capacity(shape.len());
         for (event_id, parent, depth, evidence, confidence) in &shape {
             // A hop deleted by retention since leaves its place empty.
-            let Some(raw) = body
-                .query_row([event_id], |r| r.get::<_, Vec<u8>>(0))
-                .optional()?
-            else {
+            let Some(hop) = stored.get(event_id) else {
                 continue;
             };
-            let hop = HopEvent::decode(raw.as_slice())?;
             let parent = usize::try_from(*parent)
                 .ok()
                 .and_then(|p| shape.get(p))
                 .map(|p| p.0.clone());
             hops.push(node(
-                &hop,
+                hop,
                 parent,
                 *depth,
                 Join {
@@ -769,10 +822,7 @@ impl Store for SqliteStore {
                 },
             ));
         }
-        Ok(Some(ChainTree {
-            summary: serde_json::from_str(&summary)?,
-            hops,
-        }))
+        Ok(Some(ChainTree { summary, hops }))
     }
 
     fn policy_state(&self) -> Result<PolicyState, StoreError> {

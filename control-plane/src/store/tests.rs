@@ -596,3 +596,60 @@ fn sqlite_the_fact_index_by_chain_of_the_earlier_layout_is_dropped() {
         vec![C1]
     );
 }
+
+#[test]
+fn sqlite_hops_keyed_by_event_id_alone_are_rekeyed_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = hop("a", C1, "1111111111111111", "", 100);
+    let mut child = hop("b", C1, "2222222222222222", "1111111111111111", 150);
+    child.chain_id = C1.into();
+    // The earlier layout: event id as the table's key, a time index of its own.
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("custody.db")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE hops (
+                 event_id TEXT PRIMARY KEY, chain_id TEXT NOT NULL, workload TEXT NOT NULL,
+                 start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL, context INTEGER NOT NULL,
+                 conn TEXT NOT NULL, body BLOB NOT NULL);
+             CREATE INDEX hops_time ON hops (start_ns);",
+        )
+        .unwrap();
+        let mut insert = conn
+            .prepare(
+                "INSERT INTO hops VALUES (?1, ?2, 'spiffe://td/ns/shop/sa/web', ?3, ?3, 1, '', ?4)",
+            )
+            .unwrap();
+        for h in [&root, &child] {
+            insert
+                .execute(rusqlite::params![
+                    h.event_id,
+                    h.chain_id,
+                    h.start_unix_nanos as i64,
+                    prost::Message::encode_to_vec(h)
+                ])
+                .unwrap();
+        }
+    }
+    let store = open(dir.path());
+    let schema = |name: &str| -> i64 {
+        rusqlite::Connection::open(dir.path().join("custody.db"))
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(schema("hops_time"), 0);
+    assert_eq!(schema("hops_event"), 1);
+    assert_eq!(store.hop_count().unwrap(), 2);
+    let mut stored = store.hops_of_chains(&[C1.to_owned()]).unwrap();
+    stored.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+    assert_eq!(stored, vec![root.clone(), child.clone()]);
+    // A resent event is still recognised; a new one is stored.
+    let third = hop("c", C1, "3333333333333333", "1111111111111111", 160);
+    let out = store.put_hops(&[child, third]).unwrap();
+    assert_eq!(out.fresh, vec![false, true]);
+    assert_eq!(store.hop_count().unwrap(), 3);
+}
