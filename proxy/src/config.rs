@@ -137,12 +137,21 @@ pub struct MeshTlsConfig {
     /// Whether plaintext is still accepted inbound (default `permissive`).
     #[serde(default)]
     pub mode: MeshTlsMode,
+    /// How often `cert_file`, `key_file` and `ca_file` are read for a new
+    /// set (certificate rotation without a restart), in milliseconds
+    /// (default 5000).
+    #[serde(default = "default_mesh_reload_interval_ms")]
+    pub reload_interval_ms: u64,
     /// Outbound destinations that are mesh peers: a host (`orders`, an
     /// explicit upstream name), a host suffix (`*.svc.cluster.local` or
     /// `.svc.cluster.local`), an address or a CIDR (`10.0.0.0/8`); or
     /// `{ destination, identity }` to also require the server's SPIFFE ID.
     #[serde(default)]
     pub peers: Vec<MeshPeer>,
+}
+
+fn default_mesh_reload_interval_ms() -> u64 {
+    5000
 }
 
 /// Whether inbound plaintext is accepted next to mesh mTLS.
