@@ -847,6 +847,72 @@ impl fmt::Debug for Tunnel {
     }
 }
 
+/// Where a sidecar's tunnel socket goes: `tls-tunnel-<pid>-<random>.sock`
+/// in `<tmp>/custody-<uid>/`, a directory of this user only (created 0700,
+/// refused when it is anything else). Sockets left there by sidecars that
+/// were killed (SIGKILL leaves no chance to remove them) are removed first:
+/// a socket file of a process that no longer runs, which nobody answers on.
+pub(crate) fn tunnel_socket_path() -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _};
+    // /proc/self belongs to the process's effective user.
+    let uid = std::fs::metadata("/proc/self")
+        .map_err(|e| format!("tls tunnel: cannot read /proc/self: {e}"))?
+        .uid();
+    let dir = std::env::temp_dir().join(format!("custody-{uid}"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("tls tunnel: cannot create {}: {e}", dir.display())),
+    }
+    let meta = std::fs::symlink_metadata(&dir)
+        .map_err(|e| format!("tls tunnel: {}: {e}", dir.display()))?;
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "tls tunnel: {} is not a directory of this user only (mode 0700)",
+            dir.display()
+        ));
+    }
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.ends_with(".sock"))
+                .and_then(|n| n.strip_prefix("tls-tunnel-"))
+                .and_then(|n| n.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let running = Path::new(&format!("/proc/{pid}")).exists();
+            let socket = entry.file_type().is_ok_and(|t| t.is_socket());
+            if !running
+                && socket
+                && std::os::unix::net::UnixStream::connect(&path)
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+            {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::info!(
+                        message = "stale tls tunnel socket removed",
+                        path = %path.display()
+                    ),
+                    Err(error) => tracing::warn!(
+                        message = "stale tls tunnel socket not removed",
+                        path = %path.display(),
+                        %error
+                    ),
+                }
+            }
+        }
+    }
+    Ok(dir.join(format!(
+        "tls-tunnel-{}-{:016x}.sock",
+        std::process::id(),
+        rand::random::<u64>()
+    )))
+}
+
 /// A parsed CONNECT request head: the target and the headers.
 fn parse_connect(head: &[u8]) -> Option<(SocketAddr, HashMap<String, String>)> {
     let text = std::str::from_utf8(head).ok()?;

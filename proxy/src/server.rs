@@ -267,14 +267,10 @@ impl Sidecar {
         let origination = crate::mesh::OriginationRoots::load(&config).map_err(BuildError::Tls)?;
         let tls_upstreams = matches!(&config.outbound, crate::config::OutboundMode::Explicit { upstreams, .. }
             if upstreams.values().any(|u| u.tls.is_some()));
-        let tunnel =
-            (mesh.is_some() || !config.tls_origination.is_empty() || tls_upstreams).then(|| {
-                std::env::temp_dir().join(format!(
-                    "custody-tls-tunnel-{}-{:016x}.sock",
-                    std::process::id(),
-                    rand::random::<u64>()
-                ))
-            });
+        let tunnel = match mesh.is_some() || !config.tls_origination.is_empty() || tls_upstreams {
+            true => Some(crate::mesh::tunnel_socket_path().map_err(BuildError::Tls)?),
+            false => None,
+        };
         let db = crate::db::Engines::new(&config).map_err(BuildError::Database)?;
         let taint_ttl =
             std::time::Duration::from_secs(config.signing.token_ttl_secs.unwrap_or(300).max(60));
