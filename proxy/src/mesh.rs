@@ -3,7 +3,10 @@
 //!
 //! Every sidecar holds a certificate from the mesh CA whose URI SAN is its
 //! workload's SPIFFE ID (`spiffe://<trust_domain>/ns/<ns>/sa/<sa>`); at
-//! start the sidecar checks that it names its own workload.
+//! start the sidecar checks that it names its own workload. The
+//! certificate, key and CAs are re-read while running ([`MeshTls::watch`]):
+//! a new set that passes the same checks is used by every new handshake,
+//! connections already open keep theirs, and a set that fails stays out.
 //!
 //! Inbound, on the same port as plaintext: the listener looks at each new
 //! connection's first bytes. A TLS ClientHello that offers the ALPN marker
