@@ -137,12 +137,21 @@ pub struct MeshTlsConfig {
     /// Whether plaintext is still accepted inbound (default `permissive`).
     #[serde(default)]
     pub mode: MeshTlsMode,
+    /// How often `cert_file`, `key_file` and `ca_file` are read for a new
+    /// set (certificate rotation without a restart), in milliseconds
+    /// (default 5000).
+    #[serde(default = "default_mesh_reload_interval_ms")]
+    pub reload_interval_ms: u64,
     /// Outbound destinations that are mesh peers: a host (`orders`, an
     /// explicit upstream name), a host suffix (`*.svc.cluster.local` or
     /// `.svc.cluster.local`), an address or a CIDR (`10.0.0.0/8`); or
     /// `{ destination, identity }` to also require the server's SPIFFE ID.
     #[serde(default)]
     pub peers: Vec<MeshPeer>,
+}
+
+fn default_mesh_reload_interval_ms() -> u64 {
+    5000
 }
 
 /// Whether inbound plaintext is accepted next to mesh mTLS.
@@ -924,6 +933,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.workload_id()?;
+        self.validate_listeners()?;
         if self.threads == 0 {
             return Err(ConfigError::field("threads", "must be at least 1"));
         }
@@ -996,8 +1006,38 @@ impl Config {
         Ok(())
     }
 
-    fn validate_databases(&self) -> Result<(), ConfigError> {
+    /// Every listener on an address of its own. (Two listeners on one
+    /// address would share one socket in pingora's listener table, which
+    /// then closes it twice at shutdown.)
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
         let listeners = &self.listeners;
+        let mut seen: Vec<(String, SocketAddr)> = vec![
+            ("listeners.inbound".into(), listeners.inbound),
+            ("listeners.outbound".into(), listeners.outbound),
+            ("listeners.admin".into(), listeners.admin),
+        ];
+        let mut more: Vec<(String, SocketAddr)> = Vec::new();
+        if let Some(tls) = &listeners.inbound_tls {
+            more.push(("listeners.inbound_tls.address".into(), tls.address));
+        }
+        for (i, db) in self.databases.iter().enumerate() {
+            if let Some(listen) = db.listen {
+                more.push((format!("databases[{i}].listen"), listen));
+            }
+        }
+        for (field, addr) in seen.split_off(1).into_iter().chain(more) {
+            if let Some((other, _)) = seen.iter().find(|(_, a)| *a == addr) {
+                return Err(ConfigError::field(
+                    field,
+                    format!("{addr} is already the address of {other}"),
+                ));
+            }
+            seen.push((field, addr));
+        }
+        Ok(())
+    }
+
+    fn validate_databases(&self) -> Result<(), ConfigError> {
         let mut ports = std::collections::BTreeSet::new();
         for (i, db) in self.databases.iter().enumerate() {
             for (j, port) in db.ports.iter().enumerate() {
@@ -1026,14 +1066,9 @@ impl Config {
                 ));
             }
             match (db.listen, db.upstream) {
-                (Some(listen), Some(_)) => {
-                    if [listeners.inbound, listeners.outbound, listeners.admin].contains(&listen) {
-                        return Err(ConfigError::field(
-                            format!("databases[{i}].listen"),
-                            format!("{listen} is already a listener of the sidecar"),
-                        ));
-                    }
-                }
+                // (Its address differs from the other listeners': see
+                // `validate_listeners`.)
+                (Some(_), Some(_)) => {}
                 (Some(_), None) => {
                     return Err(ConfigError::field(
                         format!("databases[{i}].upstream"),

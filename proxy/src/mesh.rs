@@ -3,7 +3,10 @@
 //!
 //! Every sidecar holds a certificate from the mesh CA whose URI SAN is its
 //! workload's SPIFFE ID (`spiffe://<trust_domain>/ns/<ns>/sa/<sa>`); at
-//! start the sidecar checks that it names its own workload.
+//! start the sidecar checks that it names its own workload. The
+//! certificate, key and CAs are re-read while running ([`MeshTls::watch`]):
+//! a new set that passes the same checks is used by every new handshake,
+//! connections already open keep theirs, and a set that fails stays out.
 //!
 //! Inbound, on the same port as plaintext: the listener looks at each new
 //! connection's first bytes. A TLS ClientHello that offers the ALPN marker
@@ -44,6 +47,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use custody_context::workload::WorkloadId;
 use pingora::listeners::TlsAccept;
@@ -60,13 +64,14 @@ use tokio_rustls::rustls::crypto::{CryptoProvider, ring};
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::sign::{CertifiedKey, SingleCertAndKey};
 use tokio_rustls::rustls::{
     self, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 use x509_parser::extensions::GeneralName;
 
 use crate::config::{MeshTlsConfig, MeshTlsMode, OriginateTls};
-use crate::metrics::{MeshTlsLabels, Metrics, OriginationLabels};
+use crate::metrics::{MeshTlsLabels, MeshTlsReloadLabels, Metrics, OriginationLabels};
 
 /// The ALPN protocol a sidecar offers, next to the HTTP one, when it opens
 /// mesh mTLS: how the inbound side tells mesh mTLS from other TLS on one
@@ -129,6 +134,17 @@ pub struct MeshPeerCert {
     pub spiffe_id: Option<String>,
 }
 
+/// The last set of files refused by [`MeshTls::reload`] (or the error
+/// reading them), so the same refusal is warned about and counted once.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RefusedSet(Result<Contents, String>);
+
+impl fmt::Debug for RefusedSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefusedSet").finish_non_exhaustive()
+    }
+}
+
 /// Reads the client's SPIFFE ID once the inbound handshake is done.
 struct PeerIdentity {
     prefix: String,
@@ -148,60 +164,99 @@ impl TlsAccept for PeerIdentity {
     }
 }
 
-/// The mesh's certificates, loaded and checked at start.
-pub struct MeshTls {
-    /// Whether inbound connections that are not mesh mTLS are still served.
-    pub mode: MeshTlsMode,
-    acceptor: Acceptor,
-    roots: Arc<RootCertStore>,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    /// `spiffe://<trust_domain>/`.
-    prefix: String,
+/// The bytes of `cert_file`, `key_file` and `ca_file` as last read. Never
+/// printed (the key).
+#[derive(Clone, PartialEq, Eq)]
+struct Contents {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Vec<u8>,
 }
 
-impl fmt::Debug for MeshTls {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MeshTls")
-            .field("mode", &self.mode)
-            .field("prefix", &self.prefix)
-            .finish_non_exhaustive()
+impl Contents {
+    /// Reads the three files; an error names the file.
+    fn read(config: &MeshTlsConfig) -> Result<Self, String> {
+        Ok(Contents {
+            cert: read(&config.cert_file, "mesh_tls.cert_file")?,
+            key: read(&config.key_file, "mesh_tls.key_file")?,
+            ca: read(&config.ca_file, "mesh_tls.ca_file")?,
+        })
     }
 }
 
-impl MeshTls {
-    /// Loads `mesh_tls` and checks that the certificate names `workload`,
-    /// of `trust_domain`. Errors name the field at fault.
-    pub fn load(
+/// One checked set of the sidecar's certificate, key and mesh CAs, with
+/// what every new handshake needs (the inbound acceptor, the roots and the
+/// certified key for outbound).
+pub(crate) struct Material {
+    acceptor: Acceptor,
+    roots: Arc<RootCertStore>,
+    certified: Arc<CertifiedKey>,
+    /// The leaf's serial number (hex, colon-separated).
+    serial: String,
+    /// The leaf's `notAfter`, Unix seconds.
+    not_after: i64,
+    contents: Contents,
+}
+
+/// The certificates of a PEM buffer, at least one.
+fn parse_chain(pem: &[u8], field: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{field}: {e}"))?;
+    if chain.is_empty() {
+        return Err(format!("{field}: no certificate"));
+    }
+    Ok(chain)
+}
+
+impl Material {
+    /// Checks a set: the leaf names `own`, the key matches it, it chains
+    /// to one of the CAs (a bundle of several is accepted, as during a CA
+    /// roll). Errors name the field at fault.
+    fn check(
+        contents: Contents,
         config: &MeshTlsConfig,
-        workload: &WorkloadId,
-        trust_domain: &str,
+        own: &str,
+        prefix: &str,
     ) -> Result<Self, String> {
-        let chain = load_chain(&config.cert_file, "mesh_tls.cert_file")?;
-        let own = workload.uri();
+        let cert_field = format!("mesh_tls.cert_file ({})", config.cert_file.display());
+        let key_field = format!("mesh_tls.key_file ({})", config.key_file.display());
+        let ca_field = format!("mesh_tls.ca_file ({})", config.ca_file.display());
+        let chain = parse_chain(&contents.cert, &cert_field)?;
         match spiffe_id(chain[0].as_ref()) {
             Some(id) if id == own => {}
             Some(id) => {
                 return Err(format!(
-                    "mesh_tls.cert_file: the certificate's SPIFFE ID {id} is not this workload's ({own})"
+                    "{cert_field}: the certificate's SPIFFE ID {id} is not this workload's ({own})"
                 ));
             }
             None => {
                 return Err(format!(
-                    "mesh_tls.cert_file: the certificate carries no SPIFFE ID (URI SAN); expected {own}"
+                    "{cert_field}: the certificate carries no SPIFFE ID (URI SAN); expected {own}"
                 ));
             }
         }
-        let key_pem = read(&config.key_file, "mesh_tls.key_file")?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| format!("mesh_tls.key_file: {e}"))?;
-        crate::db::check_certificate(&config.cert_file, &config.key_file, "mesh_tls")?;
-        let roots = load_roots(&config.ca_file, "mesh_tls.ca_file")?;
-        let prefix = format!("spiffe://{trust_domain}/");
+        let (serial, not_after) = x509_parser::parse_x509_certificate(chain[0].as_ref())
+            .map(|(_, c)| {
+                (
+                    c.tbs_certificate.raw_serial_as_string(),
+                    c.validity().not_after.timestamp(),
+                )
+            })
+            .map_err(|e| format!("{cert_field}: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(&contents.key)
+            .map_err(|e| format!("{key_field}: {e}"))?;
+        let certified = CertifiedKey::from_der(chain.clone(), key, &provider())
+            .map_err(|e| format!("{key_field}: not the key of {cert_field}: {e}"))?;
+        let mut roots = RootCertStore::empty();
+        for cert in parse_chain(&contents.ca, &ca_field)? {
+            roots.add(cert).map_err(|e| format!("{ca_field}: {e}"))?;
+        }
+        let roots = Arc::new(roots);
         // The own certificate must be one the peers accept.
         let own_check = WebPkiServerVerifier::builder_with_provider(Arc::clone(&roots), provider())
             .build()
-            .map_err(|e| format!("mesh_tls.ca_file: {e}"))?;
+            .map_err(|e| format!("{ca_field}: {e}"))?;
         match own_check.verify_server_cert(
             &chain[0],
             &chain[1..],
@@ -214,34 +269,190 @@ impl MeshTls {
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => {}
             Err(e) => {
-                return Err(format!(
-                    "mesh_tls.cert_file: not valid under mesh_tls.ca_file: {e}"
-                ));
+                return Err(format!("{cert_field}: not valid under {ca_field}: {e}"));
             }
         }
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), provider())
             .build()
-            .map_err(|e| format!("mesh_tls.ca_file: {e}"))?;
+            .map_err(|e| format!("{ca_field}: {e}"))?;
+        let certified = Arc::new(certified);
         let mut settings = TlsSettings::with_callbacks(Box::new(PeerIdentity {
-            prefix: prefix.clone(),
+            prefix: prefix.to_owned(),
         }))
         .map_err(|e| format!("mesh_tls: {e}"))?;
-        settings
-            .set_certificate_chain_file(&config.cert_file.to_string_lossy())
-            .map_err(|e| format!("mesh_tls.cert_file: {e}"))?;
-        settings
-            .set_private_key_file(&config.key_file.to_string_lossy())
-            .map_err(|e| format!("mesh_tls.key_file: {e}"))?;
+        settings.set_cert_resolver(Arc::new(SingleCertAndKey::from(Arc::clone(&certified))));
         settings.set_client_cert_verifier(verifier);
         settings.enable_h2();
-        Ok(MeshTls {
-            mode: config.mode,
+        Ok(Material {
             acceptor: settings.build(),
             roots,
-            chain,
-            key,
-            prefix,
+            certified,
+            serial,
+            not_after,
+            contents,
         })
+    }
+}
+
+/// The mesh's certificates: loaded and checked at start, then replaced
+/// while running when the files change (see [`MeshTls::watch`]). Every new
+/// handshake, inbound or outbound, uses the set in force when it starts.
+pub struct MeshTls {
+    /// Whether inbound connections that are not mesh mTLS are still served.
+    pub mode: MeshTlsMode,
+    config: MeshTlsConfig,
+    /// This workload's SPIFFE ID.
+    own: String,
+    /// `spiffe://<trust_domain>/`.
+    prefix: String,
+    current: ArcSwap<Material>,
+}
+
+impl fmt::Debug for MeshTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshTls")
+            .field("mode", &self.mode)
+            .field("prefix", &self.prefix)
+            .field("serial", &self.current.load().serial)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one look at the files came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    /// The files hold the set in force.
+    Unchanged,
+    /// A new set was checked and is now in force.
+    Applied,
+    /// The files changed but do not hold a valid set; the set in force stays.
+    Refused,
+}
+
+impl MeshTls {
+    /// Loads `mesh_tls` and checks that the certificate names `workload`,
+    /// of `trust_domain`. Errors name the field at fault.
+    pub fn load(
+        config: &MeshTlsConfig,
+        workload: &WorkloadId,
+        trust_domain: &str,
+    ) -> Result<Self, String> {
+        let own = workload.uri();
+        let prefix = format!("spiffe://{trust_domain}/");
+        let material = Material::check(Contents::read(config)?, config, &own, &prefix)?;
+        Ok(MeshTls {
+            mode: config.mode,
+            config: config.clone(),
+            own,
+            prefix,
+            current: ArcSwap::from_pointee(material),
+        })
+    }
+
+    /// The set in force.
+    pub(crate) fn current(&self) -> Arc<Material> {
+        self.current.load_full()
+    }
+
+    /// The serial number of the certificate in force (hex, colon-separated).
+    pub fn serial(&self) -> String {
+        self.current.load().serial.clone()
+    }
+
+    /// When the certificate in force expires, in Unix seconds.
+    pub fn not_after(&self) -> i64 {
+        self.current.load().not_after
+    }
+
+    /// Reads the files once and, when they hold a new set, checks it and
+    /// puts it in force. A set that fails a check is refused with a warning
+    /// naming the file (once per distinct content: `last_refused` keeps the
+    /// last refused attempt) and counted; it is tried again at each call, so
+    /// a certificate and key written one after the other converge.
+    pub fn reload(&self, metrics: &Metrics, last_refused: &mut Option<RefusedSet>) -> Reload {
+        let attempt = Contents::read(&self.config);
+        if let Ok(contents) = &attempt
+            && *contents == self.current.load().contents
+        {
+            *last_refused = None;
+            return Reload::Unchanged;
+        }
+        let result = attempt
+            .clone()
+            .and_then(|contents| Material::check(contents, &self.config, &self.own, &self.prefix));
+        match result {
+            Ok(material) => {
+                tracing::info!(
+                    message = "mesh certificate rotated",
+                    serial = %material.serial,
+                    not_after = material.not_after,
+                    spiffe_id = %self.own,
+                    previous_serial = %self.current.load().serial,
+                );
+                metrics.mesh_tls_cert_expiry.set(material.not_after);
+                self.current.store(Arc::new(material));
+                metrics
+                    .mesh_tls_reloads
+                    .get_or_create(&MeshTlsReloadLabels { result: "applied" })
+                    .inc();
+                *last_refused = None;
+                Reload::Applied
+            }
+            Err(error) => {
+                let seen = RefusedSet(attempt);
+                if last_refused.as_ref() != Some(&seen) {
+                    tracing::warn!(
+                        message = "new mesh certificate refused, the one in force stays",
+                        %error,
+                        serial = %self.current.load().serial,
+                    );
+                    metrics
+                        .mesh_tls_reloads
+                        .get_or_create(&MeshTlsReloadLabels { result: "refused" })
+                        .inc();
+                    *last_refused = Some(seen);
+                }
+                Reload::Refused
+            }
+        }
+    }
+
+    /// Looks at `cert_file`, `key_file` and `ca_file` every `interval`
+    /// (their contents, which follows Kubernetes' symlink swaps of secret
+    /// volumes) and reloads them on change ([`MeshTls::reload`]), until
+    /// `stop`.
+    pub async fn watch(
+        self: Arc<Self>,
+        metrics: Arc<Metrics>,
+        interval: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut last_refused = None;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        return;
+                    }
+                }
+            }
+            let mesh = Arc::clone(&self);
+            let metrics = Arc::clone(&metrics);
+            let mut refused = last_refused.take();
+            // File reads and signature checks: off the async workers.
+            let Ok(refused) = tokio::task::spawn_blocking(move || {
+                mesh.reload(&metrics, &mut refused);
+                refused
+            })
+            .await
+            else {
+                return;
+            };
+            last_refused = refused;
+        }
     }
 
     /// Ends mesh mTLS on an inbound connection; `None` when the handshake
@@ -260,20 +471,23 @@ impl MeshTls {
                 })
                 .inc();
         };
-        let tls = match tokio::time::timeout(CONNECT_TIMEOUT, self.acceptor.tls_handshake(stream))
-            .await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(error)) => {
-                tracing::info!(message = "mesh mTLS handshake refused", %error);
-                count("handshake_failed");
-                return None;
-            }
-            Err(_) => {
-                count("handshake_failed");
-                return None;
-            }
-        };
+        // The set in force when the handshake starts.
+        let material = self.current();
+        let tls =
+            match tokio::time::timeout(CONNECT_TIMEOUT, material.acceptor.tls_handshake(stream))
+                .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::info!(message = "mesh mTLS handshake refused", %error);
+                    count("handshake_failed");
+                    return None;
+                }
+                Err(_) => {
+                    count("handshake_failed");
+                    return None;
+                }
+            };
         let verified = tls
             .ssl_digest()
             .and_then(|d| {
@@ -490,7 +704,8 @@ impl UpstreamTls {
 struct TlsConnect<'a> {
     tls: UpstreamTls,
     roots: Arc<RootCertStore>,
-    mesh: Option<&'a MeshTls>,
+    /// With mesh mTLS: the trust domain's prefix and the set in force.
+    mesh: Option<(&'a str, Arc<Material>)>,
     h2: bool,
     slot: Slot,
     metrics: &'a Metrics,
@@ -516,9 +731,9 @@ impl TlsConnect<'_> {
     }
 
     fn client_config(&self) -> Result<(ClientConfig, Option<ServerName<'static>>), String> {
-        let (spiffe, name) = match (&self.tls, self.mesh) {
-            (UpstreamTls::Mesh { expected }, Some(mesh)) => {
-                (Some((mesh.prefix.clone(), expected.clone())), None)
+        let (spiffe, name) = match (&self.tls, &self.mesh) {
+            (UpstreamTls::Mesh { expected }, Some((prefix, _))) => {
+                (Some(((*prefix).to_owned(), expected.clone())), None)
             }
             (UpstreamTls::Mesh { .. }, None) => return Err("mesh_tls is not configured".into()),
             (UpstreamTls::Originate { server_name, .. }, _) => (None, Some(server_name.clone())),
@@ -533,14 +748,15 @@ impl TlsConnect<'_> {
             slot: Arc::clone(&self.slot),
         });
         let builder = ClientConfig::builder_with_provider(provider());
-        let mut config = match (&self.tls, self.mesh) {
-            (UpstreamTls::Mesh { .. }, Some(mesh)) => builder
+        let mut config = match (&self.tls, &self.mesh) {
+            (UpstreamTls::Mesh { .. }, Some((_, material))) => builder
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .map_err(|e| e.to_string())?
                 .dangerous()
                 .with_custom_certificate_verifier(verifier)
-                .with_client_auth_cert(mesh.chain.clone(), mesh.key.clone_key())
-                .map_err(|e| e.to_string())?,
+                .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(Arc::clone(
+                    &material.certified,
+                )))),
             _ => builder
                 .with_safe_default_protocol_versions()
                 .map_err(|e| e.to_string())?
@@ -634,6 +850,72 @@ impl fmt::Debug for Tunnel {
     }
 }
 
+/// Where a sidecar's tunnel socket goes: `tls-tunnel-<pid>-<random>.sock`
+/// in `<tmp>/custody-<uid>/`, a directory of this user only (created 0700,
+/// refused when it is anything else). Sockets left there by sidecars that
+/// were killed (SIGKILL leaves no chance to remove them) are removed first:
+/// a socket file of a process that no longer runs, which nobody answers on.
+pub(crate) fn tunnel_socket_path() -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _};
+    // /proc/self belongs to the process's effective user.
+    let uid = std::fs::metadata("/proc/self")
+        .map_err(|e| format!("tls tunnel: cannot read /proc/self: {e}"))?
+        .uid();
+    let dir = std::env::temp_dir().join(format!("custody-{uid}"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("tls tunnel: cannot create {}: {e}", dir.display())),
+    }
+    let meta = std::fs::symlink_metadata(&dir)
+        .map_err(|e| format!("tls tunnel: {}: {e}", dir.display()))?;
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "tls tunnel: {} is not a directory of this user only (mode 0700)",
+            dir.display()
+        ));
+    }
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.ends_with(".sock"))
+                .and_then(|n| n.strip_prefix("tls-tunnel-"))
+                .and_then(|n| n.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let running = Path::new(&format!("/proc/{pid}")).exists();
+            let socket = entry.file_type().is_ok_and(|t| t.is_socket());
+            if !running
+                && socket
+                && std::os::unix::net::UnixStream::connect(&path)
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+            {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::info!(
+                        message = "stale tls tunnel socket removed",
+                        path = %path.display()
+                    ),
+                    Err(error) => tracing::warn!(
+                        message = "stale tls tunnel socket not removed",
+                        path = %path.display(),
+                        %error
+                    ),
+                }
+            }
+        }
+    }
+    Ok(dir.join(format!(
+        "tls-tunnel-{}-{:016x}.sock",
+        std::process::id(),
+        rand::random::<u64>()
+    )))
+}
+
 /// A parsed CONNECT request head: the target and the headers.
 fn parse_connect(head: &[u8]) -> Option<(SocketAddr, HashMap<String, String>)> {
     let text = std::str::from_utf8(head).ok()?;
@@ -657,17 +939,22 @@ impl Tunnel {
         Tunnel { shared }
     }
 
-    /// What TLS a CONNECT request asks for: (how, CA, h2).
+    /// What TLS a CONNECT request asks for: (how, CA, h2); for mesh mTLS,
+    /// the CA of `material`, the set in force.
     fn plan(
         &self,
         headers: &HashMap<String, String>,
+        material: Option<&Material>,
     ) -> Option<(UpstreamTls, Arc<RootCertStore>, bool)> {
         let h2 = headers.get(ALPN_HEADER).is_some_and(|a| a == "h2");
         match headers.get(TLS_HEADER)?.as_str() {
             "mesh" => {
-                let mesh = self.shared.mesh.as_ref()?;
                 let expected = headers.get(EXPECT_HEADER).cloned();
-                Some((UpstreamTls::Mesh { expected }, Arc::clone(&mesh.roots), h2))
+                Some((
+                    UpstreamTls::Mesh { expected },
+                    Arc::clone(&material?.roots),
+                    h2,
+                ))
             }
             "originate" => {
                 let route = headers.get(ROUTE_HEADER)?;
@@ -703,7 +990,14 @@ impl Tunnel {
                 .await;
             return;
         };
-        let Some((tls, roots, h2)) = self.plan(&headers) else {
+        // The set in force when this connection opens: its certificate and
+        // CA for the whole handshake, whatever rotates meanwhile.
+        let mesh = self
+            .shared
+            .mesh
+            .as_ref()
+            .map(|m| (m.prefix.as_str(), m.current()));
+        let Some((tls, roots, h2)) = self.plan(&headers, mesh.as_ref().map(|(_, m)| &**m)) else {
             let _ = stream
                 .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
                 .await;
@@ -712,7 +1006,7 @@ impl Tunnel {
         let connect = TlsConnect {
             tls,
             roots,
-            mesh: self.shared.mesh.as_deref(),
+            mesh,
             h2,
             slot: Slot::default(),
             metrics: &self.shared.metrics,

@@ -121,6 +121,14 @@ pub struct MeshTlsLabels {
     pub result: &'static str,
 }
 
+/// Labels of `custody_proxy_mesh_tls_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MeshTlsReloadLabels {
+    /// `applied` (a new certificate, key and CA set in force) or `refused`
+    /// (the files changed but failed a check; the set in force stays).
+    pub result: &'static str,
+}
+
 /// Labels of `custody_proxy_tls_origination_connections_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OriginationLabels {
@@ -164,6 +172,10 @@ pub struct Metrics {
     pub data_classes: Family<ClassLabels, Counter>,
     /// Mesh mTLS connections, by direction and result.
     pub mesh_tls_connections: Family<MeshTlsLabels, Counter>,
+    /// Reloads of the mesh certificate files, by result.
+    pub mesh_tls_reloads: Family<MeshTlsReloadLabels, Counter>,
+    /// When the mesh certificate in force expires, in Unix seconds.
+    pub mesh_tls_cert_expiry: Gauge,
     /// TLS connections opened to external servers, by result.
     pub tls_origination_connections: Family<OriginationLabels, Counter>,
 }
@@ -251,6 +263,17 @@ impl Metrics {
             "mesh_tls_connections",
             "Mesh mTLS connections between sidecars, by direction and result",
             self.mesh_tls_connections.clone(),
+        );
+        r.register(
+            "mesh_tls_reloads",
+            "Reloads of the mesh certificate, key and CA files, by result",
+            self.mesh_tls_reloads.clone(),
+        );
+        r.register_with_unit(
+            "mesh_tls_cert_expiry",
+            "When the mesh certificate in force expires, in Unix seconds",
+            prometheus_client::registry::Unit::Seconds,
+            self.mesh_tls_cert_expiry.clone(),
         );
         r.register(
             "tls_origination_connections",

@@ -74,7 +74,8 @@ impl std::fmt::Debug for Sidecar {
     }
 }
 
-/// Background work: the hop exporter and the policy-file watcher.
+/// Background work: the hop exporter, the policy-file watcher and the mesh
+/// certificate watcher.
 struct Tasks {
     shared: Arc<Shared>,
     queue: Mutex<Option<HopQueue>>,
@@ -103,6 +104,17 @@ impl BackgroundService for Tasks {
                 shutdown.clone(),
             ))
         });
+        let rotation = config
+            .mesh_tls
+            .as_ref()
+            .zip(self.shared.mesh.as_ref())
+            .map(|(c, mesh)| {
+                tokio::spawn(Arc::clone(mesh).watch(
+                    Arc::clone(&self.shared.metrics),
+                    Duration::from_millis(c.reload_interval_ms.max(10)),
+                    shutdown.clone(),
+                ))
+            });
         let renewal = match (config.policy.control_plane.clone(), self.key_not_after) {
             (Some(address), Some(not_after)) => Some(tokio::spawn(crate::registration::renew(
                 Arc::clone(&self.shared),
@@ -123,7 +135,10 @@ impl BackgroundService for Tasks {
                 )
                 .await;
         }
-        for task in [watcher, subscription, renewal].into_iter().flatten() {
+        for task in [watcher, subscription, renewal, rotation]
+            .into_iter()
+            .flatten()
+        {
             task.abort();
         }
     }
@@ -241,17 +256,21 @@ impl Sidecar {
             )),
             None => None,
         };
+        if let Some(mesh) = &mesh {
+            metrics.mesh_tls_cert_expiry.set(mesh.not_after());
+            tracing::info!(
+                message = "mesh certificate loaded",
+                serial = %mesh.serial(),
+                not_after = mesh.not_after(),
+            );
+        }
         let origination = crate::mesh::OriginationRoots::load(&config).map_err(BuildError::Tls)?;
         let tls_upstreams = matches!(&config.outbound, crate::config::OutboundMode::Explicit { upstreams, .. }
             if upstreams.values().any(|u| u.tls.is_some()));
-        let tunnel =
-            (mesh.is_some() || !config.tls_origination.is_empty() || tls_upstreams).then(|| {
-                std::env::temp_dir().join(format!(
-                    "custody-tls-tunnel-{}-{:016x}.sock",
-                    std::process::id(),
-                    rand::random::<u64>()
-                ))
-            });
+        let tunnel = match mesh.is_some() || !config.tls_origination.is_empty() || tls_upstreams {
+            true => Some(crate::mesh::tunnel_socket_path().map_err(BuildError::Tls)?),
+            false => None,
+        };
         let db = crate::db::Engines::new(&config).map_err(BuildError::Database)?;
         let taint_ttl =
             std::time::Duration::from_secs(config.signing.token_ttl_secs.unwrap_or(300).max(60));

@@ -365,3 +365,29 @@ mesh_tls:
         err(&bad_peer)
     );
 }
+
+#[test]
+fn every_listener_has_an_address_of_its_own() {
+    let same = MINIMAL.replace(r#"admin: "127.0.0.1:3""#, r#"admin: "127.0.0.1:1""#);
+    assert_eq!(
+        err(&same),
+        "listeners.admin: 127.0.0.1:1 is already the address of listeners.inbound"
+    );
+    let tls = MINIMAL.replace(
+        r#"admin: "127.0.0.1:3" }"#,
+        r#"admin: "127.0.0.1:3", inbound_tls: { address: "127.0.0.1:2", cert_file: c, key_file: k } }"#,
+    );
+    assert_eq!(
+        err(&tls),
+        "listeners.inbound_tls.address: 127.0.0.1:2 is already the address of listeners.outbound"
+    );
+    let db = MINIMAL.to_string()
+        + "databases: [{ protocol: mysql, listen: \"127.0.0.1:7\", upstream: \"127.0.0.1:3306\" }, { protocol: postgres, listen: \"127.0.0.1:7\", upstream: \"127.0.0.1:5432\" }]\n";
+    assert_eq!(
+        err(&db),
+        "databases[1].listen: 127.0.0.1:7 is already the address of databases[0].listen"
+    );
+    // The same port on another address is another listener.
+    let other_ip = MINIMAL.replace(r#"admin: "127.0.0.1:3""#, r#"admin: "127.0.0.2:1""#);
+    assert!(Config::from_yaml(&other_ip).is_ok());
+}

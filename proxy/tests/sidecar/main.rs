@@ -18,6 +18,7 @@ mod mysql;
 mod postgres;
 mod refusal;
 mod registration;
+mod rotation;
 mod shutdown;
 mod tls;
 mod traffic;

@@ -56,7 +56,7 @@ fn roots(dir: &Path, ca: &str) -> Arc<RootCertStore> {
 /// Accepts a server certificate that chains to the CA, whatever names it
 /// carries (mesh certificates name a SPIFFE ID, not a host).
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+pub(crate) struct ChainOnly(pub(crate) Arc<WebPkiServerVerifier>);
 
 impl ServerCertVerifier for ChainOnly {
     fn verify_server_cert(

@@ -114,3 +114,88 @@ outbound: { mode: transparent }
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("inbound.upstream"), "{stderr}");
 }
+
+/// The tunnel sockets of `dir` (`<tmp>/custody-<uid>/`).
+fn tunnel_sockets(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("tls-tunnel-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_killed_with_sigkill_restarts_and_its_stale_tunnel_socket_is_removed() {
+    use std::os::unix::fs::MetadataExt as _;
+    let trust = Trust::new(&["svc"]);
+    let app = App::ok().await;
+    let certs = tempfile::tempdir().unwrap();
+    mesh_ca(certs.path(), "mesh");
+    mesh_cert(certs.path(), "mesh", "svc", Some(&uri_of("svc")));
+    let tmp = tempfile::tempdir().unwrap();
+    let uid = std::fs::metadata("/proc/self").unwrap().uid();
+    let sockets = tmp.path().join(format!("custody-{uid}"));
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    // The sidecar calls its own inbound port as a mesh peer: the request
+    // crosses the tunnel, then mesh mTLS, then reaches the app.
+    let mesh = mesh_tls_yaml(certs.path(), "mesh", "svc", "peers: [self]");
+    let mut spec = Spec::new("svc", app.addr);
+    spec.upstreams = vec![("self".into(), ports[0])];
+    spec.extra = &mesh;
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(&config, config_yaml(&spec, &trust, dir.path(), ports)).unwrap();
+    let launch = || {
+        Command::new(env!("CARGO_BIN_EXE_custody-proxy"))
+            .arg("--config")
+            .arg(&config)
+            .env("TMPDIR", tmp.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let serve_through_the_tunnel = |round: usize| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(ports[1]).await.is_err() {
+            assert!(Instant::now() < deadline, "binary did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let resp = call_out(ports[1], "self", None).await;
+        assert_eq!(resp.status(), 200, "round {round}");
+    };
+
+    let mut first = launch();
+    serve_through_the_tunnel(1).await;
+    assert_eq!(app.seen().len(), 1);
+    let stale = tunnel_sockets(&sockets);
+    assert_eq!(stale.len(), 1, "{stale:?}");
+    assert!(stale[0].starts_with(&format!("tls-tunnel-{}-", first.id())));
+    let mode = std::fs::metadata(&sockets).unwrap().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    // SIGKILL: no chance to remove the socket.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(tunnel_sockets(&sockets), stale);
+
+    let mut second = launch();
+    serve_through_the_tunnel(2).await;
+    assert_eq!(app.seen().len(), 2);
+    let now = tunnel_sockets(&sockets);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert!(now[0].starts_with(&format!("tls-tunnel-{}-", second.id())));
+    let status = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(second.wait().unwrap().success());
+    // A graceful stop removes its own socket.
+    assert_eq!(tunnel_sockets(&sockets), Vec::<String>::new());
+}

@@ -27,10 +27,21 @@ pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
 pub(crate) const TD: &str = "td.test";
 
-/// A port nobody listens on right now (for pingora, which binds by address).
+/// A port nobody listens on right now (for pingora, which binds by
+/// address), never the same twice in this process: the kernel may hand out
+/// a port again once its probe socket is closed, and two listeners of one
+/// sidecar on one address are refused by its configuration.
 pub(crate) fn free_port() -> SocketAddr {
-    let l = StdListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    static GIVEN: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+    loop {
+        let l = StdListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&addr) {
+            given.push(addr);
+            return addr;
+        }
+    }
 }
 
 pub(crate) fn full(data: impl Into<Bytes>) -> Body {
