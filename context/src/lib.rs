@@ -12,8 +12,12 @@
 //! - [`hop`], [`policy`]: the hop events and egress policies exchanged by
 //!   sidecars, node agents and the control plane.
 //! - [`api`]: the control-plane gRPC API (`custody.v1`).
+//! - [`jwks`]: keys of foreign JWT issuers (a JWKS file) and the asymmetric
+//!   algorithms accepted from them, for every verifier of tokens Custody
+//!   does not mint.
 //!
-//! Nothing here does I/O beyond reading the clock and the random source.
+//! Nothing here does I/O beyond reading the clock and the random source,
+//! except [`jwks`], which reads the JWKS file it is given.
 //!
 //! ```
 //! use custody_context::{issue, keys, token, traceparent, verify};
@@ -46,6 +50,7 @@
 pub mod api;
 pub mod hop;
 pub mod issue;
+pub mod jwks;
 pub mod keys;
 pub mod policy;
 pub mod token;

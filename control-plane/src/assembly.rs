@@ -204,6 +204,21 @@ pub struct HopNode {
     /// Why a token was refused.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub refusal_reason: String,
+    /// How the connection to or from the peer was secured: `plaintext`,
+    /// `mesh_mtls`, `tls` (the sidecar's own server certificate) or
+    /// `tls_originated`; empty when the sidecar did not say.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub transport_security: String,
+    /// The peer's SPIFFE ID as mesh mTLS verified it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer_identity: String,
+    /// Why TLS toward the peer failed (a bounded label).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub transport_error: String,
+    /// Why the chain disagrees with the mTLS-verified peer (a bounded
+    /// label, e.g. `token_workload_mismatch`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub identity_mismatch: String,
 }
 
 /// Who started a chain.
@@ -819,6 +834,13 @@ pub fn node(h: &HopEvent, parent: Option<String>, depth: u32, join: Join) -> Hop
         }),
         key_id: h.key_id.clone(),
         refusal_reason: h.refusal_reason.clone(),
+        transport_security: match v1::TransportSecurity::try_from(h.transport_security) {
+            Ok(v1::TransportSecurity::Unspecified) | Err(_) => String::new(),
+            Ok(security) => name_of(Some(security)),
+        },
+        peer_identity: h.peer_identity.clone(),
+        transport_error: h.transport_error.clone(),
+        identity_mismatch: h.identity_mismatch.clone(),
     }
 }
 

@@ -6,7 +6,7 @@
 //! | `custody_hops_total` | counter | `attribution`: accepted hops by attribution method (the coverage dashboard's ratio) |
 //! | `custody_ingest_hops_total` | counter | accepted hops |
 //! | `custody_ingest_duplicates_total` | counter | hops ignored as already stored |
-//! | `custody_ingest_rejected_total` | counter | `reason`: `<field>_<problem>` from hop validation |
+//! | `custody_ingest_rejected_total` | counter | `reason`: `<field>_<problem>` from hop validation, or `workload_mismatch` (a hop naming another workload than the caller's token proves) |
 //! | `custody_policy_push_latency_seconds` | histogram | from a policy commit to a client's acknowledgement |
 //! | `custody_connected_clients` | gauge | `kind`: `proxy`, `agent`, `other` |
 //! | `custody_store_bytes` | gauge | bytes in use in the store |

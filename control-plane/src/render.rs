@@ -118,7 +118,57 @@ fn hop_line(h: &HopNode) -> String {
     if !h.refusal_reason.is_empty() {
         let _ = write!(line, "  refused token: {}", h.refusal_reason);
     }
+    if let Some(transport) = transport(h) {
+        let _ = write!(line, "  {transport}");
+    }
     line
+}
+
+/// How the hop's connection was secured, as a reader says it: `mTLS from
+/// spiffe://…` (inbound) or `mTLS to spiffe://…` (outbound), `plaintext`,
+/// `TLS`, `TLS originated`; `None` when the sidecar did not say.
+fn transport(h: &HopNode) -> Option<String> {
+    let toward = if h.direction == "inbound" {
+        "from"
+    } else {
+        "to"
+    };
+    let peer = (!h.peer_identity.is_empty()).then_some(h.peer_identity.as_str());
+    let said = match (h.transport_security.as_str(), peer) {
+        ("", None) => return None,
+        ("", Some(peer)) => format!("peer {peer}"),
+        ("mesh_mtls", Some(peer)) => format!("mTLS {toward} {peer}"),
+        ("mesh_mtls", None) => "mTLS".to_owned(),
+        ("plaintext", _) => "plaintext".to_owned(),
+        ("tls", _) => "TLS".to_owned(),
+        ("tls_originated", _) => "TLS originated".to_owned(),
+        (other, _) => other.to_owned(),
+    };
+    Some(said)
+}
+
+/// What a reader must not miss about the hop's transport: a failed TLS
+/// check toward the peer, or a token that disagrees with the mTLS peer.
+fn transport_warnings(h: &HopNode) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if !h.transport_error.is_empty() {
+        warnings.push(format!(
+            "WARNING transport error: {} (TLS toward the peer failed; the call was not made in plaintext)",
+            h.transport_error
+        ));
+    }
+    if !h.identity_mismatch.is_empty() {
+        let peer = if h.peer_identity.is_empty() {
+            "the mTLS peer"
+        } else {
+            &h.peer_identity
+        };
+        warnings.push(format!(
+            "WARNING identity mismatch: {} (the chain's token does not name {peer})",
+            h.identity_mismatch
+        ));
+    }
+    warnings
 }
 
 /// One chain as a readable tree.
@@ -149,6 +199,7 @@ pub fn chain(tree: &ChainTree) -> String {
         when(s.first_unix_nanos),
         when(s.last_unix_nanos)
     );
+    let mut warned = 0;
     for h in &tree.hops {
         let indent = "  ".repeat(h.depth as usize);
         let _ = writeln!(
@@ -157,6 +208,11 @@ pub fn chain(tree: &ChainTree) -> String {
             if h.depth == 0 { "*" } else { "└─" },
             hop_line(h)
         );
+        let warnings = transport_warnings(h);
+        warned += usize::from(!warnings.is_empty());
+        for warning in warnings {
+            let _ = writeln!(out, "{indent}   ! {warning}");
+        }
     }
     if !s.data_classes.is_empty() {
         let classes: Vec<String> = s
@@ -191,6 +247,12 @@ pub fn chain(tree: &ChainTree) -> String {
     }
     if !s.joined_chains.is_empty() {
         let _ = writeln!(out, "joined by evidence: {}", s.joined_chains.join(", "));
+    }
+    if warned > 0 {
+        let _ = writeln!(
+            out,
+            "WARNING: {warned} hop(s) with a transport error or an identity mismatch (marked !)"
+        );
     }
     out
 }
@@ -304,6 +366,166 @@ pub fn policies(state: &PolicyState) -> String {
 
 #[cfg(test)]
 mod tests {
+    use custody_context::api::v1;
+
+    use crate::assembly::{ChainTree, Evidence, Join, node};
+
+    /// A hop of `sa`, changed by `edit`.
+    fn event(sa: &str, edit: impl FnOnce(&mut v1::HopEvent)) -> v1::HopEvent {
+        let mut h = v1::HopEvent {
+            schema_version: 1,
+            event_id: format!("{sa}-1"),
+            chain_id: "0af7651916cd43dd8448eb211c80319c".into(),
+            span_id: "b7ad6b7169203331".into(),
+            workload: Some(v1::WorkloadId {
+                trust_domain: "td".into(),
+                namespace: "shop".into(),
+                service_account: sa.into(),
+                pod: format!("{sa}-0"),
+            }),
+            direction: v1::Direction::Inbound as i32,
+            protocol: v1::Protocol::Http1 as i32,
+            operation: "GET /checkout".into(),
+            status: 200,
+            attribution: Some(v1::Attribution {
+                method: v1::AttributionMethod::Propagated as i32,
+                confidence: 1.0,
+            }),
+            context_outcome: v1::ContextOutcome::Propagated as i32,
+            start_unix_nanos: 1_700_000_000_000_000_000,
+            duration_nanos: 1_000_000,
+            ..Default::default()
+        };
+        edit(&mut h);
+        h
+    }
+
+    /// The hop of `sa`, changed by `edit`, as the investigation API shows it.
+    fn hop(sa: &str, edit: impl FnOnce(&mut v1::HopEvent)) -> crate::assembly::HopNode {
+        let join = Join {
+            evidence: Evidence::Root,
+            confidence: 1.0,
+        };
+        node(&event(sa, edit), None, 0, join)
+    }
+
+    const WEB: &str = "spiffe://td/ns/shop/sa/web";
+
+    /// The hop's line and the warnings under it.
+    fn check(edit: impl FnOnce(&mut v1::HopEvent), line: &str, warnings: &[&str]) {
+        let h = hop("orders", edit);
+        let shown = super::hop_line(&h);
+        assert!(
+            shown.ends_with(line),
+            "{shown:?} does not end with {line:?}"
+        );
+        let warned = super::transport_warnings(&h);
+        assert_eq!(warned.len(), warnings.len(), "{warned:?}");
+        for (w, want) in warned.iter().zip(warnings) {
+            assert!(w.starts_with(want), "{w:?} does not start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn each_hop_says_how_its_connection_was_secured() {
+        use v1::TransportSecurity as T;
+        let secured = |t: T, peer: &str| {
+            let peer = peer.to_owned();
+            move |h: &mut v1::HopEvent| {
+                h.transport_security = t as i32;
+                h.peer_identity = peer;
+            }
+        };
+        check(|_| {}, "via propagated", &[]);
+        check(secured(T::MeshMtls, WEB), &format!("mTLS from {WEB}"), &[]);
+        check(
+            |h| {
+                secured(T::MeshMtls, WEB)(h);
+                h.direction = v1::Direction::Outbound as i32;
+            },
+            &format!("mTLS to {WEB}"),
+            &[],
+        );
+        check(secured(T::MeshMtls, ""), "  mTLS", &[]);
+        check(secured(T::Plaintext, ""), "  plaintext", &[]);
+        check(secured(T::Tls, ""), "  TLS", &[]);
+        check(secured(T::TlsOriginated, ""), "  TLS originated", &[]);
+        check(secured(T::Unspecified, WEB), &format!("  peer {WEB}"), &[]);
+    }
+
+    #[test]
+    fn transport_errors_and_identity_mismatches_are_warned_about() {
+        check(
+            |h| {
+                h.direction = v1::Direction::Outbound as i32;
+                h.transport_error = "peer_identity_mismatch".into();
+            },
+            "via propagated",
+            &["WARNING transport error: peer_identity_mismatch"],
+        );
+        check(
+            |h| {
+                h.transport_security = v1::TransportSecurity::MeshMtls as i32;
+                h.peer_identity = WEB.into();
+                h.identity_mismatch = "token_workload_mismatch".into();
+            },
+            &format!("mTLS from {WEB}"),
+            &[
+                "WARNING identity mismatch: token_workload_mismatch (the chain's token does not name spiffe://td/ns/shop/sa/web)",
+            ],
+        );
+        check(
+            |h| {
+                h.transport_error = "handshake_failed".into();
+                h.identity_mismatch = "token_workload_mismatch".into();
+            },
+            "via propagated",
+            &[
+                "WARNING transport error: handshake_failed",
+                "WARNING identity mismatch: token_workload_mismatch (the chain's token does not name the mTLS peer)",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_chain_with_a_transport_warning_says_so_under_the_hop_and_at_the_end() {
+        let web = event("web", |h| {
+            h.transport_security = v1::TransportSecurity::Plaintext as i32;
+        });
+        let orders = event("orders", |h| {
+            h.span_id = "00f067aa0ba902b7".into();
+            h.parent_span_id = web.span_id.clone();
+            h.start_unix_nanos += 10;
+            h.duration_nanos -= 20;
+            h.transport_security = v1::TransportSecurity::MeshMtls as i32;
+            h.peer_identity = WEB.into();
+            h.identity_mismatch = "token_workload_mismatch".into();
+        });
+        let trees: Vec<ChainTree> = crate::assembly::assemble(&[web, orders], &[]);
+        assert_eq!(trees.len(), 1);
+        let tree = &trees[0];
+        assert_eq!(tree.hops[1].depth, 1, "{tree:#?}");
+        let text = super::chain(tree);
+        let lines: Vec<&str> = text.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| l.contains("shop/orders <-"))
+            .unwrap();
+        assert!(lines[at - 1].ends_with("  plaintext"), "{text}");
+        assert!(lines[at].ends_with(&format!("mTLS from {WEB}")), "{text}");
+        assert_eq!(
+            lines[at + 1],
+            "     ! WARNING identity mismatch: token_workload_mismatch (the chain's token does not name spiffe://td/ns/shop/sa/web)",
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "WARNING: 1 hop(s) with a transport error or an identity mismatch (marked !)\n"
+            ),
+            "{text}"
+        );
+    }
+
     #[test]
     fn dates_are_utc_civil_time() {
         assert_eq!(super::when(0), "1970-01-01T00:00:00Z");

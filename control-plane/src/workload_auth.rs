@@ -17,10 +17,10 @@
 //!                      "pod": { "name": "web-7d9f", "uid": "..." } } }
 //! ```
 //!
-//! Only asymmetric algorithms are accepted (RS*, PS*, ES256, ES384, EdDSA);
-//! the key is found by the header's `kid` (or is the only key) and must be
-//! of the header's algorithm: a token naming HMAC or `none` never verifies.
-//! `iss`, `aud`, `exp` and `sub` are required, `nbf` is checked when
+//! The key is found in the JWKS file by [`custody_context::jwks`], which
+//! accepts only asymmetric algorithms (RS*, PS*, ES256, ES384, EdDSA): the
+//! key is the header's `kid` (or the only key) and must be of the header's
+//! algorithm, so a token naming HMAC or `none` never verifies. `iss`, `aud`, `exp` and `sub` are required, `nbf` is checked when
 //! present, with `leeway_secs` of clock skew. The `sub` must agree with the
 //! `kubernetes.io` claim. Every refusal has a bounded [`Refusal`] reason.
 //!
@@ -28,20 +28,13 @@
 //! again (at most every [`RELOAD_INTERVAL`]), so a rotated issuer key is
 //! picked up from an updated ConfigMap without a restart.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use custody_context::api::v1;
-use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+pub use custody_context::jwks::{JwksError, RELOAD_INTERVAL};
+use custody_context::jwks::{JwksFile, KeyRefusal, VerificationKey};
+use jsonwebtoken::Validation;
 use serde::Deserialize;
-
-/// The shortest time between two reads of the JWKS file after an unknown
-/// key id.
-pub const RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The largest token accepted (projected tokens are about 1 KiB).
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -134,27 +127,6 @@ impl Refusal {
     }
 }
 
-/// Why the JWKS could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum JwksError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The file is not a JWKS, or holds no key.
-    #[error("{path}: not a JWKS: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-}
-
 /// The identity a verified token proves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadIdentity {
@@ -222,23 +194,6 @@ impl WorkloadIdentity {
     }
 }
 
-const ASYMMETRIC: [Algorithm; 9] = [
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::PS512,
-    Algorithm::ES256,
-    Algorithm::ES384,
-    Algorithm::EdDSA,
-];
-
-#[derive(Deserialize)]
-struct RawHeader {
-    alg: String,
-}
-
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
@@ -259,16 +214,10 @@ struct NamedRef {
     name: String,
 }
 
-struct Keys {
-    set: Arc<JwkSet>,
-    read_at: Instant,
-}
-
 /// Verifies projected service-account tokens of one issuer.
 pub struct WorkloadVerifier {
     config: WorkloadAuthConfig,
-    keys: RwLock<Keys>,
-    reloading: Mutex<()>,
+    keys: JwksFile,
 }
 
 impl std::fmt::Debug for WorkloadVerifier {
@@ -280,36 +229,11 @@ impl std::fmt::Debug for WorkloadVerifier {
     }
 }
 
-fn read_jwks(path: &Path) -> Result<JwkSet, JwksError> {
-    let text = std::fs::read_to_string(path).map_err(|source| JwksError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let set: JwkSet = serde_json::from_str(&text).map_err(|e| JwksError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
-    if set.keys.is_empty() {
-        return Err(JwksError::Parse {
-            path: path.to_owned(),
-            message: "no keys".into(),
-        });
-    }
-    Ok(set)
-}
-
 impl WorkloadVerifier {
     /// Loads the issuer's JWKS file.
     pub fn load(config: WorkloadAuthConfig) -> Result<Self, JwksError> {
-        let set = read_jwks(&config.jwks_file)?;
-        Ok(WorkloadVerifier {
-            config,
-            keys: RwLock::new(Keys {
-                set: Arc::new(set),
-                read_at: Instant::now(),
-            }),
-            reloading: Mutex::new(()),
-        })
+        let keys = JwksFile::load(&config.jwks_file)?;
+        Ok(WorkloadVerifier { config, keys })
     }
 
     /// The trust domain workload callers must claim, if one is configured.
@@ -317,79 +241,18 @@ impl WorkloadVerifier {
         self.config.trust_domain.as_deref()
     }
 
-    fn current(&self) -> Arc<JwkSet> {
-        self.keys
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .set
-            .clone()
-    }
-
-    /// Reads the file again if it was not read recently; a file that
-    /// became unreadable keeps the keys in force.
-    fn reload(&self) -> Arc<JwkSet> {
-        let _one = self
-            .reloading
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let read_at = self
-            .keys
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .read_at;
-        if read_at.elapsed() < RELOAD_INTERVAL {
-            return self.current();
-        }
-        let mut keys = self
-            .keys
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        keys.read_at = Instant::now();
-        match read_jwks(&self.config.jwks_file) {
-            Ok(set) => {
-                tracing::info!(keys = set.keys.len(), "workload issuer keys reloaded");
-                keys.set = Arc::new(set);
-            }
-            Err(error) => tracing::warn!(%error, "workload issuer keys not reloaded"),
-        }
-        keys.set.clone()
-    }
-
     /// The workload a token proves, or why it proves nothing.
     pub fn verify(&self, token: &str) -> Result<WorkloadIdentity, Refusal> {
         if token.len() > MAX_TOKEN_BYTES || token.split('.').count() != 3 {
             return Err(Refusal::Malformed);
         }
-        // The algorithm is read from the raw header first, so `none` and
-        // names jsonwebtoken does not know are told apart from garbage.
-        let raw = token.split('.').next().unwrap_or_default();
-        let header_json = URL_SAFE_NO_PAD
-            .decode(raw)
-            .map_err(|_| Refusal::Malformed)?;
-        let raw_header: RawHeader =
-            serde_json::from_slice(&header_json).map_err(|_| Refusal::Malformed)?;
-        let alg = ASYMMETRIC
-            .iter()
-            .copied()
-            .find(|a| format!("{a:?}") == raw_header.alg)
-            .ok_or(Refusal::DisallowedAlgorithm)?;
-        let header = jsonwebtoken::decode_header(token).map_err(|_| Refusal::Malformed)?;
-        let find = |set: &JwkSet| match &header.kid {
-            Some(kid) => set.find(kid).cloned(),
-            None if set.keys.len() == 1 => set.keys.first().cloned(),
-            None => None,
-        };
-        let jwk = match find(&self.current()) {
-            Some(jwk) => jwk,
-            None => find(&self.reload()).ok_or(Refusal::UnknownKeyId)?,
-        };
-        if let Some(key_alg) = jwk.common.key_algorithm
-            && format!("{key_alg:?}") != raw_header.alg
-        {
-            return Err(Refusal::DisallowedAlgorithm);
-        }
-        let key = DecodingKey::from_jwk(&jwk).map_err(|_| Refusal::UnknownKeyId)?;
-        let mut validation = Validation::new(alg);
+        let VerificationKey { algorithm, key } =
+            self.keys.key_for(token).map_err(|refusal| match refusal {
+                KeyRefusal::Malformed => Refusal::Malformed,
+                KeyRefusal::DisallowedAlgorithm => Refusal::DisallowedAlgorithm,
+                KeyRefusal::UnknownKeyId => Refusal::UnknownKeyId,
+            })?;
+        let mut validation = Validation::new(algorithm);
         validation.set_issuer(&[&self.config.issuer]);
         validation.set_audience(&[&self.config.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);

@@ -414,3 +414,135 @@ async fn new_chains_stream_and_metrics_count_coverage() {
         assert!(metrics.contains(want), "missing {want:?} in\n{metrics}");
     }
 }
+
+/// How each hop was secured (fields 27–30 of the hop event) goes from
+/// ingest to `GET /v1/chains/{id}` and to `custody chain`, human and JSON;
+/// a failed TLS check and a token that disagrees with the mTLS peer are
+/// warned about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_hops_show_their_transport_and_its_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Binary::start(dir.path());
+    let base = server.base();
+    let now = custody_control::unix_nanos() - 60_000_000_000;
+    // web <- client, orders -> payments, payments <- orders, ledger ->
+    // (failed TLS), search (the sidecar said nothing about transport).
+    let mut hops = chain(303, "tls", 5, now);
+    let payments = "spiffe://td/ns/shop/sa/payments";
+    let orders = "spiffe://td/ns/shop/sa/orders";
+    hops[0].transport_security = v1::TransportSecurity::Plaintext as i32;
+    hops[1].transport_security = v1::TransportSecurity::MeshMtls as i32;
+    hops[1].peer_identity = payments.into();
+    hops[2].transport_security = v1::TransportSecurity::MeshMtls as i32;
+    hops[2].peer_identity = orders.into();
+    hops[2].identity_mismatch = "token_workload_mismatch".into();
+    hops[3].transport_security = v1::TransportSecurity::MeshMtls as i32;
+    hops[3].transport_error = "peer_identity_mismatch".into();
+    let id = hops[0].chain_id.clone();
+    let ack = ingest(server.grpc, Some(NODE))
+        .await
+        .report_hops(v1::HopBatch { hops })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((ack.accepted, ack.rejected), (5, 0));
+
+    let path = format!("/v1/chains/{id}");
+    let tree = eventually("the chain assembled", || {
+        let (base, path) = (base.clone(), path.clone());
+        async move {
+            let tree = get_json(&base, &path).await.ok()?;
+            (tree["hops"].as_array()?.len() == 5).then_some(tree)
+        }
+    })
+    .await;
+    let transport = |tree: &serde_json::Value, event: &str| {
+        let hop = tree["hops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["event_id"] == event)
+            .unwrap_or_else(|| panic!("no {event} in {tree:#}"))
+            .clone();
+        [
+            "transport_security",
+            "peer_identity",
+            "transport_error",
+            "identity_mismatch",
+        ]
+        .map(|field| hop.get(field).and_then(|v| v.as_str()).map(str::to_owned))
+    };
+    let s = |v: &str| Some(v.to_owned());
+    let expected = [
+        ("tls-0", [s("plaintext"), None, None, None]),
+        ("tls-1", [s("mesh_mtls"), s(payments), None, None]),
+        (
+            "tls-2",
+            [
+                s("mesh_mtls"),
+                s(orders),
+                None,
+                s("token_workload_mismatch"),
+            ],
+        ),
+        (
+            "tls-3",
+            [s("mesh_mtls"), None, s("peer_identity_mismatch"), None],
+        ),
+        ("tls-4", [None, None, None, None]),
+    ];
+    for (event, want) in &expected {
+        assert_eq!(&transport(&tree, event), want, "{event}: {tree:#}");
+    }
+
+    let b = base.clone();
+    let (human, json) = tokio::task::spawn_blocking(move || {
+        (
+            ok(&b, &["chain", &id]),
+            ok(&b, &["chain", &id, "--output", "json"]),
+        )
+    })
+    .await
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for (event, want) in &expected {
+        assert_eq!(&transport(&json, event), want, "{event}: {json:#}");
+    }
+    let line = |needle: &str| {
+        human
+            .lines()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in\n{human}"))
+    };
+    assert!(
+        human
+            .lines()
+            .nth(line("shop/web <-"))
+            .unwrap()
+            .ends_with("  plaintext"),
+        "{human}"
+    );
+    assert!(
+        human
+            .lines()
+            .nth(line("shop/orders ->"))
+            .unwrap()
+            .ends_with(&format!("  mTLS to {payments}")),
+        "{human}"
+    );
+    let mismatch = line("WARNING identity mismatch: token_workload_mismatch");
+    assert_eq!(mismatch, line("shop/payments <-") + 1, "{human}");
+    assert!(
+        human
+            .lines()
+            .nth(mismatch - 1)
+            .unwrap()
+            .ends_with(&format!("  mTLS from {orders}"))
+    );
+    let failed = line("WARNING transport error: peer_identity_mismatch");
+    assert_eq!(failed, line("shop/ledger ->") + 1, "{human}");
+    assert!(
+        human.contains("WARNING: 2 hop(s) with a transport error or an identity mismatch"),
+        "{human}"
+    );
+}

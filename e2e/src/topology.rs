@@ -8,6 +8,16 @@
 //!  control: custody-control (embedded store), reached by every sidecar
 //! ```
 //!
+//! Each sidecar proves its workload to the control plane with a projected
+//! service-account token of its own, as the kubelet would write it: the
+//! harness stands in for the cluster's service-account issuer
+//! ([`SA_ISSUER`]), writes the issuer's JWKS where the control plane's
+//! `workload_auth.jwks_file` points, and gives each sidecar a token for
+//! namespace `shop`, its service account and its pod
+//! (`control_plane.service_account_token_file`). The control plane accepts
+//! hops only for the workload a token proves; the shared node token
+//! ([`NODE_TOKEN`]) is left to node agents (flows and policy).
+//!
 //! `web`, `orders` and `reports` run the sample application behind a
 //! `custody-proxy` sidecar (own user, iptables redirect, transparent
 //! outbound); `web` is the mesh edge and starts chains from the user's
@@ -48,6 +58,7 @@ use anyhow::{Context as _, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use custody_context::keys::SigningKey;
+use custody_testkit::service_account::{self, Issuer, KeyKind};
 use custody_testkit::{MariaDb, Options, Postgres, fixtures};
 use ed25519_dalek::Signer as _;
 
@@ -57,8 +68,19 @@ use crate::mesh::{ADMIN_PORT, Mesh, Pod, sidecar_uid};
 pub const TRUST_DOMAIN: &str = "cluster.local";
 /// The admin token of the control plane in the topology.
 pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
-/// The token sidecars present to the control plane.
+/// The control plane's node token, for node agents (flows and policy);
+/// sidecars present workload tokens ([`SA_ISSUER`]) instead.
 pub const NODE_TOKEN: &str = "e2e-node-token-0123456789";
+/// The Kubernetes namespace of every workload of the topology.
+pub const NAMESPACE: &str = "shop";
+/// The service-account issuer the harness stands in for (`iss` of the
+/// sidecars' projected tokens).
+pub const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+/// The audience the sidecars' projected tokens are for.
+pub const SA_AUDIENCE: &str = "custody";
+/// How long a sidecar's projected token is valid (no kubelet rotates it
+/// here; a day outlasts any demo session).
+pub const SA_TOKEN_TTL_SECS: u64 = 24 * 3600;
 /// The control plane's gRPC port.
 pub const GRPC_PORT: u16 = 7070;
 /// The control plane's HTTP port.
@@ -138,6 +160,8 @@ pub struct Topology {
     keys: Vec<(String, SigningKey)>,
     /// The users' JWT issuer's key (in memory only; its JWKS is on disk).
     login: ed25519_dalek::SigningKey,
+    /// The service-account issuer the sidecars' tokens come from.
+    service_accounts: Issuer,
 }
 
 impl std::fmt::Debug for Topology {
@@ -252,6 +276,8 @@ impl Topology {
             uid,
             keys: Vec::new(),
             login: ed25519_dalek::SigningKey::from_bytes(&rand_seed()),
+            service_accounts: Issuer::new(KeyKind::Rsa, SA_ISSUER)
+                .context("making the service-account issuer's key")?,
         };
         topology.start_control(&control)?;
         topology.start_databases(&postgres, &mariadb)?;
@@ -313,6 +339,8 @@ impl Topology {
             uid,
             keys: Vec::new(),
             login: ed25519_dalek::SigningKey::from_bytes(&rand_seed()),
+            service_accounts: Issuer::new(KeyKind::Rsa, SA_ISSUER)
+                .context("making the service-account issuer's key")?,
         };
         topology.start_control(&control)?;
         topology.write_keys(apps.iter().map(|a| a.name.as_str()))?;
@@ -331,8 +359,7 @@ impl Topology {
         Ok(topology)
     }
 
-    /// A signing key per workload, the key set naming them all, and the
-    /// sidecars' control-plane token.
+    /// A signing key per workload and the key set naming them all.
     fn write_keys<'a>(&mut self, names: impl Iterator<Item = &'a str>) -> anyhow::Result<()> {
         for name in names {
             let seed: [u8; 32] = rand_seed();
@@ -342,24 +369,50 @@ impl Topology {
             ));
             fs::write(self.mesh.dir().join(format!("{name}.seed")), hex(&seed))?;
         }
-        self.write_key_set()?;
-        // Written once, before any sidecar starts: a sidecar reading it while
-        // it is rewritten would see it empty.
-        fs::write(self.mesh.dir().join("node-token"), NODE_TOKEN)?;
+        self.write_key_set()
+    }
+
+    /// The projected service-account token file of the sidecar `name`.
+    fn workload_token_file(&self, name: &str) -> PathBuf {
+        self.mesh.dir().join(format!("{name}-sa-token"))
+    }
+
+    /// Writes the projected service-account token of the sidecar `name`'s
+    /// pod, naming the workload `claims` (its own, unless a test makes it
+    /// lie): namespace [`NAMESPACE`], service account `claims`, pod
+    /// `<claims>-0`. The file is replaced whole, as the kubelet does, and
+    /// the sidecar reads it again on its next control-plane call.
+    pub fn write_workload_token(&self, name: &str, claims: &str) -> anyhow::Result<()> {
+        let pod = service_account::Pod::new(NAMESPACE, claims, &format!("{claims}-0"));
+        let token = self
+            .service_accounts
+            .token(&pod, SA_AUDIENCE, SA_TOKEN_TTL_SECS);
+        let path = self.workload_token_file(name);
+        let next = path.with_extension("next");
+        fs::write(&next, token)?;
+        crate::cmd::run(&["chown", &self.uid.to_string(), text(&next)?])?;
+        crate::cmd::run(&["chmod", "600", text(&next)?])?;
+        fs::rename(&next, &path)?;
         Ok(())
     }
 
     fn start_control(&mut self, pod: &Pod) -> anyhow::Result<()> {
         let data = self.mesh.dir().join("control-data");
         fs::create_dir_all(&data)?;
+        // The service-account issuer's keys, as the API server publishes
+        // them at /openid/v1/jwks.
+        let jwks = self.mesh.dir().join("sa-jwks.json");
+        fs::copy(self.service_accounts.jwks_file(), &jwks)?;
         let config = self.mesh.dir().join("control.yaml");
         fs::write(
             &config,
             format!(
                 "data_dir: {}\ngrpc_listen: 0.0.0.0:{GRPC_PORT}\nhttp_listen: 0.0.0.0:{HTTP_PORT}\n\
-                 tokens:\n  - {{ name: oncall, role: admin, secret: {ADMIN_TOKEN} }}\n  - {{ name: mesh, role: node, secret: {NODE_TOKEN} }}\n\
+                 tokens:\n  - {{ name: oncall, role: admin, secret: {ADMIN_TOKEN} }}\n  - {{ name: node-agents, role: node, secret: {NODE_TOKEN} }}\n\
+                 workload_auth: {{ issuer: \"{SA_ISSUER}\", jwks_file: {jwks}, audience: {SA_AUDIENCE}, trust_domain: {TRUST_DOMAIN} }}\n\
                  assembly: {{ interval_millis: 100 }}\n",
-                data.display()
+                data.display(),
+                jwks = jwks.display(),
             ),
         )?;
         self.start_control_process(pod)
@@ -585,19 +638,20 @@ impl Topology {
         let seed = dir.join(format!("{name}.seed"));
         crate::cmd::run(&["chown", &uid, text(&seed)?])?;
         crate::cmd::run(&["chmod", "600", text(&seed)?])?;
-        let token = dir.join("node-token");
+        self.write_workload_token(name, name)?;
+        let token = self.workload_token_file(name);
         let control_url = format!("http://{}:{GRPC_PORT}", control.ip);
         let config = dir.join(format!("{name}-proxy.yaml"));
         fs::write(
             &config,
             format!(
-                "workload: {{ trust_domain: {TRUST_DOMAIN}, namespace: shop, service_account: {name}, pod: {name}-0 }}\n\
+                "workload: {{ trust_domain: {TRUST_DOMAIN}, namespace: {NAMESPACE}, service_account: {name}, pod: {name}-0 }}\n\
                  listeners: {{ inbound: \"0.0.0.0:15006\", outbound: \"127.0.0.1:15001\", admin: \"0.0.0.0:{ADMIN_PORT}\" }}\n\
                  inbound:\n  upstream: \"127.0.0.1:8080\"\n  refuse_invalid_tokens: false\n{sources}\
                  outbound: {{ mode: transparent }}\n\
                  signing: {{ seed_file: {seed}, kid: {name}-1, token_ttl_secs: 300 }}\n\
                  trust: {{ key_set_file: {keys} }}\n\
-                 control_plane: {{ token_file: {token} }}\n\
+                 control_plane: {{ service_account_token_file: {token} }}\n\
                  policy: {{ control_plane: \"{control_url}\", state_dir: {state} }}\n\
                  exporter: {{ control_plane: \"{control_url}\", flush_interval_ms: 50 }}\n\
                  shutdown: {{ grace_period_secs: 1 }}\n",
@@ -740,6 +794,31 @@ impl Topology {
             ],
         )?;
         parse_curl(&out.stdout)
+    }
+
+    /// The control plane's `/metrics` text (Prometheus exposition).
+    pub fn control_metrics(&self) -> anyhow::Result<String> {
+        let control = self.pod("control")?;
+        let url = format!("http://127.0.0.1:{HTTP_PORT}/metrics");
+        let out = self
+            .mesh
+            .exec(&control, &["curl", "-s", "--max-time", "10", &url])?;
+        if !out.status.success() {
+            bail!("curl {url} failed ({})", out.status);
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The value of the control plane's sample `series` (name and labels as
+    /// exposed, e.g. `custody_ingest_rejected_total{reason="workload_mismatch"}`),
+    /// 0 when it is not exposed yet.
+    pub fn control_metric(&self, series: &str) -> anyhow::Result<f64> {
+        let metrics = self.control_metrics()?;
+        let value = metrics.lines().find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse::<f64>().ok())?
+        });
+        Ok(value.unwrap_or(0.0))
     }
 
     /// Runs the `custody` CLI against the control plane, from the client pod.

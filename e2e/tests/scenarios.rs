@@ -612,3 +612,108 @@ fn background_work_is_attributed_to_the_jobs_workload_not_to_a_user() {
         "{listed:#?}"
     );
 }
+
+#[test]
+fn each_sidecar_reports_as_its_own_workload_and_a_borrowed_token_reports_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut topo = Topology::start("eight").unwrap();
+    let mismatched = r#"custody_ingest_rejected_total{reason="workload_mismatch"}"#;
+    let services_of = |chain: &Value| strings(chain, "services");
+
+    // web -> reports (legacy) -> orders -> partner: three sidecars, each
+    // with its own projected service-account token; every hop is stored
+    // under the workload whose sidecar reported it.
+    let (status, body) = topo.request("/report", "heidi@example.com").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let summary = topo
+        .wait_chain(&["--initiator", "heidi@example.com"], WITHIN, |c| {
+            destination(c, "api.partner.example").is_some()
+                && services_of(c).contains(&workload("reports"))
+        })
+        .unwrap();
+    let id = summary["chain_id"].as_str().unwrap();
+    let tree = topo.custody_json(&["chain", id]).unwrap();
+    let own = [workload("web"), workload("reports"), workload("orders")];
+    for name in &own {
+        assert!(
+            tree["hops"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h["workload"] == name.as_str() && h["direction"] == "inbound"),
+            "no inbound hop of {name}: {tree:#}"
+        );
+    }
+    for hop in tree["hops"].as_array().unwrap() {
+        let stored = hop["workload"].as_str().unwrap_or_default();
+        assert!(own.iter().any(|w| w == stored), "{hop:#}");
+    }
+    assert_eq!(topo.control_metric(mismatched).unwrap(), 0.0);
+
+    // reports' token now names orders: its sidecar still claims reports, so
+    // the control plane refuses every hop it reports, and counts them.
+    topo.write_workload_token("reports", "orders").unwrap();
+    let (status, body) = topo.request("/report", "ivan@example.com").unwrap();
+    assert_eq!(
+        status, 200,
+        "traffic does not depend on the control plane: {body}"
+    );
+    let deadline = Instant::now() + WITHIN;
+    while topo.control_metric(mismatched).unwrap() == 0.0 {
+        topo.mesh.check_alive().unwrap();
+        assert!(
+            Instant::now() < deadline,
+            "no hop rejected as workload_mismatch"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ivan = topo
+        .wait_chain(&["--initiator", "ivan@example.com"], WITHIN, |c| {
+            destination(c, "api.partner.example").is_some()
+        })
+        .unwrap();
+    let services = services_of(&ivan);
+    assert!(services.contains(&workload("web")), "{ivan:#}");
+    assert!(services.contains(&workload("orders")), "{ivan:#}");
+    assert!(
+        !services.contains(&workload("reports")),
+        "a hop reported with another workload's token was stored: {ivan:#}"
+    );
+    let tree = topo
+        .custody_json(&["chain", ivan["chain_id"].as_str().unwrap()])
+        .unwrap();
+    assert!(
+        !tree["hops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["workload"] == workload("reports")),
+        "{tree:#}"
+    );
+
+    // The rest of the mesh keeps reporting.
+    let (status, _) = topo.request("/checkout", "judy@example.com").unwrap();
+    assert_eq!(status, 200);
+    let judy = topo
+        .wait_chain(&["--initiator", "judy@example.com"], WITHIN, |c| {
+            destination(c, "api.partner.example").is_some()
+        })
+        .unwrap();
+    assert_eq!(
+        services_of(&judy),
+        vec![workload("web"), workload("orders")],
+        "{judy:#}"
+    );
+    assert_eq!(judy["coverage"], "propagated", "{judy:#}");
+
+    // Its own token back (read again on the next call): reports is stored
+    // again.
+    topo.write_workload_token("reports", "reports").unwrap();
+    let (status, _) = topo.request("/report", "kim@example.com").unwrap();
+    assert_eq!(status, 200);
+    topo.wait_chain(&["--initiator", "kim@example.com"], WITHIN, |c| {
+        destination(c, "api.partner.example").is_some()
+            && services_of(c).contains(&workload("reports"))
+    })
+    .unwrap();
+}

@@ -44,7 +44,7 @@ pub enum BuildError {
     Policy(#[from] PolicyLoadError),
     /// A bearer-JWT issuer's JWKS could not be loaded.
     #[error(transparent)]
-    Bearer(#[from] crate::bearer::BearerError),
+    Bearer(#[from] custody_context::jwks::JwksError),
     /// The own key could not join the key set.
     #[error("signing key: {0}")]
     OwnKey(String),

@@ -179,19 +179,28 @@ fn main() -> anyhow::Result<()> {
     }
 
     let control = topo.pod("control")?;
-    let metrics = topo.mesh.exec(
-        &control,
-        &[
-            "curl",
-            "-s",
-            &format!("http://127.0.0.1:{HTTP_PORT}/metrics"),
-        ],
-    )?;
+    let metrics = topo.control_metrics()?;
     println!("\ncoverage (/metrics):");
-    for line in String::from_utf8_lossy(&metrics.stdout).lines() {
+    for line in metrics.lines() {
         if line.starts_with("custody_chains_total") || line.starts_with("custody_hops_total") {
             println!("  {line}");
         }
+    }
+    println!(
+        "\nsidecar authentication (each sidecar presents its own service-account token; hops are stored only for the workload it proves):"
+    );
+    let refusals: Vec<&str> = metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("custody_control_auth_refused_total")
+                || line.starts_with("custody_ingest_rejected_total")
+        })
+        .collect();
+    if refusals.is_empty() {
+        println!("  no call refused, no hop rejected");
+    }
+    for line in refusals {
+        println!("  {line}");
     }
 
     let cli = binary("custody")?;
