@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::assembly::{ChainSummary, ChainTree, Coverage};
 
+mod common;
 mod sqlite;
 
 pub use sqlite::{SqliteOptions, SqliteStore};
