@@ -15,8 +15,10 @@ use serde::{Deserialize, Serialize};
 use crate::assembly::{ChainSummary, ChainTree, Coverage};
 
 mod common;
+mod postgres;
 mod sqlite;
 
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// Why a store operation failed.
@@ -25,6 +27,9 @@ pub enum StoreError {
     /// The database refused or failed.
     #[error("database: {0}")]
     Database(#[from] rusqlite::Error),
+    /// PostgreSQL refused or failed, or could not be reached.
+    #[error("postgres: {0}")]
+    Postgres(String),
     /// A stored event did not decode.
     #[error("stored event does not decode: {0}")]
     Decode(#[from] prost::DecodeError),
