@@ -114,6 +114,7 @@ variants=(
     "workload-auth --set workloadAuth.enabled=true --set-file workloadAuth.jwks=$work/jwks.json --set injection.tokenNamespaces={shop}"
     "workload-auth-existing-jwks --set workloadAuth.enabled=true --set workloadAuth.existingConfigMap=cluster-jwks"
     "postgres --set controlPlane.store.backend=postgres --set controlPlane.store.postgres.host=pg.db.svc --set controlPlane.store.postgres.passwordSecret=custody-pg"
+    "postgres-tls --set controlPlane.store.backend=postgres --set controlPlane.store.postgres.host=pg.db.svc --set controlPlane.store.postgres.sslmode=verify-full --set controlPlane.store.postgres.caSecret=pg-ca"
 )
 for variant in "${variants[@]}"; do
     read -r -a words <<<"$variant"
@@ -170,6 +171,10 @@ grep -q '^      backend: postgres$' "$work/postgres.yaml"
 grep -q 'password_file: /etc/custody/postgres/password' "$work/postgres.yaml"
 grep -q 'secretName: "custody-pg"' "$work/postgres.yaml"
 absent 'backend: postgres\|postgres-password' "$work/default.yaml"
+absent 'sslmode\|postgres-ca' "$work/postgres.yaml"
+grep -q 'ca_file: /etc/custody/postgres-ca/ca.crt' "$work/postgres-tls.yaml"
+grep -q 'secretName: "pg-ca"' "$work/postgres-tls.yaml"
+absent 'postgres-password' "$work/postgres-tls.yaml"
 if "$helm" template custody "$chart" --set controlPlane.store.backend=postgres >/dev/null 2>"$work/no-pg-host.err"; then
     echo "backend: postgres without a host rendered" >&2
     exit 1

@@ -15,6 +15,8 @@
 //!     password_file: /etc/custody/postgres/password   # never the password itself
 //!     pool_size: 4
 //!     connect_timeout_secs: 10
+//!     sslmode: verify-full         # or disable (default): TLS, certificate and name verified
+//!     ca_file: /etc/custody/postgres-ca/ca.crt
 //! tokens:
 //!   - { name: oncall, role: admin, secret: "long random string" }
 //!   - { name: nodes, role: node, secret_file: /etc/custody/node-token }
@@ -257,6 +259,25 @@ pub struct PostgresConfig {
     /// How long to wait for a connection (default 10 s).
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
+    /// TLS to the server (default `disable`).
+    #[serde(default)]
+    pub sslmode: PostgresSslMode,
+    /// The CA certificates (PEM) the server's certificate is verified
+    /// against; required with `sslmode: verify-full`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// TLS to PostgreSQL, named as libpq names it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostgresSslMode {
+    /// Plain TCP (keep the database on a private network).
+    #[default]
+    Disable,
+    /// TLS, the server's certificate verified against `ca_file` and the
+    /// host name.
+    VerifyFull,
 }
 
 fn default_pg_port() -> u16 {
@@ -281,6 +302,21 @@ impl PostgresConfig {
             ),
             None => None,
         };
+        let ca_pem = match (self.sslmode, &self.ca_file) {
+            (PostgresSslMode::VerifyFull, Some(path)) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| field("store.postgres.ca_file", e.to_string()))?;
+                crate::store::tls_config(&pem).map_err(|e| field("store.postgres.ca_file", e))?;
+                Some(pem)
+            }
+            (PostgresSslMode::VerifyFull, None) => {
+                return Err(field(
+                    "store.postgres.ca_file",
+                    "required with sslmode: verify-full",
+                ));
+            }
+            (PostgresSslMode::Disable, _) => None,
+        };
         Ok(crate::store::PostgresOptions {
             host: self.host.clone(),
             port: self.port,
@@ -289,6 +325,7 @@ impl PostgresConfig {
             dbname: self.dbname.clone(),
             pool_size: self.pool_size,
             connect_timeout: std::time::Duration::from_secs(self.connect_timeout_secs),
+            ca_pem,
         })
     }
 
@@ -304,6 +341,12 @@ impl PostgresConfig {
         }
         if self.pool_size == 0 {
             return Err(field("store.postgres.pool_size", "must be at least 1"));
+        }
+        if self.sslmode == PostgresSslMode::VerifyFull && self.ca_file.is_none() {
+            return Err(field(
+                "store.postgres.ca_file",
+                "required with sslmode: verify-full",
+            ));
         }
         if self.connect_timeout_secs == 0 {
             return Err(field(

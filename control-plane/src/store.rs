@@ -18,6 +18,7 @@ mod common;
 mod postgres;
 mod sqlite;
 
+pub(crate) use postgres::tls_config;
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 

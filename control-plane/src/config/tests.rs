@@ -102,6 +102,14 @@ fn the_store_defaults_to_sqlite_and_postgres_is_checked() {
         "store: { backend: postgres, postgres: { host: \"\", user: u, dbname: d } }",
         "store.postgres.host",
     );
+    check(
+        "store: { backend: postgres, postgres: { host: db, user: u, dbname: d, sslmode: verify-full } }",
+        "store.postgres.ca_file",
+    );
+    check(
+        "store: { backend: postgres, postgres: { host: db, user: u, dbname: d, sslmode: require } }",
+        "store.postgres.sslmode",
+    );
     let missing = Config::parse(&format!(
         "{GOOD}store: {{ backend: postgres, postgres: {{ host: db, user: u, dbname: d, password_file: /nonexistent/pw }} }}\n"
     ))

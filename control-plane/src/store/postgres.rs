@@ -14,6 +14,9 @@
 //! transaction that still fails with a deadlock or a serialization failure
 //! is retried.
 //!
+//! With a CA configured, connections use TLS (rustls, the server's
+//! certificate verified against the CA and the host name, [`tls`]).
+//!
 //! The schema is versioned (`schema_version`): [`MIGRATIONS`] are applied
 //! in order at open, under an advisory lock, so several servers may open
 //! the same database.
@@ -37,6 +40,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Transaction};
 
 use super::common::{NodeShape, facts, shape};
+
+mod tls;
+
 use super::{
     AuditEntry, ChainQuery, ClientVersion, IssuedKey, PolicyState, PutOutcome, Retention,
     RetentionOutcome, Store, StoreError, contains_any,
@@ -44,6 +50,7 @@ use super::{
 use crate::assembly::{
     ChainSummary, ChainTree, Coverage, Join, connection_key, has_context, node, write_workload_uri,
 };
+pub(crate) use tls::client_config as tls_config;
 
 /// Schema changes, in order: `schema_version` holds how many are applied.
 /// Never edit one that was released; append a new one.
@@ -166,6 +173,9 @@ pub struct PostgresOptions {
     pub pool_size: usize,
     /// How long to wait for a connection to be established.
     pub connect_timeout: Duration,
+    /// CA certificates (PEM): connections then use TLS and verify the
+    /// server's certificate and name (`verify-full`). `None`: plain TCP.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for PostgresOptions {
@@ -176,6 +186,7 @@ impl std::fmt::Debug for PostgresOptions {
             .field("user", &self.user)
             .field("dbname", &self.dbname)
             .field("pool_size", &self.pool_size)
+            .field("tls", &self.ca_pem.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -210,6 +221,7 @@ impl Drop for PostgresStore {
 /// Connections, each with its slot (its row of `usage`).
 struct Pool {
     config: tokio_postgres::Config,
+    tls: Option<tls::MakeRustls>,
     idle: std::sync::Mutex<Vec<(i32, Option<Client>)>>,
     permits: tokio::sync::Semaphore,
 }
@@ -264,13 +276,28 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Client, StoreError> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(pg)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::warn!(error = %describe(&error), "PostgreSQL connection closed");
+        fn drive<F>(connection: F)
+        where
+            F: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+        {
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::warn!(error = %describe(&error), "PostgreSQL connection closed");
+                }
+            });
+        }
+        Ok(match &self.tls {
+            Some(tls) => {
+                let (client, connection) = self.config.connect(tls.clone()).await.map_err(pg)?;
+                drive(connection);
+                client
             }
-        });
-        Ok(client)
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(pg)?;
+                drive(connection);
+                client
+            }
+        })
     }
 }
 
@@ -278,7 +305,18 @@ impl Pool {
 fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => e.to_string(),
+        None => {
+            // The cause (a refused certificate, a connection reset) is in
+            // the source chain.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 
@@ -592,6 +630,15 @@ impl PostgresStore {
         if let Some(p) = &options.password {
             config.password(p);
         }
+        let tls = match &options.ca_pem {
+            Some(pem) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let client = tls::client_config(pem)
+                    .map_err(|e| StoreError::Postgres(format!("ca_file: {e}")))?;
+                Some(tls::MakeRustls(client))
+            }
+            None => None,
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("custody-postgres")
@@ -603,6 +650,7 @@ impl PostgresStore {
             runtime: Some(runtime),
             pool: Arc::new(Pool {
                 config,
+                tls,
                 idle: std::sync::Mutex::new((0..slots).rev().map(|s| (s, None)).collect()),
                 permits: tokio::sync::Semaphore::new(pool_size),
             }),
@@ -994,10 +1042,13 @@ impl Store for PostgresStore {
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let superseded = superseded.to_vec();
-        let (done_ids, done_generations): (Vec<String>, Vec<i64>) = assembled
+        // In chain order, like ingest's pending rows: no lock cycle.
+        let mut done: Vec<(String, i64)> = assembled
             .iter()
             .map(|(id, g)| (id.clone(), i64_of(*g)))
-            .unzip();
+            .collect();
+        done.sort_unstable();
+        let (done_ids, done_generations): (Vec<String>, Vec<i64>) = done.into_iter().unzip();
         self.run(|pool| async move {
             // The last tree of each chain is what stays stored.
             let mut last: BTreeMap<&str, usize> = BTreeMap::new();
@@ -1020,6 +1071,11 @@ impl Store for PostgresStore {
             touched.dedup();
             in_tx!(pool, |tx, slot| {
                 if !done_ids.is_empty() {
+                    tx.execute(
+                        "SELECT 1 FROM pending WHERE chain_id = ANY($1) ORDER BY chain_id FOR UPDATE",
+                        &[&done_ids],
+                    )
+                    .await?;
                     tx.execute(
                         "DELETE FROM pending p USING unnest($1::text[], $2::bigint[]) AS a(id, g)
                          WHERE p.chain_id = a.id AND p.generation = a.g",

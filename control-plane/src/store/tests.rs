@@ -82,6 +82,7 @@ impl Postgres {
             dbname: self.dbname.clone(),
             pool_size: 4,
             connect_timeout: std::time::Duration::from_secs(10),
+            ca_pem: None,
         }
     }
 }
@@ -736,4 +737,87 @@ fn a_chain_is_found_by_an_id_joined_into_it(b: &dyn Backend) {
         .put_chains(std::slice::from_ref(&tree), &[], &[])
         .unwrap();
     assert_eq!(before, vec![Some(tree.summary.coverage)]);
+}
+
+#[test]
+fn postgres_connections_use_tls_and_verify_the_server() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let pg = custody_testkit::Postgres::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sh = |script: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}: {out:?}");
+    };
+    // A CA, a server certificate for 127.0.0.1 it signed, and another CA.
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca",
+    );
+    sh(
+        "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1",
+    );
+    sh(
+        "printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext && openssl x509 -req -in server.csr \
+        -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile san.ext",
+    );
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout other.key -out other.crt -days 2 -subj /CN=other-ca",
+    );
+    // The server's certificate and key, owned by the server's user.
+    let owner = std::fs::metadata(pg.data_dir()).unwrap();
+    for f in ["server.crt", "server.key"] {
+        let to = pg.dir().join(f);
+        std::fs::copy(dir.path().join(f), &to).unwrap();
+        std::os::unix::fs::chown(&to, Some(owner.uid()), Some(owner.gid())).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // TLS on, and required of every TCP client.
+    std::fs::write(
+        pg.data_dir().join("pg_hba.conf"),
+        "local all all trust\nhostssl all all 0.0.0.0/0 scram-sha-256\nhostssl all all ::/0 scram-sha-256\n",
+    )
+    .unwrap();
+    pg.superuser_sql(&format!(
+        "ALTER SYSTEM SET ssl_cert_file = '{}';\nALTER SYSTEM SET ssl_key_file = '{}';\n\
+         ALTER SYSTEM SET ssl = on;\nSELECT pg_reload_conf();",
+        pg.dir().join("server.crt").display(),
+        pg.dir().join("server.key").display()
+    ))
+    .unwrap();
+    let options = |ca: Option<&str>| PostgresOptions {
+        host: pg.host(),
+        port: pg.port(),
+        user: pg.user().to_owned(),
+        password: Some(pg.password().to_owned()),
+        dbname: pg.database().to_owned(),
+        pool_size: 2,
+        connect_timeout: std::time::Duration::from_secs(10),
+        ca_pem: ca.map(|f| std::fs::read(dir.path().join(f)).unwrap()),
+    };
+    // The reload is asynchronous: wait until a TLS connection works.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let store = loop {
+        match PostgresStore::open(&options(Some("ca.crt"))) {
+            Ok(store) => break store,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    };
+    store
+        .put_hops(&[hop("a", C1, "1111111111111111", "", 100)])
+        .unwrap();
+    assert_eq!(store.hop_count().unwrap(), 1);
+    // Plain TCP is refused by the server; another CA is refused by the client.
+    let plain = PostgresStore::open(&options(None)).unwrap_err().to_string();
+    assert!(plain.contains("pg_hba.conf"), "{plain}");
+    let other = PostgresStore::open(&options(Some("other.crt")))
+        .unwrap_err()
+        .to_string();
+    assert!(other.to_lowercase().contains("certificate"), "{other}");
 }
