@@ -926,23 +926,30 @@ impl Store for PostgresStore {
         let spans = spans.to_vec();
         self.run(|pool| async move {
             let mut conn = pool.get().await?;
-            let rows = conn
-                .client()?
+            let client = conn.client()?;
+            // The candidates' times first; only the bodies of those that
+            // contain a span are read and decoded.
+            let rows = client
                 .query(
-                    "SELECT start_ns, end_ns, body FROM hops WHERE workload = $1
+                    "SELECT event_id, start_ns, end_ns FROM hops WHERE workload = $1
                      AND start_ns BETWEEN $2 AND $3 AND end_ns >= $4 AND context",
                     &[&workload, &earliest, &latest, &ended_by],
                 )
                 .await
                 .map_err(pg)?;
-            let mut out = Vec::new();
-            for r in &rows {
-                // Only the hops that contain a span are decoded.
-                if contains_any(&spans, u64_of(r.get(0)), u64_of(r.get(1))) {
-                    out.push(HopEvent::decode(r.get::<_, &[u8]>(2))?);
-                }
+            let ids: Vec<&str> = rows
+                .iter()
+                .filter(|r| contains_any(&spans, u64_of(r.get(1)), u64_of(r.get(2))))
+                .map(|r| r.get(0))
+                .collect();
+            if ids.is_empty() {
+                return Ok(Vec::new());
             }
-            Ok(out)
+            let bodies = client
+                .query("SELECT body FROM hops WHERE event_id = ANY($1)", &[&ids])
+                .await
+                .map_err(pg)?;
+            decode_hops(&bodies)
         })
     }
 
