@@ -4,9 +4,10 @@
 //! The trait is synchronous and object-safe; the server calls it from
 //! blocking tasks. Every write method is one transaction: when it returns
 //! `Ok`, the data is durable (that is what an ingest acknowledgement means).
-//! [`SqliteStore`] is the embedded default; a PostgreSQL backend implements
-//! the same trait and passes the same tests (`store/tests.rs` is written
-//! against `&dyn Store`).
+//! [`SqliteStore`] is the embedded default; [`PostgresStore`] implements
+//! the same trait on an external PostgreSQL server and passes the same
+//! tests (`store/tests.rs` is written against `&dyn Store` and runs every
+//! shared test on both).
 
 use custody_context::api::v1::{FlowEvent, HopEvent};
 use custody_context::policy::{EgressPolicy, Revocations, Verdict};
