@@ -821,3 +821,31 @@ fn postgres_connections_use_tls_and_verify_the_server() {
         .to_string();
     assert!(other.to_lowercase().contains("certificate"), "{other}");
 }
+
+#[test]
+fn postgres_schema_is_versioned_and_a_newer_one_is_refused() {
+    let backend = Postgres::new();
+    let sql = |q: &str| {
+        backend
+            .server
+            .superuser_sql(&format!("\\c {}\n{q}", backend.dbname))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let store = backend.open();
+    store
+        .put_hops(&[hop("a", C1, "1111111111111111", "", 100)])
+        .unwrap();
+    drop(store);
+    assert_eq!(sql("SELECT version FROM schema_version;"), "1");
+    // Opening again migrates nothing and keeps the data.
+    assert_eq!(backend.open().hop_count().unwrap(), 1);
+    assert_eq!(sql("SELECT count(*) FROM schema_version;"), "1");
+    // A schema written by a later server is not touched.
+    sql("UPDATE schema_version SET version = 99;");
+    let refused = PostgresStore::open(&backend.options())
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("newer"), "{refused}");
+}
