@@ -3,7 +3,7 @@
 #   1. helm lint --strict;
 #   2. helm template with the default values and variants (existing secrets,
 #      agent disabled, webhook disabled, cert-manager and Prometheus
-#      Operator monitors, classic sidecars),
+#      Operator monitors, classic sidecars, an external PostgreSQL store),
 #      each rendered manifest validated against the Kubernetes schemas with
 #      kubernetes-validate --strict (unknown fields refused);
 #   3. the dashboard uses only metric names the code exports;
@@ -113,6 +113,8 @@ variants=(
     "cert-manager-and-monitors --set injection.tls.mode=certManager --set metrics.serviceMonitor.enabled=true"
     "workload-auth --set workloadAuth.enabled=true --set-file workloadAuth.jwks=$work/jwks.json --set injection.tokenNamespaces={shop}"
     "workload-auth-existing-jwks --set workloadAuth.enabled=true --set workloadAuth.existingConfigMap=cluster-jwks"
+    "postgres --set controlPlane.store.backend=postgres --set controlPlane.store.postgres.host=pg.db.svc --set controlPlane.store.postgres.passwordSecret=custody-pg"
+    "postgres-tls --set controlPlane.store.backend=postgres --set controlPlane.store.postgres.host=pg.db.svc --set controlPlane.store.postgres.sslmode=verify-full --set controlPlane.store.postgres.caSecret=pg-ca"
 )
 for variant in "${variants[@]}"; do
     read -r -a words <<<"$variant"
@@ -165,6 +167,19 @@ absent 'name: custody-node-token' "$work/workload-auth.yaml"   # no shared token
 grep -q 'name: cluster-jwks' "$work/workload-auth-existing-jwks.yaml"
 absent 'name: custody-workload-jwks' "$work/workload-auth-existing-jwks.yaml"
 absent 'workload_auth:\|service_account_token:' "$work/default.yaml"
+grep -q '^      backend: postgres$' "$work/postgres.yaml"
+grep -q 'password_file: /etc/custody/postgres/password' "$work/postgres.yaml"
+grep -q 'secretName: "custody-pg"' "$work/postgres.yaml"
+absent 'backend: postgres\|postgres-password' "$work/default.yaml"
+absent 'sslmode\|postgres-ca' "$work/postgres.yaml"
+grep -q 'ca_file: /etc/custody/postgres-ca/ca.crt' "$work/postgres-tls.yaml"
+grep -q 'secretName: "pg-ca"' "$work/postgres-tls.yaml"
+absent 'postgres-password' "$work/postgres-tls.yaml"
+if "$helm" template custody "$chart" --set controlPlane.store.backend=postgres >/dev/null 2>"$work/no-pg-host.err"; then
+    echo "backend: postgres without a host rendered" >&2
+    exit 1
+fi
+grep -q 'controlPlane.store.postgres.host' "$work/no-pg-host.err"
 if "$helm" template custody "$chart" --set workloadAuth.enabled=true >/dev/null 2>"$work/no-jwks.err"; then
     echo "workloadAuth.enabled without a JWKS rendered" >&2
     exit 1

@@ -5,7 +5,17 @@
 //! ```text
 //! CUSTODY_BENCH_HOPS=1000000 cargo bench -p custody-control --bench ingest
 //! CUSTODY_BENCH_HOPS=10000000 CUSTODY_BENCH_INGEST_HOPS=1000000 cargo bench -p custody-control --bench ingest
+//! CUSTODY_BENCH_STORE=both CUSTODY_BENCH_HOPS=300000 cargo bench -p custody-control --bench ingest
 //! ```
+//!
+//! `CUSTODY_BENCH_STORE` picks the store: `sqlite` (default), `postgres`
+//! (a throwaway PostgreSQL cluster started through `custody-testkit`, with
+//! `fsync`, `synchronous_commit` and `full_page_writes` on, so an
+//! acknowledgement means what it means on SQLite with `sync: full`), or
+//! `both` (SQLite, then PostgreSQL, in one invocation, with the ratios).
+//! On PostgreSQL the server's own CPU time (postmaster and backends, from
+//! `/proc`) is printed apart from the process's; `CUSTODY_BENCH_PG_POOL`
+//! sets the store's `pool_size` (default 4).
 //!
 //! Chains of 5 hops (one in 10 with a call that lost its context, joined by
 //! time containment), with random-looking 128-bit chain and event ids as
@@ -181,8 +191,106 @@ async fn wait_assembled(server: &custody_control::server::Running, left: usize) 
     }
 }
 
+/// CPU time (user + system) of a PostgreSQL server: the postmaster, the
+/// backends it reaped, and the ones alive, from `/proc`.
+fn postgres_cpu(pg: &custody_testkit::Postgres) -> Duration {
+    let pid_file = std::fs::read_to_string(pg.data_dir().join("postmaster.pid")).unwrap();
+    let postmaster: u32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    let stat = |pid: u32| -> Option<Vec<u64>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        // ppid is the 2nd field after the name; utime, stime, cutime, cstime the 12th to 15th.
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some(
+            [1, 11, 12, 13, 14]
+                .iter()
+                .map(|i| f[*i].parse().unwrap_or(0))
+                .collect(),
+        )
+    };
+    let own = stat(postmaster).unwrap();
+    let mut ticks = own[1] + own[2] + own[3] + own[4];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(f) = stat(pid)
+            && f[0] == u64::from(postmaster)
+        {
+            ticks += f[1] + f[2];
+        }
+    }
+    Duration::from_millis(ticks * 10)
+}
+
+/// What one run measured, for the ratios.
+struct Figures {
+    hops_per_sec: f64,
+    cpu_us_per_hop: f64,
+    lookup_p50_ms: f64,
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
+    let which = std::env::var("CUSTODY_BENCH_STORE").unwrap_or_else(|_| "sqlite".into());
+    let (sqlite, postgres) = match which.as_str() {
+        "sqlite" => (true, false),
+        "postgres" => (false, true),
+        "both" => (true, true),
+        other => panic!("CUSTODY_BENCH_STORE: sqlite, postgres or both, not {other}"),
+    };
+    let mut figures = Vec::new();
+    if sqlite {
+        println!("=== store: sqlite");
+        figures.push(("sqlite", run("", None)));
+    }
+    if postgres {
+        let pg = custody_testkit::Postgres::start_with(
+            custody_testkit::Options::default()
+                .setting("fsync", "on")
+                .setting("synchronous_commit", "on")
+                .setting("full_page_writes", "on"),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let password_file = dir.path().join("password");
+        std::fs::write(&password_file, pg.password()).unwrap();
+        let pool: usize = std::env::var("CUSTODY_BENCH_PG_POOL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4);
+        let store = format!(
+            "store: {{ backend: postgres, postgres: {{ host: {}, port: {}, user: {}, dbname: {}, password_file: {}, pool_size: {pool} }} }}\n",
+            pg.host(),
+            pg.port(),
+            pg.user(),
+            pg.database(),
+            password_file.display()
+        );
+        println!(
+            "=== store: postgres ({}, pool_size {pool})",
+            pg.bin_dir().display()
+        );
+        figures.push(("postgres", run(&store, Some(&|| postgres_cpu(&pg)))));
+    }
+    if let [(a, x), (b, y)] = figures.as_slice() {
+        println!(
+            "{b} / {a}: ingest with assembly {:.2}x the hops/s, {:.2}x the process CPU per hop, lookup p50 {:.2}x",
+            y.hops_per_sec / x.hops_per_sec,
+            y.cpu_us_per_hop / x.cpu_us_per_hop,
+            y.lookup_p50_ms / x.lookup_p50_ms
+        );
+    }
+}
+
+/// One whole run on the store `store` (a `store:` config section, empty for
+/// SQLite); `server_cpu` reads the database server's CPU time when it is
+/// another process.
+fn run(store: &str, server_cpu: Option<&dyn Fn() -> Duration>) -> Figures {
     let hops: u64 = std::env::var("CUSTODY_BENCH_HOPS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -193,7 +301,7 @@ fn main() {
     let config = Config::parse(&format!(
         "data_dir: {}\ngrpc_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\nsync: {}\n\
          tokens:\n  - {{ name: bench, role: admin, secret: {ADMIN} }}\n  - {{ name: nodes, role: node, secret: {NODE} }}\n\
-         assembly: {{ interval_millis: 50 }}\n",
+         assembly: {{ interval_millis: 50 }}\n{store}",
         dir.path().display(),
         sync
     ))
@@ -247,6 +355,7 @@ fn main() {
         let batches = (chains - preload_chains).div_ceil(chains_per_batch);
         let started = Instant::now();
         let cpu_started = process_cpu();
+        let server_cpu_started = server_cpu.map(|f| f());
         let mut tasks = Vec::new();
         for c in 0..CLIENTS {
             let addr = server.grpc_addr;
@@ -281,6 +390,9 @@ fn main() {
         wait_assembled(&server, 0).await;
         let assembled = started.elapsed();
         let cpu = process_cpu() - cpu_started;
+        let server_cpu = server_cpu
+            .zip(server_cpu_started)
+            .map(|(f, started)| f() - started);
         let total = (chains - preload_chains) * HOPS_PER_CHAIN;
         println!(
             "stored hops: {} ({chains} chains), {total} of them over gRPC",
@@ -302,6 +414,16 @@ fn main() {
             cpu.as_secs_f64() * 1e6 / total as f64,
             cpu.as_secs_f64() / assembled.as_secs_f64()
         );
+        if let Some(pg) = server_cpu {
+            println!(
+                "PostgreSQL server CPU during ingest with assembly (postmaster and backends): {:.1} s, {:.1} us per hop, {:.2} cores",
+                pg.as_secs_f64(),
+                pg.as_secs_f64() * 1e6 / total as f64,
+                pg.as_secs_f64() / assembled.as_secs_f64()
+            );
+        }
+        let hops_per_sec = total as f64 / assembled.as_secs_f64();
+        let cpu_us_per_hop = cpu.as_secs_f64() * 1e6 / total as f64;
         let size = { server.shared.store.size_bytes().unwrap() };
         println!("store size: {:.1} MiB", size as f64 / (1 << 20) as f64);
 
@@ -338,7 +460,8 @@ fn main() {
             }
             lookups.sort();
             lists.sort();
-            format!(
+            let p50 = percentile(&lookups, 0.5).as_secs_f64() * 1e3;
+            let text = format!(
                 "GET /v1/chains/{{id}} ({} random): p50 {:.2} ms, p99 {:.2} ms\n\
                  GET /v1/chains?initiator=..&limit=20 ({}): p50 {:.2} ms, p99 {:.2} ms",
                 lookups.len(),
@@ -347,11 +470,17 @@ fn main() {
                 lists.len(),
                 percentile(&lists, 0.5).as_secs_f64() * 1e3,
                 percentile(&lists, 0.99).as_secs_f64() * 1e3,
-            )
+            );
+            (text, p50)
         })
         .await
         .unwrap();
-        println!("{report}");
+        println!("{}", report.0);
         server.shutdown().await;
-    });
+        Figures {
+            hops_per_sec,
+            cpu_us_per_hop,
+            lookup_p50_ms: report.1,
+        }
+    })
 }

@@ -5,6 +5,18 @@
 //! grpc_listen: 127.0.0.1:19001   # Ingest, PolicyDistribution, Trust
 //! http_listen: 127.0.0.1:19002   # investigation and policy API, /metrics
 //! sync: full                     # full (survives power loss) or normal
+//! store:                         # optional: sqlite (default, in data_dir) or postgres
+//!   backend: postgres
+//!   postgres:
+//!     host: postgres.custody.svc   # or a Unix socket directory
+//!     port: 5432
+//!     user: custody
+//!     dbname: custody
+//!     password_file: /etc/custody/postgres/password   # never the password itself
+//!     pool_size: 4
+//!     connect_timeout_secs: 10
+//!     sslmode: verify-full         # or disable (default): TLS, certificate and name verified
+//!     ca_file: /etc/custody/postgres-ca/ca.crt
 //! tokens:
 //!   - { name: oncall, role: admin, secret: "long random string" }
 //!   - { name: nodes, role: node, secret_file: /etc/custody/node-token }
@@ -199,11 +211,158 @@ pub enum SyncMode {
     Normal,
 }
 
+/// Which database keeps the data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// SQLite in `data_dir`: embedded, nothing to run beside the server.
+    #[default]
+    Sqlite,
+    /// An external PostgreSQL server (`store.postgres`).
+    Postgres,
+}
+
+/// Where the data is kept.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The backend (default `sqlite`).
+    #[serde(default)]
+    pub backend: Backend,
+    /// The PostgreSQL server; required with `backend: postgres`.
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
+}
+
+/// How to reach PostgreSQL. The password is read from a file, never
+/// written in the configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Host name, IP address, or a Unix socket directory (starting with `/`).
+    pub host: String,
+    /// TCP port (default 5432).
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// The role to log in as.
+    pub user: String,
+    /// The database (created beforehand; the tables are created at start).
+    pub dbname: String,
+    /// A file holding the password (trailing whitespace ignored); none for
+    /// peer or trust authentication.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Connections kept open: concurrent ingest batches commit in parallel
+    /// up to this many (default 4).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// How long to wait for a connection (default 10 s).
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// TLS to the server (default `disable`).
+    #[serde(default)]
+    pub sslmode: PostgresSslMode,
+    /// The CA certificates (PEM) the server's certificate is verified
+    /// against; required with `sslmode: verify-full`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// TLS to PostgreSQL, named as libpq names it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostgresSslMode {
+    /// Plain TCP (keep the database on a private network).
+    #[default]
+    Disable,
+    /// TLS, the server's certificate verified against `ca_file` and the
+    /// host name.
+    VerifyFull,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_pool_size() -> usize {
+    4
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+
+impl PostgresConfig {
+    /// The store's options, with the password read from its file.
+    pub fn options(&self) -> Result<crate::store::PostgresOptions, ConfigError> {
+        let password = match &self.password_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| field("store.postgres.password_file", e.to_string()))?
+                    .trim_end()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let ca_pem = match (self.sslmode, &self.ca_file) {
+            (PostgresSslMode::VerifyFull, Some(path)) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| field("store.postgres.ca_file", e.to_string()))?;
+                crate::store::tls_config(&pem).map_err(|e| field("store.postgres.ca_file", e))?;
+                Some(pem)
+            }
+            (PostgresSslMode::VerifyFull, None) => {
+                return Err(field(
+                    "store.postgres.ca_file",
+                    "required with sslmode: verify-full",
+                ));
+            }
+            (PostgresSslMode::Disable, _) => None,
+        };
+        Ok(crate::store::PostgresOptions {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            password,
+            dbname: self.dbname.clone(),
+            pool_size: self.pool_size,
+            connect_timeout: std::time::Duration::from_secs(self.connect_timeout_secs),
+            ca_pem,
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value) in [
+            ("host", &self.host),
+            ("user", &self.user),
+            ("dbname", &self.dbname),
+        ] {
+            if value.is_empty() {
+                return Err(field(format!("store.postgres.{name}"), "must not be empty"));
+            }
+        }
+        if self.pool_size == 0 {
+            return Err(field("store.postgres.pool_size", "must be at least 1"));
+        }
+        if self.sslmode == PostgresSslMode::VerifyFull && self.ca_file.is_none() {
+            return Err(field(
+                "store.postgres.ca_file",
+                "required with sslmode: verify-full",
+            ));
+        }
+        if self.connect_timeout_secs == 0 {
+            return Err(field(
+                "store.postgres.connect_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Where the database and the root key live.
+    /// Where the root key (and the SQLite database) live.
     pub data_dir: PathBuf,
     /// The gRPC listener (port 0 picks a free port).
     pub grpc_listen: SocketAddr,
@@ -212,6 +371,9 @@ pub struct Config {
     /// Commit synchronization.
     #[serde(default)]
     pub sync: SyncMode,
+    /// Where the data is kept (default: SQLite in `data_dir`).
+    #[serde(default)]
+    pub store: StoreConfig,
     /// Accepted bearer tokens.
     pub tokens: Vec<TokenConfig>,
     /// Retention.
@@ -293,6 +455,13 @@ impl Config {
         }
         if config.trust.signing_key_ttl_secs == 0 {
             return Err(field("trust.signing_key_ttl_secs", "must be at least 1"));
+        }
+        match (&config.store.backend, &config.store.postgres) {
+            (Backend::Postgres, None) => {
+                return Err(field("store.postgres", "required with backend: postgres"));
+            }
+            (_, Some(pg)) => pg.validate()?,
+            (Backend::Sqlite, None) => {}
         }
         if let Some(inject) = &config.inject {
             inject.validate().map_err(|(f, m)| field(f, m))?;

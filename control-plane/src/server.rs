@@ -24,7 +24,7 @@ use crate::auth::{AuthError, Authenticator, Caller};
 use crate::config::{Config, ConfigError};
 use crate::distribution::PolicyCenter;
 use crate::metrics::{AuthRefusedLabels, Metrics};
-use crate::store::{Retention, SqliteOptions, SqliteStore, Store, StoreError};
+use crate::store::{PostgresStore, Retention, SqliteOptions, SqliteStore, Store, StoreError};
 use crate::trust::{Trust, TrustError};
 use crate::{config, unix_nanos};
 
@@ -169,16 +169,28 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     };
     let data_dir = config.data_dir.clone();
     let sync_full = config.sync == config::SyncMode::Full;
-    let store: Arc<dyn Store> = Arc::new(
-        tokio::task::spawn_blocking(move || {
-            SqliteStore::open(&SqliteOptions {
+    let postgres = match (config.store.backend, &config.store.postgres) {
+        (config::Backend::Postgres, Some(pg)) => Some(pg.options()?),
+        (config::Backend::Postgres, None) => {
+            return Err(ConfigError::Field {
+                field: "store.postgres".into(),
+                message: "required with backend: postgres".into(),
+            }
+            .into());
+        }
+        (config::Backend::Sqlite, _) => None,
+    };
+    let store: Arc<dyn Store> = tokio::task::spawn_blocking(move || {
+        Ok::<Arc<dyn Store>, StoreError>(match postgres {
+            Some(options) => Arc::new(PostgresStore::open(&options)?),
+            None => Arc::new(SqliteStore::open(&SqliteOptions {
                 data_dir,
                 sync_full,
-            })
+            })?),
         })
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??,
-    );
+    })
+    .await
+    .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
     let root = crate::trust::load_or_create_root(&config.data_dir)?;
     let trust = Trust::new(root, store.clone(), config.trust.signing_key_ttl_secs);
     let keys = trust.key_set(custody_context::unix_now())?;

@@ -4,9 +4,10 @@
 //! The trait is synchronous and object-safe; the server calls it from
 //! blocking tasks. Every write method is one transaction: when it returns
 //! `Ok`, the data is durable (that is what an ingest acknowledgement means).
-//! [`SqliteStore`] is the embedded default; a PostgreSQL backend implements
-//! the same trait and passes the same tests (`store/tests.rs` is written
-//! against `&dyn Store`).
+//! [`SqliteStore`] is the embedded default; [`PostgresStore`] implements
+//! the same trait on an external PostgreSQL server and passes the same
+//! tests (`store/tests.rs` is written against `&dyn Store` and runs every
+//! shared test on both).
 
 use custody_context::api::v1::{FlowEvent, HopEvent};
 use custody_context::policy::{EgressPolicy, Revocations, Verdict};
@@ -14,8 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::assembly::{ChainSummary, ChainTree, Coverage};
 
+mod common;
+mod postgres;
 mod sqlite;
 
+pub(crate) use postgres::tls_config;
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// Why a store operation failed.
@@ -24,6 +29,9 @@ pub enum StoreError {
     /// The database refused or failed.
     #[error("database: {0}")]
     Database(#[from] rusqlite::Error),
+    /// PostgreSQL refused or failed, or could not be reached.
+    #[error("postgres: {0}")]
+    Postgres(String),
     /// A stored event did not decode.
     #[error("stored event does not decode: {0}")]
     Decode(#[from] prost::DecodeError),

@@ -32,7 +32,45 @@ fn batch(n: u64) -> Vec<v1::HopEvent> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Binary::start(dir.path());
+    let count = survive_sigkill(dir.path(), "").await;
+    let store = custody_control::store::SqliteStore::open(&custody_control::store::SqliteOptions {
+        data_dir: dir.path().to_path_buf(),
+        sync_full: true,
+    })
+    .unwrap();
+    use custody_control::store::Store as _;
+    assert_eq!(
+        store.hop_count().unwrap() as usize,
+        count,
+        "none twice, none lost"
+    );
+}
+
+/// The same on PostgreSQL: the server is killed, PostgreSQL keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_events_survive_sigkill_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg =
+        custody_testkit::Postgres::start().expect("PostgreSQL (scripts/install-deps installs it)");
+    let count = survive_sigkill(dir.path(), &postgres_store(dir.path(), &pg)).await;
+    assert!(
+        !dir.path().join("custody.db").exists(),
+        "nothing stored in SQLite"
+    );
+    let store = open_postgres(dir.path(), &pg);
+    use custody_control::store::Store as _;
+    assert_eq!(
+        store.hop_count().unwrap() as usize,
+        count,
+        "none twice, none lost"
+    );
+}
+
+/// Ingests, kills the server, restarts it, checks every acknowledged hop
+/// is in its chain once; returns how many hops must be stored.
+#[allow(clippy::unwrap_used)] // a test's body: a failure is a test failure
+async fn survive_sigkill(dir: &std::path::Path, store: &str) -> usize {
+    let mut server = Binary::start_with(dir, store);
     let mut client = ingest(server.grpc, Some(NODE)).await;
 
     // Ingest from a task; kill the server while batches are in flight.
@@ -71,7 +109,7 @@ async fn acknowledged_events_survive_sigkill() {
     sender.await.unwrap();
     assert!(!unacked.is_empty(), "the kill interrupted ingest");
 
-    let server = Binary::start(dir.path());
+    let server = Binary::start_with(dir, store);
     let mut client = ingest(server.grpc, Some(NODE)).await;
     // Retrying the interrupted batch is safe: whatever was committed counts as a duplicate.
     for n in &unacked {
@@ -123,16 +161,5 @@ async fn acknowledged_events_survive_sigkill() {
             assert_eq!(tree["summary"]["coverage"], "propagated");
         }
     }
-    let store = custody_control::store::SqliteStore::open(&custody_control::store::SqliteOptions {
-        data_dir: dir.path().to_path_buf(),
-        sync_full: true,
-    })
-    .unwrap();
-    use custody_control::store::Store as _;
-    let total = (acked.len() + unacked.len()) * CHAINS_PER_BATCH as usize * HOPS_PER_CHAIN;
-    assert_eq!(
-        store.hop_count().unwrap() as usize,
-        total,
-        "none twice, none lost"
-    );
+    (acked.len() + unacked.len()) * CHAINS_PER_BATCH as usize * HOPS_PER_CHAIN
 }

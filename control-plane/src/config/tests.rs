@@ -63,3 +63,59 @@ fn workload_auth_defaults_to_the_custody_audience() {
     assert_eq!((w.audience.as_str(), w.leeway_secs), ("custody", 60));
     assert_eq!(w.trust_domain, None);
 }
+
+#[test]
+fn the_store_defaults_to_sqlite_and_postgres_is_checked() {
+    let c = Config::parse(GOOD).unwrap();
+    assert_eq!(c.store.backend, Backend::Sqlite);
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "s3cret-value\n").unwrap();
+    let c = Config::parse(&format!(
+        "{GOOD}store: {{ backend: postgres, postgres: {{ host: db, user: custody, dbname: custody, password_file: {} }} }}\n",
+        pw.display()
+    ))
+    .unwrap();
+    assert_eq!(c.store.backend, Backend::Postgres);
+    let options = c.store.postgres.as_ref().unwrap().options().unwrap();
+    assert_eq!(options.password.as_deref(), Some("s3cret-value"));
+    assert_eq!((options.port, options.pool_size), (5432, 4));
+    assert!(
+        !format!("{options:?}").contains("s3cret"),
+        "no password in Debug"
+    );
+    let check = |text: &str, want: &str| match Config::parse(&format!("{GOOD}{text}\n")) {
+        Err(ConfigError::Field { field, .. }) => assert_eq!(field, want),
+        other => panic!("{other:?}"),
+    };
+    check("store: { backend: postgres }", "store.postgres");
+    check("store: { backend: mysql }", "store.backend");
+    check(
+        "store: { backend: postgres, postgres: { host: db, user: u, dbname: d, password: x } }",
+        "store.postgres.password",
+    );
+    check(
+        "store: { backend: postgres, postgres: { host: db, user: u, dbname: d, pool_size: 0 } }",
+        "store.postgres.pool_size",
+    );
+    check(
+        "store: { backend: postgres, postgres: { host: \"\", user: u, dbname: d } }",
+        "store.postgres.host",
+    );
+    check(
+        "store: { backend: postgres, postgres: { host: db, user: u, dbname: d, sslmode: verify-full } }",
+        "store.postgres.ca_file",
+    );
+    check(
+        "store: { backend: postgres, postgres: { host: db, user: u, dbname: d, sslmode: require } }",
+        "store.postgres.sslmode",
+    );
+    let missing = Config::parse(&format!(
+        "{GOOD}store: {{ backend: postgres, postgres: {{ host: db, user: u, dbname: d, password_file: /nonexistent/pw }} }}\n"
+    ))
+    .unwrap();
+    match missing.store.postgres.unwrap().options() {
+        Err(ConfigError::Field { field, .. }) => assert_eq!(field, "store.postgres.password_file"),
+        other => panic!("{other:?}"),
+    }
+}

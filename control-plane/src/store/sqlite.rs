@@ -17,13 +17,13 @@ use prost::Message as _;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension as _, params, params_from_iter};
 
+use super::common::{NodeShape, facts, shape};
 use super::{
     AuditEntry, ChainQuery, ClientVersion, IssuedKey, PolicyState, PutOutcome, Retention,
     RetentionOutcome, Store, StoreError, contains_any,
 };
 use crate::assembly::{
-    ChainSummary, ChainTree, Coverage, Evidence, Join, connection_key, has_context, node,
-    write_workload_uri,
+    ChainSummary, ChainTree, Coverage, Join, connection_key, has_context, node, write_workload_uri,
 };
 
 const SCHEMA: &str = "
@@ -318,71 +318,10 @@ fn migrate_hop_key(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The shape of one node of a stored tree: event id, position of the
-/// parent node (`-1` for the root), depth, and how the hop is tied in.
-type NodeShape = (String, i64, u32, Evidence, f32);
-
-fn shape(tree: &ChainTree) -> Vec<NodeShape> {
-    let mut position: HashMap<&str, i64> = HashMap::with_capacity(tree.hops.len());
-    let mut out = Vec::with_capacity(tree.hops.len());
-    for (i, n) in (0_i64..).zip(&tree.hops) {
-        position.insert(n.event_id.as_str(), i);
-        let parent = n
-            .parent_event_id
-            .as_deref()
-            .and_then(|p| position.get(p).copied())
-            .unwrap_or(-1);
-        out.push((
-            n.event_id.clone(),
-            parent,
-            n.depth,
-            n.join.evidence,
-            n.join.confidence,
-        ));
-    }
-    out
-}
-
 fn decode_hops(rows: Vec<Vec<u8>>) -> Result<Vec<HopEvent>, StoreError> {
     rows.iter()
         .map(|b| HopEvent::decode(b.as_slice()).map_err(StoreError::from))
         .collect()
-}
-
-/// The facts a chain is found by. They are derived from its summary alone,
-/// so the facts of a stored chain are recomputed from its stored summary
-/// to delete them: the fact table needs no second index by chain id.
-fn facts(s: &ChainSummary) -> BTreeSet<(&'static str, String)> {
-    let mut out = BTreeSet::new();
-    if let Some(i) = &s.initiator {
-        out.insert(("principal", i.subject.clone()));
-        for a in &i.actors {
-            out.insert(("principal", a.clone()));
-        }
-    }
-    for w in &s.services {
-        out.insert(("service", w.clone()));
-    }
-    for c in &s.data_classes {
-        out.insert(("class", c.class.clone()));
-    }
-    for d in &s.destinations {
-        if !d.host.is_empty() {
-            out.insert(("destination", d.host.clone()));
-        }
-        if !d.ip.is_empty() {
-            out.insert(("destination", d.ip.clone()));
-        }
-        out.insert(("verdict", d.verdict.clone()));
-    }
-    // Workload identities are the services crossed: searched as `service`.
-    for i in s.identities.iter().filter(|i| i.kind != "workload") {
-        out.insert(("identity", i.value.clone()));
-    }
-    for j in &s.joined_chains {
-        out.insert(("joined", j.clone()));
-    }
-    out
 }
 
 impl Store for SqliteStore {

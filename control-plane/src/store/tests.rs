@@ -1,10 +1,138 @@
-//! Store behaviour, written against `&dyn Store` so every backend runs it.
+//! Store behaviour, written against `&dyn Store` so every backend runs it:
+//! each test in [`both!`] runs on SQLite and on a real PostgreSQL server
+//! (a throwaway cluster started by `custody-testkit`; a missing PostgreSQL
+//! fails the test, it is never skipped).
+
+use std::sync::{Arc, Mutex, Weak};
 
 use custody_context::api::v1;
 use custody_context::policy::EgressPolicy;
 
 use super::*;
 use crate::assembly::assemble;
+
+/// A backend under test: stores over the same data, and a raw look at it.
+trait Backend {
+    /// The store (a second call reopens the same data).
+    fn open(&self) -> Arc<dyn Store>;
+    /// Fact rows of `chain` with another time than `not_at` (`-1`: all).
+    fn fact_rows(&self, chain: &str, not_at: i64) -> i64;
+}
+
+struct Sqlite(tempfile::TempDir);
+
+impl Sqlite {
+    fn new() -> Self {
+        Sqlite(tempfile::tempdir().unwrap())
+    }
+}
+
+impl Backend for Sqlite {
+    fn open(&self) -> Arc<dyn Store> {
+        Arc::new(open(self.0.path()))
+    }
+
+    fn fact_rows(&self, chain: &str, not_at: i64) -> i64 {
+        fact_rows_not_at(self.0.path(), chain, not_at)
+    }
+}
+
+/// One PostgreSQL server shared by the tests that run at the same time
+/// (stopped when the last one ends), a database per test.
+struct Postgres {
+    server: Arc<custody_testkit::Postgres>,
+    dbname: String,
+}
+
+impl Postgres {
+    fn new() -> Self {
+        static SERVER: Mutex<Weak<custody_testkit::Postgres>> = Mutex::new(Weak::new());
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let server = {
+            let mut shared = SERVER.lock().unwrap();
+            match shared.upgrade() {
+                Some(s) => s,
+                None => {
+                    let s = Arc::new(
+                        custody_testkit::Postgres::start()
+                            .expect("PostgreSQL (scripts/install-deps installs it)"),
+                    );
+                    *shared = Arc::downgrade(&s);
+                    s
+                }
+            }
+        };
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dbname = format!("store_test_{}_{n}", std::process::id());
+        server
+            .superuser_sql(&format!(
+                "CREATE DATABASE {dbname} OWNER {};",
+                server.user()
+            ))
+            .unwrap();
+        Postgres { server, dbname }
+    }
+
+    fn options(&self) -> PostgresOptions {
+        PostgresOptions {
+            host: self.server.host(),
+            port: self.server.port(),
+            user: self.server.user().to_owned(),
+            password: Some(self.server.password().to_owned()),
+            dbname: self.dbname.clone(),
+            pool_size: 4,
+            connect_timeout: std::time::Duration::from_secs(10),
+            ca_pem: None,
+        }
+    }
+}
+
+impl Backend for Postgres {
+    fn open(&self) -> Arc<dyn Store> {
+        Arc::new(PostgresStore::open(&self.options()).unwrap())
+    }
+
+    fn fact_rows(&self, chain: &str, not_at: i64) -> i64 {
+        let out = self
+            .server
+            .superuser_sql(&format!(
+                "\\c {}\nSELECT count(*) FROM chain_facts WHERE chain_id = '{chain}' AND last_ns <> {not_at};",
+                self.dbname
+            ))
+            .unwrap();
+        out.trim().parse().unwrap()
+    }
+}
+
+/// Runs each named test (a `fn(&dyn Backend)`) on every backend.
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Sqlite::new());
+            })*
+        }
+        mod postgres {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Postgres::new());
+            })*
+        }
+    };
+}
+
+both!(
+    hops_are_stored_once_by_event_id_and_survive_a_reopen,
+    chains_are_found_by_every_filter,
+    policy_changes_are_versioned_and_audited,
+    client_versions_and_keys_are_kept,
+    retention_deletes_by_age_then_by_size,
+    neighbours_are_found_by_context_and_connection,
+    facts_follow_reassembly_supersession_and_retention,
+    concurrent_batches_are_each_answered_for_their_own_hops,
+    a_chain_is_found_by_an_id_joined_into_it,
+);
 
 fn open(dir: &std::path::Path) -> SqliteStore {
     SqliteStore::open(&SqliteOptions {
@@ -83,11 +211,9 @@ fn put_idempotent(store: &dyn Store) {
     assert_eq!(got[..2], a[..]);
 }
 
-#[test]
-fn hops_are_stored_once_by_event_id_and_survive_a_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    put_idempotent(&open(dir.path()));
-    let store = open(dir.path());
+fn hops_are_stored_once_by_event_id_and_survive_a_reopen(b: &dyn Backend) {
+    put_idempotent(b.open().as_ref());
+    let store = b.open();
     assert_eq!(store.hop_count().unwrap(), 4);
     let out = store
         .put_hops(&[hop("a", C1, "1111111111111111", "", 100)])
@@ -95,10 +221,9 @@ fn hops_are_stored_once_by_event_id_and_survive_a_reopen() {
     assert_eq!((out.accepted, out.duplicates), (0, 1));
 }
 
-#[test]
-fn chains_are_found_by_every_filter() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: &dyn Store = &open(dir.path());
+fn chains_are_found_by_every_filter(b: &dyn Backend) {
+    let store = b.open();
+    let store = store.as_ref();
     let mut hops = vec![
         hop("a", C1, "1111111111111111", "", 100),
         hop("b", C1, "2222222222222222", "1111111111111111", 101),
@@ -175,10 +300,9 @@ fn chains_are_found_by_every_filter() {
     );
 }
 
-#[test]
-fn policy_changes_are_versioned_and_audited() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: &dyn Store = &open(dir.path());
+fn policy_changes_are_versioned_and_audited(b: &dyn Backend) {
+    let store = b.open();
+    let store = store.as_ref();
     assert_eq!(store.policy_state().unwrap().version, 0);
     let policy = EgressPolicy::parse(
         "apiVersion: custody.dev/v1\nkind: EgressPolicy\nmetadata: {name: p}\nspec:\n  rules:\n    - {name: r, destination: {hosts: [x.example]}, verdict: block}\n",
@@ -223,10 +347,9 @@ fn policy_changes_are_versioned_and_audited() {
     assert_eq!(audit[1].actor, "alice");
 }
 
-#[test]
-fn client_versions_and_keys_are_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: &dyn Store = &open(dir.path());
+fn client_versions_and_keys_are_kept(b: &dyn Backend) {
+    let store = b.open();
+    let store = store.as_ref();
     let ack = ClientVersion {
         client: "spiffe://td/ns/shop/sa/web".into(),
         kind: "proxy".into(),
@@ -259,10 +382,9 @@ fn client_versions_and_keys_are_kept() {
     assert!(store.signing_keys(201).unwrap().is_empty());
 }
 
-#[test]
-fn retention_deletes_by_age_then_by_size() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: &dyn Store = &open(dir.path());
+fn retention_deletes_by_age_then_by_size(b: &dyn Backend) {
+    let store = b.open();
+    let store = store.as_ref();
     let now = 1_000_000_000_000_000u64;
     let hour = 3_600_000_000_000u64;
     let mut hops = Vec::new();
@@ -316,10 +438,9 @@ fn retention_deletes_by_age_then_by_size() {
     );
 }
 
-#[test]
-fn neighbours_are_found_by_context_and_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: &dyn Store = &open(dir.path());
+fn neighbours_are_found_by_context_and_connection(b: &dyn Backend) {
+    let store = b.open();
+    let store = store.as_ref();
     let conn = v1::FiveTuple {
         src_ip: "10.0.0.1".into(),
         src_port: 4000,
@@ -410,11 +531,6 @@ fn sqlite_chains_of_the_earlier_layout_are_assembled_again() {
     assert!(store.pending_chains(10).unwrap().is_empty());
 }
 
-/// Fact rows of one chain, by a raw count (the store keeps no index by chain).
-fn fact_rows(dir: &std::path::Path, chain: &str) -> i64 {
-    fact_rows_not_at(dir, chain, -1)
-}
-
 /// Fact rows of one chain carrying another time than `last_ns`.
 fn fact_rows_not_at(dir: &std::path::Path, chain: &str, last_ns: i64) -> i64 {
     rusqlite::Connection::open(dir.join("custody.db"))
@@ -427,10 +543,9 @@ fn fact_rows_not_at(dir: &std::path::Path, chain: &str, last_ns: i64) -> i64 {
         .unwrap()
 }
 
-#[test]
-fn facts_follow_reassembly_supersession_and_retention() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: &dyn Store = &open(dir.path());
+fn facts_follow_reassembly_supersession_and_retention(backend: &dyn Backend) {
+    let store = backend.open();
+    let store = store.as_ref();
     let ids = |initiator: &str| -> Vec<String> {
         store
             .chains(&ChainQuery {
@@ -448,7 +563,7 @@ fn facts_follow_reassembly_supersession_and_retention() {
         .put_chains(&assemble(std::slice::from_ref(&a), &[]), &[], &[])
         .unwrap();
     assert_eq!(ids("alice"), vec![C1]);
-    let first = fact_rows(dir.path(), C1);
+    let first = backend.fact_rows(C1, -1);
     assert!(first > 0);
     // Re-assembled with a later hop of another initiator: the old facts go.
     let mut b = hop("b", C1, "2222222222222222", "", 200);
@@ -461,23 +576,23 @@ fn facts_follow_reassembly_supersession_and_retention() {
     store.put_chains(&trees, &[], &[]).unwrap();
     assert_eq!(ids(&subject), vec![C1]);
     let last = i64::try_from(trees[0].summary.last_unix_nanos).unwrap();
-    assert!(fact_rows(dir.path(), C1) > 0);
-    assert_eq!(fact_rows_not_at(dir.path(), C1, last), 0, "no stale facts");
+    assert!(backend.fact_rows(C1, -1) > 0);
+    assert_eq!(backend.fact_rows(C1, last), 0, "no stale facts");
     let other = if subject == "alice" { "carol" } else { "alice" };
     assert!(ids(other).is_empty(), "{other} is no longer the initiator");
     // The same tree again leaves the same rows.
-    let rows = fact_rows(dir.path(), C1);
+    let rows = backend.fact_rows(C1, -1);
     store.put_chains(&trees, &[], &[]).unwrap();
-    assert_eq!(fact_rows(dir.path(), C1), rows);
+    assert_eq!(backend.fact_rows(C1, -1), rows);
     // Joined into another chain: its own row and facts go.
     let c = hop("c", C2, "3333333333333333", "", 7_000);
     store.put_hops(std::slice::from_ref(&c)).unwrap();
     store
         .put_chains(&assemble(std::slice::from_ref(&c), &[]), &[], &[])
         .unwrap();
-    assert!(fact_rows(dir.path(), C2) > 0);
+    assert!(backend.fact_rows(C2, -1) > 0);
     store.put_chains(&[], &[C2.to_owned()], &[]).unwrap();
-    assert_eq!(fact_rows(dir.path(), C2), 0);
+    assert_eq!(backend.fact_rows(C2, -1), 0);
     assert!(store.chain(C2).unwrap().is_none());
     // Retention takes the facts with the chain.
     store
@@ -489,14 +604,12 @@ fn facts_follow_reassembly_supersession_and_retention() {
             10_000_000_000,
         )
         .unwrap();
-    assert_eq!(fact_rows(dir.path(), C1), 0);
+    assert_eq!(backend.fact_rows(C1, -1), 0);
     assert!(ids(&subject).is_empty());
 }
 
-#[test]
-fn concurrent_batches_are_each_answered_for_their_own_hops() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = std::sync::Arc::new(open(dir.path()));
+fn concurrent_batches_are_each_answered_for_their_own_hops(b: &dyn Backend) {
+    let store = b.open();
     // 8 writers, 20 rounds of 50 hops; every hop is also in one other
     // writer's batch, so each is accepted once and refused once.
     let outcomes: Vec<Vec<(Vec<String>, PutOutcome)>> = (0..8u64)
@@ -652,4 +765,144 @@ fn sqlite_hops_keyed_by_event_id_alone_are_rekeyed_and_kept() {
     let out = store.put_hops(&[child, third]).unwrap();
     assert_eq!(out.fresh, vec![false, true]);
     assert_eq!(store.hop_count().unwrap(), 3);
+}
+
+fn a_chain_is_found_by_an_id_joined_into_it(b: &dyn Backend) {
+    let store = b.open();
+    let store = store.as_ref();
+    // A hop that lost its context starts chain C2; joined into C1 later.
+    let parent = hop("a", C1, "1111111111111111", "", 100);
+    let mut child = hop("b", C2, "2222222222222222", "", 101);
+    child.attribution.as_mut().unwrap().method = v1::AttributionMethod::PeerOnly as i32;
+    child.context_outcome = v1::ContextOutcome::Missing as i32;
+    store.put_hops(&[parent.clone(), child.clone()]).unwrap();
+    store
+        .put_chains(&assemble(std::slice::from_ref(&child), &[]), &[], &[])
+        .unwrap();
+    assert!(store.chain(C2).unwrap().is_some());
+    let mut tree = assemble(std::slice::from_ref(&parent), &[]).remove(0);
+    tree.summary.joined_chains = vec![C2.to_owned()];
+    let before = store
+        .put_chains(std::slice::from_ref(&tree), &[C2.to_owned()], &[])
+        .unwrap();
+    assert_eq!(before, vec![None]);
+    let found = store.chain(C2).unwrap().unwrap();
+    assert_eq!(found.summary.chain_id, C1);
+    assert_eq!(store.chains(&ChainQuery::default()).unwrap().len(), 1);
+    // Stored before: its coverage is returned.
+    let before = store
+        .put_chains(std::slice::from_ref(&tree), &[], &[])
+        .unwrap();
+    assert_eq!(before, vec![Some(tree.summary.coverage)]);
+}
+
+#[test]
+fn postgres_connections_use_tls_and_verify_the_server() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let pg = custody_testkit::Postgres::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sh = |script: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}: {out:?}");
+    };
+    // A CA, a server certificate for 127.0.0.1 it signed, and another CA.
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca",
+    );
+    sh(
+        "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1",
+    );
+    sh(
+        "printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext && openssl x509 -req -in server.csr \
+        -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile san.ext",
+    );
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout other.key -out other.crt -days 2 -subj /CN=other-ca",
+    );
+    // The server's certificate and key, owned by the server's user.
+    let owner = std::fs::metadata(pg.data_dir()).unwrap();
+    for f in ["server.crt", "server.key"] {
+        let to = pg.dir().join(f);
+        std::fs::copy(dir.path().join(f), &to).unwrap();
+        std::os::unix::fs::chown(&to, Some(owner.uid()), Some(owner.gid())).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // TLS on, and required of every TCP client.
+    std::fs::write(
+        pg.data_dir().join("pg_hba.conf"),
+        "local all all trust\nhostssl all all 0.0.0.0/0 scram-sha-256\nhostssl all all ::/0 scram-sha-256\n",
+    )
+    .unwrap();
+    pg.superuser_sql(&format!(
+        "ALTER SYSTEM SET ssl_cert_file = '{}';\nALTER SYSTEM SET ssl_key_file = '{}';\n\
+         ALTER SYSTEM SET ssl = on;\nSELECT pg_reload_conf();",
+        pg.dir().join("server.crt").display(),
+        pg.dir().join("server.key").display()
+    ))
+    .unwrap();
+    let options = |ca: Option<&str>| PostgresOptions {
+        host: pg.host(),
+        port: pg.port(),
+        user: pg.user().to_owned(),
+        password: Some(pg.password().to_owned()),
+        dbname: pg.database().to_owned(),
+        pool_size: 2,
+        connect_timeout: std::time::Duration::from_secs(10),
+        ca_pem: ca.map(|f| std::fs::read(dir.path().join(f)).unwrap()),
+    };
+    // The reload is asynchronous: wait until a TLS connection works.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let store = loop {
+        match PostgresStore::open(&options(Some("ca.crt"))) {
+            Ok(store) => break store,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    };
+    store
+        .put_hops(&[hop("a", C1, "1111111111111111", "", 100)])
+        .unwrap();
+    assert_eq!(store.hop_count().unwrap(), 1);
+    // Plain TCP is refused by the server; another CA is refused by the client.
+    let plain = PostgresStore::open(&options(None)).unwrap_err().to_string();
+    assert!(plain.contains("pg_hba.conf"), "{plain}");
+    let other = PostgresStore::open(&options(Some("other.crt")))
+        .unwrap_err()
+        .to_string();
+    assert!(other.to_lowercase().contains("certificate"), "{other}");
+}
+
+#[test]
+fn postgres_schema_is_versioned_and_a_newer_one_is_refused() {
+    let backend = Postgres::new();
+    let sql = |q: &str| {
+        backend
+            .server
+            .superuser_sql(&format!("\\c {}\n{q}", backend.dbname))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let store = backend.open();
+    store
+        .put_hops(&[hop("a", C1, "1111111111111111", "", 100)])
+        .unwrap();
+    drop(store);
+    assert_eq!(sql("SELECT version FROM schema_version;"), "1");
+    // Opening again migrates nothing and keeps the data.
+    assert_eq!(backend.open().hop_count().unwrap(), 1);
+    assert_eq!(sql("SELECT count(*) FROM schema_version;"), "1");
+    // A schema written by a later server is not touched.
+    sql("UPDATE schema_version SET version = 99;");
+    let refused = PostgresStore::open(&backend.options())
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("newer"), "{refused}");
 }

@@ -16,12 +16,43 @@ pub const ADMIN: &str = "admin-token-0123456789";
 pub const NODE: &str = "node-token-0123456789";
 
 pub fn config_text(dir: &Path) -> String {
+    config_text_with(dir, "")
+}
+
+/// The test config followed by `extra` YAML lines (e.g. a `store:` section).
+pub fn config_text_with(dir: &Path, extra: &str) -> String {
     format!(
         "data_dir: {}\ngrpc_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\nsync: full\n\
          tokens:\n  - {{ name: oncall, role: admin, secret: {ADMIN} }}\n  - {{ name: nodes, role: node, secret: {NODE} }}\n\
-         assembly: {{ interval_millis: 20 }}\n",
+         assembly: {{ interval_millis: 20 }}\n{extra}",
         dir.display()
     )
+}
+
+/// A `store:` section for `pg`, its password in a file in `dir`.
+pub fn postgres_store(dir: &Path, pg: &custody_testkit::Postgres) -> String {
+    let password_file = dir.join("postgres-password");
+    std::fs::write(&password_file, format!("{}\n", pg.password())).unwrap();
+    format!(
+        "store:\n  backend: postgres\n  postgres: {{ host: {}, port: {}, user: {}, dbname: {}, password_file: {} }}\n",
+        pg.host(),
+        pg.port(),
+        pg.user(),
+        pg.database(),
+        password_file.display()
+    )
+}
+
+/// The PostgreSQL store of `pg`, opened directly (to count what the server stored).
+pub fn open_postgres(
+    dir: &Path,
+    pg: &custody_testkit::Postgres,
+) -> custody_control::store::PostgresStore {
+    let config =
+        custody_control::config::Config::parse(&config_text_with(dir, &postgres_store(dir, pg)))
+            .unwrap();
+    let options = config.store.postgres.unwrap().options().unwrap();
+    custody_control::store::PostgresStore::open(&options).unwrap()
 }
 
 pub fn config(dir: &Path) -> custody_control::config::Config {
@@ -37,8 +68,13 @@ pub struct Binary {
 
 impl Binary {
     pub fn start(dir: &Path) -> Binary {
+        Binary::start_with(dir, "")
+    }
+
+    /// Started with `extra` YAML after the test config.
+    pub fn start_with(dir: &Path, extra: &str) -> Binary {
         let cfg = dir.join("control.yaml");
-        std::fs::write(&cfg, config_text(dir)).unwrap();
+        std::fs::write(&cfg, config_text_with(dir, extra)).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_custody-control"))
             .arg("--config")
             .arg(&cfg)
