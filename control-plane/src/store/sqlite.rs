@@ -27,9 +27,13 @@ use crate::assembly::{
 };
 
 const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS chain_ids (
+    seq INTEGER PRIMARY KEY,
+    chain_id TEXT NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS hops (
     event_id TEXT NOT NULL,
-    chain_id TEXT NOT NULL,
+    chain_seq INTEGER NOT NULL,
     workload TEXT NOT NULL,
     start_ns INTEGER NOT NULL,
     end_ns INTEGER NOT NULL,
@@ -38,7 +42,7 @@ CREATE TABLE IF NOT EXISTS hops (
     body BLOB NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS hops_event ON hops (start_ns, event_id);
-CREATE INDEX IF NOT EXISTS hops_chain ON hops (chain_id);
+CREATE INDEX IF NOT EXISTS hops_chain ON hops (chain_seq);
 CREATE INDEX IF NOT EXISTS hops_contextless ON hops (start_ns) WHERE context = 0;
 CREATE INDEX IF NOT EXISTS hops_conn ON hops (conn) WHERE conn != '';
 CREATE INDEX IF NOT EXISTS hops_parents ON hops (workload, start_ns, end_ns) WHERE context = 1;
@@ -113,6 +117,10 @@ CREATE TABLE IF NOT EXISTS signing_keys (
 /// are read with `pread`.
 const MMAP_BYTES: i64 = 1 << 30;
 
+/// The stored hops of one chain id.
+const HOPS_OF_CHAIN: &str =
+    "SELECT h.body FROM chain_ids c JOIN hops h ON h.chain_seq = c.seq WHERE c.chain_id = ?1";
+
 /// How the embedded store is opened.
 #[derive(Clone, Debug)]
 pub struct SqliteOptions {
@@ -130,7 +138,13 @@ pub struct SqliteStore {
     reader: Mutex<Connection>,
     path: PathBuf,
     hop_queue: Mutex<HopQueue>,
+    /// Recently used chain numbers; only used and changed with the writer held.
+    chain_seqs: Mutex<HashMap<String, i64>>,
 }
+
+/// Chain numbers remembered at most; the map is emptied when full (the
+/// hops of a chain arrive close together, so recent ones are what matter).
+const CHAIN_SEQ_CACHE: usize = 100_000;
 
 /// Hop batches waiting for the writer, and outcomes of batches another
 /// caller committed.
@@ -236,6 +250,7 @@ impl SqliteStore {
             reader: Mutex::new(reader),
             path,
             hop_queue: Mutex::new(HopQueue::default()),
+            chain_seqs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -252,7 +267,7 @@ impl SqliteStore {
 /// wider; facts had an index by chain id (a chain's facts are now found
 /// from its stored summary, see [`delete_facts`]).
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    migrate_hop_key(conn)?;
+    migrate_hop_keys(conn)?;
     let old_chains: i64 = conn.query_row(
         "SELECT (SELECT count(*) FROM pragma_table_info('chains') WHERE name = 'tree')
               + (SELECT count(*) FROM sqlite_schema WHERE name = 'chain_facts')
@@ -270,7 +285,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
                  generation INTEGER NOT NULL
              ) WITHOUT ROWID;
              INSERT OR IGNORE INTO pending (chain_id, generation)
-                 SELECT DISTINCT chain_id, 1 FROM hops;
+                 SELECT DISTINCT c.chain_id, 1 FROM hops h JOIN chain_ids c ON c.seq = h.chain_seq;
              COMMIT;",
         )?;
     }
@@ -281,26 +296,34 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Hops were keyed by event id alone, a random key: every insert dirtied
-/// its own page of that index. A resent event keeps its start time, so
-/// `(start_ns, event_id)` tells duplicates apart as well, and new keys land
-/// at the end of the index, next to each other; it also serves the time
-/// queries that had an index of their own.
-fn migrate_hop_key(conn: &Connection) -> Result<(), StoreError> {
-    let keyed_by_event: i64 = conn.query_row(
-        "SELECT count(*) FROM pragma_table_info('hops') WHERE name = 'event_id' AND pk = 1",
+/// Hops were keyed by event id and indexed by chain id, both random keys:
+/// every insert dirtied a page of each index of its own, which the commit
+/// then wrote out. Now a resent event is told apart by `(start_ns,
+/// event_id)` (it keeps its start time), whose new keys land at the end of
+/// the index and which serves the time queries too; and hops name their
+/// chain by a number given in order of first sight (`chain_ids`), so a
+/// chain costs one random insert instead of one per hop.
+fn migrate_hop_keys(conn: &Connection) -> Result<(), StoreError> {
+    let by_chain_id: i64 = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('hops') WHERE name = 'chain_id'",
         [],
         |r| r.get(0),
     )?;
-    if keyed_by_event == 0 {
+    if by_chain_id == 0 {
         return Ok(());
     }
-    tracing::info!("store: re-keying hops by time and event id (one-time migration)");
+    tracing::info!("store: re-keying hops by time and chain number (one-time migration)");
     conn.execute_batch(
         "BEGIN;
+         CREATE TABLE IF NOT EXISTS chain_ids (
+             seq INTEGER PRIMARY KEY,
+             chain_id TEXT NOT NULL UNIQUE
+         );
+         INSERT OR IGNORE INTO chain_ids (chain_id)
+             SELECT chain_id FROM hops GROUP BY chain_id ORDER BY min(start_ns);
          CREATE TABLE hops_rekeyed (
              event_id TEXT NOT NULL,
-             chain_id TEXT NOT NULL,
+             chain_seq INTEGER NOT NULL,
              workload TEXT NOT NULL,
              start_ns INTEGER NOT NULL,
              end_ns INTEGER NOT NULL,
@@ -308,9 +331,9 @@ fn migrate_hop_key(conn: &Connection) -> Result<(), StoreError> {
              conn TEXT NOT NULL,
              body BLOB NOT NULL
          );
-         INSERT INTO hops_rekeyed (event_id, chain_id, workload, start_ns, end_ns, context, conn, body)
-             SELECT event_id, chain_id, workload, start_ns, end_ns, context, conn, body
-             FROM hops ORDER BY rowid;
+         INSERT INTO hops_rekeyed (event_id, chain_seq, workload, start_ns, end_ns, context, conn, body)
+             SELECT h.event_id, c.seq, h.workload, h.start_ns, h.end_ns, h.context, h.conn, h.body
+             FROM hops h JOIN chain_ids c ON c.chain_id = h.chain_id ORDER BY h.rowid;
          DROP TABLE hops;
          ALTER TABLE hops_rekeyed RENAME TO hops;
          COMMIT;",
@@ -345,7 +368,10 @@ impl Store for SqliteStore {
             }
             std::mem::take(&mut q.waiting)
         };
-        let written = write_hop_batches(&mut conn, &group);
+        let written = {
+            let mut seqs = lock(&self.chain_seqs);
+            write_hop_batches(&mut conn, &group, &mut seqs)
+        };
         let mut q = lock(&self.hop_queue);
         let mut mine = None;
         match written {
@@ -405,7 +431,7 @@ impl Store for SqliteStore {
 
     fn hops_of_chains(&self, chain_ids: &[String]) -> Result<Vec<HopEvent>, StoreError> {
         let conn = lock(&self.reader);
-        let mut stmt = conn.prepare_cached("SELECT body FROM hops WHERE chain_id = ?1")?;
+        let mut stmt = conn.prepare_cached(HOPS_OF_CHAIN)?;
         let mut out = Vec::with_capacity(chain_ids.len() * 4);
         for id in chain_ids {
             let mut rows = stmt.query([id])?;
@@ -421,7 +447,9 @@ impl Store for SqliteStore {
     fn chain_hop_counts(&self, chain_ids: &[String]) -> Result<Vec<u64>, StoreError> {
         let conn = lock(&self.reader);
         // Answered from the chain index alone.
-        let mut stmt = conn.prepare_cached("SELECT count(*) FROM hops WHERE chain_id = ?1")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT count(*) FROM chain_ids c JOIN hops h ON h.chain_seq = c.seq WHERE c.chain_id = ?1",
+        )?;
         chain_ids
             .iter()
             .map(|id| Ok(u64_of(stmt.query_row([id], |r| r.get::<_, i64>(0))?)))
@@ -732,7 +760,7 @@ impl Store for SqliteStore {
         let summary: ChainSummary = serde_json::from_str(&summary)?;
         // Every hop of the tree was reported under the chain or one joined into it.
         let mut stored: HashMap<String, HopEvent> = HashMap::with_capacity(shape.len());
-        let mut by_chain = conn.prepare_cached("SELECT body FROM hops WHERE chain_id = ?1")?;
+        let mut by_chain = conn.prepare_cached(HOPS_OF_CHAIN)?;
         for id in std::iter::once(&summary.chain_id).chain(&summary.joined_chains) {
             let mut rows = by_chain.query([id])?;
             while let Some(row) = rows.next()? {
@@ -933,7 +961,7 @@ impl Store for SqliteStore {
     fn retain(&self, retention: Retention, now_nanos: u64) -> Result<RetentionOutcome, StoreError> {
         let age_cutoff =
             now_nanos.saturating_sub(retention.max_age_secs.saturating_mul(1_000_000_000));
-        let mut out = delete_before(&self.writer, age_cutoff)?;
+        let mut out = self.delete_before(age_cutoff)?;
         // Size: delete the oldest tenth while over the limit (a few rounds at most).
         for _ in 0..10 {
             if self.size_bytes()? <= retention.max_bytes {
@@ -953,7 +981,7 @@ impl Store for SqliteStore {
                 .optional()?
             };
             let Some(cutoff) = cutoff else { break };
-            let more = delete_before(&self.writer, u64_of(cutoff).saturating_add(1))?;
+            let more = self.delete_before(u64_of(cutoff).saturating_add(1))?;
             out.hops += more.hops;
             out.flows += more.flows;
             out.chains += more.chains;
@@ -981,15 +1009,20 @@ impl Store for SqliteStore {
 fn write_hop_batches(
     conn: &mut Connection,
     group: &[(u64, Vec<HopRow>)],
+    seqs: &mut HashMap<String, i64>,
 ) -> Result<Vec<PutOutcome>, StoreError> {
     let mut outcomes = Vec::with_capacity(group.len());
     let mut chains: BTreeSet<&str> = BTreeSet::new();
+    // Numbers given in this transaction: remembered only once it commits.
+    let mut numbered: HashMap<&str, i64> = HashMap::new();
     let tx = conn.transaction()?;
     {
         let mut stmt = tx.prepare_cached(
-            "INSERT OR IGNORE INTO hops (event_id, chain_id, workload, start_ns, end_ns, context, conn, body)
+            "INSERT OR IGNORE INTO hops (event_id, chain_seq, workload, start_ns, end_ns, context, conn, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
+        let mut find = tx.prepare_cached("SELECT seq FROM chain_ids WHERE chain_id = ?1")?;
+        let mut add = tx.prepare_cached("INSERT INTO chain_ids (chain_id) VALUES (?1)")?;
         for (_, rows) in group {
             let mut out = PutOutcome {
                 fresh: Vec::with_capacity(rows.len()),
@@ -997,9 +1030,24 @@ fn write_hop_batches(
             };
             let mut batch_chains: BTreeSet<&str> = BTreeSet::new();
             for row in rows {
+                let id = row.chain_id.as_str();
+                let seq = match seqs.get(id).or_else(|| numbered.get(id)) {
+                    Some(seq) => *seq,
+                    None => {
+                        let seq = match find.query_row([id], |r| r.get(0)).optional()? {
+                            Some(seq) => seq,
+                            None => {
+                                add.execute([id])?;
+                                tx.last_insert_rowid()
+                            }
+                        };
+                        numbered.insert(id, seq);
+                        seq
+                    }
+                };
                 let n = stmt.execute(params![
                     row.event_id,
-                    row.chain_id,
+                    seq,
                     row.workload,
                     row.start,
                     row.end,
@@ -1030,6 +1078,10 @@ fn write_hop_batches(
         }
     }
     tx.commit()?;
+    if seqs.len() + numbered.len() > CHAIN_SEQ_CACHE {
+        seqs.clear();
+    }
+    seqs.extend(numbered.into_iter().map(|(id, seq)| (id.to_owned(), seq)));
     Ok(outcomes)
 }
 
@@ -1082,11 +1134,25 @@ fn delete_facts(conn: &Connection, chain_id: &str, stored: &StoredChain) -> Resu
     Ok(())
 }
 
-fn delete_before(writer: &Mutex<Connection>, cutoff: u64) -> Result<RetentionOutcome, StoreError> {
+impl SqliteStore {
+    fn delete_before(&self, cutoff: u64) -> Result<RetentionOutcome, StoreError> {
+        let mut conn = lock(&self.writer);
+        // Numbers of chains whose hops are all gone are deleted below.
+        lock(&self.chain_seqs).clear();
+        delete_before(&mut conn, cutoff)
+    }
+}
+
+fn delete_before(conn: &mut Connection, cutoff: u64) -> Result<RetentionOutcome, StoreError> {
     let cutoff = i64_of(cutoff);
-    let mut conn = lock(writer);
     let tx = conn.transaction()?;
     let hops = tx.execute("DELETE FROM hops WHERE start_ns < ?1", [cutoff])?;
+    // Chains are numbered in order of first sight: numbers below the
+    // smallest one a stored hop still uses name no stored hop.
+    tx.execute(
+        "DELETE FROM chain_ids WHERE seq < coalesce((SELECT min(chain_seq) FROM hops), 9223372036854775807)",
+        [],
+    )?;
     let flows = tx.execute("DELETE FROM flows WHERE at_ns < ?1", [cutoff])?;
     // Chains in slices, oldest first, each with its facts.
     let mut chains = 0;

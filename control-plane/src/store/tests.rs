@@ -132,6 +132,7 @@ both!(
     facts_follow_reassembly_supersession_and_retention,
     concurrent_batches_are_each_answered_for_their_own_hops,
     a_chain_is_found_by_an_id_joined_into_it,
+    a_chain_reported_again_after_retention_is_stored_whole,
 );
 
 fn open(dir: &std::path::Path) -> SqliteStore {
@@ -756,6 +757,16 @@ fn sqlite_hops_keyed_by_event_id_alone_are_rekeyed_and_kept() {
     };
     assert_eq!(schema("hops_time"), 0);
     assert_eq!(schema("hops_event"), 1);
+    // Hops name their chain by number now.
+    let columns: i64 = rusqlite::Connection::open(dir.path().join("custody.db"))
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('hops') WHERE name IN ('chain_id', 'chain_seq')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(columns, 1);
     assert_eq!(store.hop_count().unwrap(), 2);
     let mut stored = store.hops_of_chains(&[C1.to_owned()]).unwrap();
     stored.sort_by(|a, b| a.event_id.cmp(&b.event_id));
@@ -905,4 +916,41 @@ fn postgres_schema_is_versioned_and_a_newer_one_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(refused.contains("newer"), "{refused}");
+}
+
+fn a_chain_reported_again_after_retention_is_stored_whole(b: &dyn Backend) {
+    let store = b.open();
+    let store = store.as_ref();
+    let now = 1_000_000_000_000_000u64;
+    let hour = 3_600_000_000_000u64;
+    let old = hop("old", C1, "1111111111111111", "", now - 5 * hour);
+    let other = hop("other", C2, "2222222222222222", "", now - hour);
+    store.put_hops(&[old, other.clone()]).unwrap();
+    let out = store
+        .retain(
+            Retention {
+                max_age_secs: 2 * 3600,
+                max_bytes: u64::MAX,
+            },
+            now,
+        )
+        .unwrap();
+    assert_eq!(out.hops, 1);
+    assert!(store.hops_of_chains(&[C1.to_owned()]).unwrap().is_empty());
+    // The same chain id again (a long-lived chain, or a reused id): its new
+    // hops are found under it, and the chain kept is untouched.
+    let again = hop("again", C1, "3333333333333333", "", now);
+    let late = hop("late", C1, "4444444444444444", "3333333333333333", now + 1);
+    store.put_hops(std::slice::from_ref(&again)).unwrap();
+    store.put_hops(std::slice::from_ref(&late)).unwrap();
+    let mut found = store.hops_of_chains(&[C1.to_owned()]).unwrap();
+    found.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+    assert_eq!(found, vec![again, late]);
+    assert_eq!(
+        store
+            .chain_hop_counts(&[C1.to_owned(), C2.to_owned()])
+            .unwrap(),
+        vec![2, 1]
+    );
+    assert_eq!(store.hops_of_chains(&[C2.to_owned()]).unwrap(), vec![other]);
 }
