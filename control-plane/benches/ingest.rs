@@ -40,10 +40,6 @@ use custody_context::api::v1;
 use custody_control::client::Client;
 use custody_control::config::Config;
 
-// The same allocator as the `custody-control` binary.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const ADMIN: &str = "admin-token-0123456789";
 const NODE: &str = "node-token-0123456789";
 const HOPS_PER_CHAIN: u64 = 5;

@@ -14,11 +14,6 @@ use anyhow::Context as _;
 use clap::Parser;
 use custody_control::{config::Config, server};
 
-// Ingest and assembly allocate per hop; glibc's allocator took a fifth of
-// the process's CPU in profiles (docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// The Custody control plane.
 #[derive(Debug, Parser)]
 #[command(version, about)]
