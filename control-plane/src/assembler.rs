@@ -2,7 +2,7 @@
 //! with their neighbours in time, and stores the trees.
 //!
 //! Ingest marks chain ids dirty; every `interval` the assembler takes them
-//! (at most [`BATCH`] at a time) and loads their hops, then the neighbours
+//! (at most [`BATCH`] at a time, in the order they were marked) and loads their hops, then the neighbours
 //! that evidence may join: contextless hops in the same time window (which
 //! a loaded chain may adopt), and for each contextless group the hops that
 //! may be its parent (an inbound hop of the same workload around it, an
@@ -24,7 +24,7 @@
 //! otherwise (hops stored before, or a restart) the chain is read from the
 //! store.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, broadcast};
@@ -55,9 +55,21 @@ pub struct Dirty {
 
 #[derive(Debug, Default)]
 struct DirtyInner {
-    ids: BTreeSet<String>,
+    /// In the order they were marked: a pass takes chains that arrived
+    /// together, so its neighbour windows stay narrow (chain ids are
+    /// random, so their own order would spread a pass over all of time).
+    order: VecDeque<String>,
+    ids: HashSet<String>,
     hops: HashMap<String, Vec<HopEvent>>,
     handed: usize,
+}
+
+impl DirtyInner {
+    fn insert(&mut self, id: String) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+        }
+    }
 }
 
 impl Dirty {
@@ -70,7 +82,9 @@ impl Dirty {
     /// Marks chains dirty.
     pub fn mark(&self, ids: impl IntoIterator<Item = String>) {
         let mut inner = self.lock();
-        inner.ids.extend(ids);
+        for id in ids {
+            inner.insert(id);
+        }
         drop(inner);
         self.notify.notify_one();
     }
@@ -82,7 +96,7 @@ impl Dirty {
         let room = inner.handed + hops.len() <= MAX_HANDED_HOPS;
         for h in hops {
             if !inner.ids.contains(&h.chain_id) {
-                inner.ids.insert(h.chain_id.clone());
+                inner.insert(h.chain_id.clone());
             }
             if room {
                 inner.handed += 1;
@@ -102,8 +116,9 @@ impl Dirty {
         let mut ids = Vec::new();
         let mut hops = HashMap::new();
         while ids.len() < max {
-            match inner.ids.pop_first() {
+            match inner.order.pop_front() {
                 Some(id) => {
+                    inner.ids.remove(&id);
                     if let Some(h) = inner.hops.remove(&id) {
                         inner.handed -= h.len();
                         hops.insert(id.clone(), h);

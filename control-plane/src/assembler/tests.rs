@@ -188,3 +188,17 @@ fn handed_hops_are_completed_from_the_store() {
     );
     assert_eq!(f.store.chain(CHAIN).unwrap().unwrap().hops.len(), 4);
 }
+
+#[test]
+fn dirty_chains_are_taken_in_the_order_they_arrived() {
+    let dirty = Dirty::default();
+    dirty.mark(["c".to_owned(), "a".to_owned()]);
+    dirty.mark(["b".to_owned(), "c".to_owned()]);
+    let (first, _) = dirty.take(2);
+    assert_eq!(first, vec!["c".to_owned(), "a".to_owned()]);
+    // Taken chains may be marked again; they queue behind the others.
+    dirty.mark(["a".to_owned()]);
+    let (rest, _) = dirty.take(10);
+    assert_eq!(rest, vec!["b".to_owned(), "a".to_owned()]);
+    assert!(dirty.is_empty());
+}
