@@ -1,0 +1,369 @@
+//! Mesh mutual TLS for connections that are not HTTP: a database session
+//! (real PostgreSQL 15) and raw TCP to a mesh peer leave the client sidecar
+//! in mesh mTLS (ALPN `custody-mesh-tcp`), the peer's sidecar ends it and
+//! relays the stream to its application as TCP. A relay between the
+//! sidecars records the bytes on the wire.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use custody_testkit::Postgres;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_postgres::NoTls;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::rustls::client::WebPkiServerVerifier;
+use tokio_rustls::rustls::crypto::ring;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::mesh::{ChainOnly, mesh_certificates, roots};
+use crate::support::*;
+
+const INBOUND_MTLS: &str =
+    "custody_proxy_mesh_tls_connections_total{direction=\"inbound\",result=\"mtls\"}";
+const OUTBOUND_MTLS: &str =
+    "custody_proxy_mesh_tls_connections_total{direction=\"outbound\",result=\"mtls\"}";
+
+/// A relay to `to` that keeps every byte the client side sent.
+async fn tap(to: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(server) = TcpStream::connect(to).await else {
+                continue;
+            };
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let index = {
+                    let mut seen = record.lock().unwrap();
+                    seen.push(Vec::new());
+                    seen.len() - 1
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = async {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                record.lock().unwrap()[index].extend_from_slice(&buf[..n]);
+                                if sw.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = sw.shutdown().await;
+                };
+                let down = async {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    let _ = cw.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A TCP echo server.
+async fn echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A test client as a sidecar opens mesh mTLS for raw TCP: certificate
+/// `name` of CA `ca`, trusting the `mesh` CA, ALPN `custody-mesh-tcp` and
+/// `custody-mesh`.
+fn tcp_client(dir: &Path, name: &str) -> TlsConnector {
+    let provider = Arc::new(ring::default_provider());
+    let verifier =
+        WebPkiServerVerifier::builder_with_provider(roots(dir, "mesh"), provider.clone())
+            .build()
+            .unwrap();
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(dir.join(format!("{name}.crt")))
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join(format!("{name}.key"))).unwrap();
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ChainOnly(verifier)))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"custody-mesh-tcp".to_vec(), b"custody-mesh".to_vec()];
+    TlsConnector::from(Arc::new(config))
+}
+
+/// Sends `message` over mesh mTLS for raw TCP with certificate `name` and
+/// reads as many bytes back; `Err` when the connection was refused.
+async fn echo_over_mtls(
+    dir: &Path,
+    name: &str,
+    addr: SocketAddr,
+    message: &[u8],
+) -> Result<Vec<u8>, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut tls = tcp_client(dir, name)
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(message).await.map_err(|e| e.to_string())?;
+    tls.flush().await.map_err(|e| e.to_string())?;
+    let mut back = vec![0u8; message.len()];
+    tls.read_exact(&mut back).await.map_err(|e| e.to_string())?;
+    let _ = tls.shutdown().await;
+    Ok(back)
+}
+
+fn is_inbound(h: &Value) -> bool {
+    h["direction"] == "DIRECTION_INBOUND"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_tcp_over_mesh_mtls_is_relayed_to_the_app_and_the_client_recorded() {
+    let certs = mesh_certificates();
+    let dir = certs.path();
+    let trust = Trust::new(&["client", "server"]);
+    let app = echo().await;
+    let server_mesh = mesh_tls_yaml(dir, "mesh", "server", "mode: strict");
+    let mut spec = Spec::new("server", app);
+    spec.extra = &server_mesh;
+    let server = start(spec, &trust).await;
+
+    let message = b"\x00\x01 not http, not a database \xff\r\n".repeat(200);
+    let back = echo_over_mtls(dir, "client", server.inbound, &message).await;
+    assert_eq!(back.as_deref(), Ok(&message[..]));
+    let hop = server.wait_hop(is_inbound).await;
+    assert_eq!(hop["protocol"], "PROTOCOL_TCP");
+    assert_eq!(hop["transport_security"], "TRANSPORT_SECURITY_MESH_MTLS");
+    assert_eq!(hop["peer_identity"], uri_of("client"));
+    assert_eq!(hop["bytes_in"], message.len());
+    assert_eq!(server.metric(INBOUND_MTLS).await, 1.0);
+
+    // A client certificate from another CA: refused, nothing relayed.
+    let rogue = echo_over_mtls(dir, "rogue-client", server.inbound, b"hello").await;
+    assert!(rogue.is_err(), "a foreign CA was relayed: {rogue:?}");
+    // A mesh certificate without a SPIFFE ID: refused.
+    let nameless = echo_over_mtls(dir, "nameless", server.inbound, b"hello").await;
+    assert!(nameless.is_err(), "no identity was relayed: {nameless:?}");
+    // Plaintext TCP in strict mode: closed unanswered.
+    let mut plain = TcpStream::connect(server.inbound).await.unwrap();
+    let _ = plain.write_all(b"hello").await;
+    let mut buf = [0u8; 8];
+    let read = plain.read(&mut buf).await;
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "plaintext was answered: {read:?}"
+    );
+    assert_eq!(server.metric(INBOUND_MTLS).await, 1.0);
+    let refused = |result: &str| {
+        format!(
+            "custody_proxy_mesh_tls_connections_total{{direction=\"inbound\",result=\"{result}\"}}"
+        )
+    };
+    assert_eq!(server.metric(&refused("plaintext_refused")).await, 1.0);
+    assert!(server.metric(&refused("handshake_failed")).await >= 1.0);
+    assert!(
+        server.metric(&refused("handshake_failed")).await
+            + server.metric(&refused("identity_refused")).await
+            >= 2.0
+    );
+    // Only the verified connection reached the app.
+    assert_eq!(server.hops_where(1, is_inbound).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_mode_relays_plaintext_tcp_and_mesh_tcp() {
+    let certs = mesh_certificates();
+    let dir = certs.path();
+    let trust = Trust::new(&["client", "server"]);
+    let app = echo().await;
+    let server_mesh = mesh_tls_yaml(dir, "mesh", "server", "mode: permissive");
+    let mut spec = Spec::new("server", app);
+    spec.extra = &server_mesh;
+    let server = start(spec, &trust).await;
+
+    let mut plain = TcpStream::connect(server.inbound).await.unwrap();
+    plain.write_all(b"\x00plain tcp").await.unwrap();
+    let mut back = [0u8; 10];
+    plain.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"\x00plain tcp");
+    drop(plain);
+    let back = echo_over_mtls(dir, "client", server.inbound, b"\x00mesh tcp").await;
+    assert_eq!(back.as_deref(), Ok(&b"\x00mesh tcp"[..]));
+    let hops = server.hops_where(2, is_inbound).await;
+    let security: Vec<&Value> = hops.iter().map(|h| &h["transport_security"]).collect();
+    assert!(
+        security.contains(&&Value::from("TRANSPORT_SECURITY_PLAINTEXT")),
+        "{security:?}"
+    );
+    assert!(
+        security.contains(&&Value::from("TRANSPORT_SECURITY_MESH_MTLS")),
+        "{security:?}"
+    );
+}
+
+fn conninfo(pg: &Postgres, addr: SocketAddr) -> String {
+    format!(
+        "host={} port={} user={} password={} dbname={} sslmode=disable connect_timeout=20",
+        addr.ip(),
+        addr.port(),
+        pg.user(),
+        pg.password(),
+        pg.database()
+    )
+}
+
+/// A client sidecar `name` with a PostgreSQL listener forwarding to
+/// `upstream`, a mesh peer expected to show `identity`.
+async fn db_client(
+    dir: &Path,
+    trust: &Trust,
+    upstream: SocketAddr,
+    identity: &str,
+) -> (Proxy, SocketAddr) {
+    let listen = free_port();
+    let peers = format!("peers: [{{ destination: \"127.0.0.1\", identity: \"{identity}\" }}]");
+    let extra = format!(
+        "databases:\n  - {{ protocol: postgres, listen: \"{listen}\", upstream: \"{upstream}\" }}\n{}\n",
+        mesh_tls_yaml(dir, "mesh", "client", &peers)
+    );
+    let mut spec = Spec::new("client", free_port());
+    spec.extra = &extra;
+    let client = start(spec, trust).await;
+    // The probe's connection is a session too: it goes to the peer (or is
+    // refused) before the test's own.
+    wait_listening(listen).await;
+    (client, listen)
+}
+
+/// Waits until `sample` on `proxy` reaches `at_least` (20 s at most).
+async fn wait_metric(proxy: &Proxy, sample: &str, at_least: f64) -> f64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let value = proxy.metric(sample).await;
+        if value >= at_least || std::time::Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_sessions_to_a_mesh_peer_go_over_mtls_and_are_still_decoded() {
+    let pg = Postgres::start().unwrap();
+    let certs = mesh_certificates();
+    let dir = certs.path();
+    let trust = Trust::new(&["client", "server"]);
+    let server_mesh = mesh_tls_yaml(dir, "mesh", "server", "mode: strict");
+    let mut spec = Spec::new("server", pg.addr());
+    spec.extra = &server_mesh;
+    let server = start(spec, &trust).await;
+    let (wire, seen) = tap(server.inbound).await;
+    let (client, listen) = db_client(dir, &trust, wire, &uri_of("server")).await;
+    assert_eq!(wait_metric(&client, OUTBOUND_MTLS, 1.0).await, 1.0);
+    assert_eq!(wait_metric(&server, INBOUND_MTLS, 1.0).await, 1.0);
+
+    // app → client sidecar (decoded) → mesh mTLS → server sidecar → PostgreSQL.
+    let (db, conn) = tokio_postgres::connect(&conninfo(&pg, listen), NoTls)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let row = db
+        .query_one("SELECT 'wire-secret-' || (41 + 1)::text", &[])
+        .await
+        .unwrap();
+    let answer: String = row.get(0);
+    assert_eq!(answer, "wire-secret-42");
+    drop(db);
+    let _ = conn.await;
+
+    let hop = client
+        .wait_hop(|h| db_of(h)["statement_kind"] == "select")
+        .await;
+    assert_eq!(hop["protocol"], "PROTOCOL_POSTGRES");
+    assert_eq!(db_of(&hop)["user"], pg.user());
+    assert_eq!(db_of(&hop)["parsed"], true);
+    assert_eq!(hop["transport_security"], "TRANSPORT_SECURITY_MESH_MTLS");
+    assert_eq!(hop["peer_identity"], uri_of("server"));
+    assert_eq!(client.metric(OUTBOUND_MTLS).await, 2.0);
+    assert_eq!(server.metric(INBOUND_MTLS).await, 2.0);
+    let inbound = server
+        .wait_hop(|h| is_inbound(h) && h["bytes_in"].as_u64() > Some(100))
+        .await;
+    assert_eq!(inbound["protocol"], "PROTOCOL_TCP");
+    assert_eq!(
+        inbound["transport_security"],
+        "TRANSPORT_SECURITY_MESH_MTLS"
+    );
+    assert_eq!(inbound["peer_identity"], uri_of("client"));
+
+    // On the wire between the sidecars: a TLS handshake record first, and
+    // neither the statement nor the startup message (`user\0<name>`) in
+    // clear.
+    let startup = [b"user\0", pg.user().as_bytes()].concat();
+    let wire_bytes = seen.lock().unwrap().clone();
+    assert_eq!(wire_bytes.len(), 2);
+    for bytes in &wire_bytes {
+        assert_eq!(bytes.first(), Some(&0x16), "not TLS: {:?}", &bytes[..8]);
+        let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        assert!(!contains(b"wire-secret-"));
+        assert!(!contains(&startup));
+    }
+
+    // Plaintext straight to the strict peer: refused.
+    let direct = tokio_postgres::connect(&conninfo(&pg, server.inbound), NoTls).await;
+    assert!(direct.is_err(), "strict peer served plaintext");
+
+    // A client sidecar expecting another identity: the session is closed,
+    // never sent in plaintext, and the reason recorded.
+    let (wrong, listen) = db_client(dir, &trust, wire, &uri_of("intruder")).await;
+    let mismatch = "custody_proxy_mesh_tls_connections_total{direction=\"outbound\",result=\"peer_identity_mismatch\"}";
+    assert_eq!(wait_metric(&wrong, mismatch, 1.0).await, 1.0);
+    let refused = tokio_postgres::connect(&conninfo(&pg, listen), NoTls).await;
+    assert!(refused.is_err(), "session to the wrong identity went on");
+    let hop = wrong
+        .wait_hop(|h| h["transport_error"] == "peer_identity_mismatch")
+        .await;
+    assert_eq!(hop["protocol"], "PROTOCOL_POSTGRES");
+    assert_eq!(wrong.metric(mismatch).await, 2.0);
+    assert_eq!(wrong.metric(OUTBOUND_MTLS).await, 0.0);
+    assert_eq!(server.metric(INBOUND_MTLS).await, 2.0);
+    let wire_bytes = seen.lock().unwrap().clone();
+    assert_eq!(wire_bytes.len(), 4);
+    for bytes in &wire_bytes[2..] {
+        assert_eq!(bytes.first(), Some(&0x16));
+        assert!(!bytes.windows(startup.len()).any(|w| w == startup));
+    }
+}
+
+fn db_of(hop: &Value) -> &Value {
+    &hop["database"]
+}
