@@ -367,3 +367,311 @@ async fn database_sessions_to_a_mesh_peer_go_over_mtls_and_are_still_decoded() {
 fn db_of(hop: &Value) -> &Value {
     &hop["database"]
 }
+
+const ECHO_SERVER: &str = r#"
+import socket, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 9000))
+s.listen()
+def handle(c):
+    while True:
+        d = c.recv(4096)
+        if not d:
+            break
+        c.sendall(d)
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"#;
+
+const ECHO_CLIENT: &str = r#"
+import socket, sys
+host, port, sport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+c = socket.socket()
+c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if sport:
+    c.bind(("0.0.0.0", sport))
+c.settimeout(10)
+c.connect((host, port))
+message = b"\x00raw tcp between meshed pods\n"
+data = b""
+try:
+    c.sendall(message)
+    while len(data) < len(message):
+        d = c.recv(100)
+        if not d:
+            break
+        data += d
+except OSError:
+    pass
+c.close()
+sys.stdout.write(data.decode(errors="replace"))
+"#;
+
+/// A sidecar binary's configuration in the namespace: workload `name`,
+/// listeners at `inbound`, `outbound`, `admin`, the application at `app`,
+/// hops to `hops`, and `mesh` (a `mesh_tls` line).
+fn netns_config(
+    name: &str,
+    [inbound, outbound, admin]: [&str; 3],
+    app: &str,
+    hops: &Path,
+    mesh: &str,
+) -> String {
+    format!(
+        r#"
+workload: {{ trust_domain: {TD}, namespace: test, service_account: {name} }}
+listeners: {{ inbound: "{inbound}", outbound: "{outbound}", admin: "{admin}" }}
+inbound: {{ upstream: "{app}" }}
+outbound: {{ mode: transparent }}
+exporter: {{ jsonl_file: "{}", flush_interval_ms: 20 }}
+shutdown: {{ grace_period_secs: 0 }}
+{mesh}
+"#,
+        hops.display()
+    )
+}
+
+/// The hop events of a JSON-lines file once there are `n` matching `pred`.
+fn hops_in(file: &Path, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        let events: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|e| pred(e))
+            .collect();
+        if events.len() >= n {
+            return events;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hop events missing in {}: {text}",
+            file.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Transparent mode in a network namespace: the application dials the
+/// peer pod's address, iptables hands the connection to its sidecar, which
+/// reaches the peer's sidecar over mesh mTLS; that one relays to an echo
+/// server. Root is needed (CI runs as root).
+#[test]
+fn transparent_tcp_to_a_mesh_peer_goes_sidecar_to_sidecar_over_mtls() {
+    use crate::transparent::{Netns, run};
+    assert_eq!(
+        run(&["id", "-u"]).trim(),
+        "0",
+        "this test creates a network namespace and needs root"
+    );
+    let certs = mesh_certificates();
+    let dir = certs.path();
+    let work = tempfile::tempdir().unwrap();
+    let name = format!("custody-meshtcp-{}", std::process::id());
+    run(&["ip", "netns", "add", &name]);
+    let mut ns = Netns {
+        name: name.clone(),
+        children: vec![],
+    };
+    let redirect = |sports: &str, to: &str| {
+        vec![
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "10.98.0.2",
+            "--dport",
+            "7000",
+            "--sport",
+            sports,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            to,
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<String>>()
+    };
+    for args in [
+        ["ip", "link", "set", "lo", "up"]
+            .map(str::to_owned)
+            .to_vec(),
+        ["ip", "addr", "add", "10.98.0.2/32", "dev", "lo"]
+            .map(str::to_owned)
+            .to_vec(),
+        // The client app's connections (source ports 20000-20100) go to the
+        // client sidecar, those from 20200-20300 to the sidecar expecting
+        // another identity; the sidecars' own use ephemeral ports.
+        redirect("20000:20100", "15001"),
+        redirect("20200:20300", "16001"),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let status = ns.exec(&args).status().unwrap();
+        assert!(status.success(), "{args:?}");
+    }
+    let server_peer = format!(
+        "peers: [{{ destination: \"10.98.0.0/24\", identity: \"{}\" }}]",
+        uri_of("server")
+    );
+    let intruder_peer = format!(
+        "peers: [{{ destination: \"10.98.0.2\", identity: \"{}\" }}]",
+        uri_of("intruder")
+    );
+    let sidecars = [
+        (
+            "server",
+            ["10.98.0.2:7000", "127.0.0.1:25001", "127.0.0.1:25020"],
+            "127.0.0.1:9000",
+            mesh_tls_yaml(dir, "mesh", "server", "mode: strict"),
+        ),
+        (
+            "client",
+            ["127.0.0.1:15006", "127.0.0.1:15001", "127.0.0.1:15020"],
+            "127.0.0.1:8080",
+            mesh_tls_yaml(dir, "mesh", "client", &server_peer),
+        ),
+        (
+            "client",
+            ["127.0.0.1:16006", "127.0.0.1:16001", "127.0.0.1:16020"],
+            "127.0.0.1:8080",
+            mesh_tls_yaml(dir, "mesh", "client", &intruder_peer),
+        ),
+    ];
+    let mut hops = Vec::new();
+    for (i, (workload, listeners, app, mesh)) in sidecars.iter().enumerate() {
+        let file = work.path().join(format!("hops-{i}.jsonl"));
+        let config = work.path().join(format!("proxy-{i}.yaml"));
+        std::fs::write(
+            &config,
+            netns_config(workload, *listeners, app, &file, mesh),
+        )
+        .unwrap();
+        ns.spawn(&[
+            env!("CARGO_BIN_EXE_custody-proxy"),
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        hops.push(file);
+    }
+    let echo_server = work.path().join("echo_server.py");
+    std::fs::write(&echo_server, ECHO_SERVER).unwrap();
+    ns.spawn(&["python3", echo_server.to_str().unwrap()]);
+    let echo_client = work.path().join("echo_client.py");
+    std::fs::write(&echo_client, ECHO_CLIENT).unwrap();
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for probe in [
+        "http://127.0.0.1:25020/ready",
+        "http://127.0.0.1:15020/ready",
+        "http://127.0.0.1:16020/ready",
+    ] {
+        while !ns
+            .exec(&["curl", "-sf", probe])
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            assert!(std::time::Instant::now() < deadline, "{probe} not ready");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    while !ns
+        .exec(&[
+            "python3",
+            "-c",
+            "import socket; socket.create_connection(('127.0.0.1', 9000), 1)",
+        ])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(std::time::Instant::now() < deadline, "echo did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let echo = |sport: &str| {
+        let out = ns
+            .exec(&[
+                "python3",
+                echo_client.to_str().unwrap(),
+                "10.98.0.2",
+                "7000",
+                sport,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let metric = |admin: &str, sample: &str| -> f64 {
+        let out = ns
+            .exec(&["curl", "-sf", &format!("http://{admin}/metrics")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|r| r.trim().parse().ok()))
+            .unwrap_or(0.0)
+    };
+    let mesh = |direction: &str, result: &str| {
+        format!(
+            "custody_proxy_mesh_tls_connections_total{{direction=\"{direction}\",result=\"{result}\"}}"
+        )
+    };
+
+    // app → (iptables) client sidecar → mesh mTLS → server sidecar → echo.
+    assert_eq!(echo("20010"), "\u{0}raw tcp between meshed pods\n");
+    let outbound = hops_in(&hops[1], 1, |h| h["protocol"] == "PROTOCOL_TCP");
+    assert_eq!(outbound[0]["direction"], "DIRECTION_OUTBOUND");
+    assert_eq!(
+        outbound[0]["transport_security"],
+        "TRANSPORT_SECURITY_MESH_MTLS"
+    );
+    assert_eq!(outbound[0]["peer_identity"], uri_of("server"));
+    assert_eq!(outbound[0]["egress"]["destination"]["ip"], "10.98.0.2");
+    assert_eq!(outbound[0]["bytes_in"], 29);
+    let inbound = hops_in(&hops[0], 1, |h| h["protocol"] == "PROTOCOL_TCP");
+    assert_eq!(inbound[0]["direction"], "DIRECTION_INBOUND");
+    assert_eq!(
+        inbound[0]["transport_security"],
+        "TRANSPORT_SECURITY_MESH_MTLS"
+    );
+    assert_eq!(inbound[0]["peer_identity"], uri_of("client"));
+    assert_eq!(metric("127.0.0.1:25020", &mesh("inbound", "mtls")), 1.0);
+    assert_eq!(metric("127.0.0.1:15020", &mesh("outbound", "mtls")), 1.0);
+
+    // Plaintext straight to the strict peer: closed.
+    assert_eq!(echo("0"), "");
+    assert_eq!(
+        metric("127.0.0.1:25020", &mesh("inbound", "plaintext_refused")),
+        1.0
+    );
+
+    // A sidecar expecting another identity: closed, recorded with the
+    // reason, nothing reaches the echo server.
+    assert_eq!(echo("20210"), "");
+    let refused = hops_in(&hops[2], 1, |h| h["protocol"] == "PROTOCOL_TCP");
+    assert_eq!(refused[0]["transport_error"], "peer_identity_mismatch");
+    assert_eq!(refused[0]["bytes_out"], 0);
+    assert_eq!(
+        metric(
+            "127.0.0.1:16020",
+            &mesh("outbound", "peer_identity_mismatch")
+        ),
+        1.0
+    );
+    assert_eq!(metric("127.0.0.1:25020", &mesh("inbound", "mtls")), 1.0);
+}
