@@ -30,6 +30,13 @@
 //! is answered with the reason and fails the request (502, recorded);
 //! nothing is sent in plaintext instead.
 //!
+//! Streams that are not HTTP (TCP pass-through, database sessions) to a
+//! mesh peer do not go through pingora: [`MeshTls::connect_tcp`] opens the
+//! same verified mTLS with ALPN [`MESH_TCP_ALPN`] next to [`MESH_ALPN`], and
+//! the peer's sidecar ends it with a second acceptor of the set (ALPN
+//! [`MESH_TCP_ALPN`] only; [`MeshTls::accept_tcp`]) and relays the stream
+//! to its application as TCP.
+//!
 //! Why a tunnel rather than pingora's own upstream TLS: with the rustls
 //! backend, pingora checks a server certificate against DNS or IP names
 //! only (or not at all), keeps no SAN in its TLS digest, and its
@@ -96,7 +103,7 @@ pub fn offers_mesh_tcp(alpn: &[Vec<u8>]) -> bool {
 }
 
 /// A mesh mTLS connection to a peer's sidecar carrying a raw TCP stream.
-pub(crate) type MeshTcpStream = tokio_rustls::client::TlsStream<TcpStream>;
+pub type MeshTcpStream = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// Longest wait for TCP and the TLS handshake to an upstream.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -533,7 +540,7 @@ impl MeshTls {
     /// an inbound connection: the stream and the client's verified SPIFFE
     /// ID; `None` when the handshake fails or the client shows no SPIFFE ID
     /// in the trust domain (counted as [`MeshTls::accept`] counts).
-    pub(crate) async fn accept_tcp<S>(
+    pub async fn accept_tcp<S>(
         &self,
         stream: S,
         metrics: &Metrics,
@@ -579,9 +586,9 @@ impl MeshTls {
     /// checked against the mesh CA and its SPIFFE ID against `expected`
     /// (any in the trust domain when `None`), ALPN [`MESH_TCP_ALPN`] and
     /// [`MESH_ALPN`]. The stream and the peer's SPIFFE ID, or the reason
-    /// label (a [`transport_error`] one); counted either way as
+    /// label (one of the hop's `transport_error` values); counted either way as
     /// `custody_proxy_mesh_tls_connections_total{direction="outbound"}`.
-    pub(crate) async fn connect_tcp(
+    pub async fn connect_tcp(
         &self,
         addr: SocketAddr,
         expected: Option<String>,

@@ -9,7 +9,10 @@
 //! `tcp_ports` and skip sniffing. Outbound TCP is subject to egress policy by
 //! address and port, with the chain of the inbound request in flight. TLS is
 //! recognised by its ClientHello, whose server name (SNI) is the host the
-//! egress policy matches; the hop's protocol is then `TLS_OPAQUE`.
+//! egress policy matches; the hop's protocol is then `TLS_OPAQUE`. With
+//! `mesh_tls`, outbound TCP to a mesh peer is wrapped in mesh mTLS, and
+//! inbound mesh mTLS carrying TCP (ALPN `custody-mesh-tcp`) is ended here
+//! and relayed to the application.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
