@@ -675,3 +675,68 @@ fn transparent_tcp_to_a_mesh_peer_goes_sidecar_to_sidecar_over_mtls() {
     );
     assert_eq!(metric("127.0.0.1:25020", &mesh("inbound", "mtls")), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_database_tls_session_runs_inside_mesh_mtls() {
+    let pg = Postgres::start().unwrap();
+    let pg_certs = tempfile::tempdir().unwrap();
+    crate::postgres::enable_tls(&pg, pg_certs.path());
+    let certs = mesh_certificates();
+    let dir = certs.path();
+    let trust = Trust::new(&["client", "server"]);
+    let server_mesh = mesh_tls_yaml(dir, "mesh", "server", "mode: strict");
+    let mut spec = Spec::new("server", pg.addr());
+    spec.extra = &server_mesh;
+    let server = start(spec, &trust).await;
+
+    let c = pg_certs.path();
+    let listen = free_port();
+    let peers = format!(
+        "peers: [{{ destination: \"127.0.0.1\", identity: \"{}\" }}]",
+        uri_of("server")
+    );
+    let extra = format!(
+        "databases:\n  - protocol: postgres\n    listen: \"{listen}\"\n    upstream: \"{}\"\n    \
+         tls: {{ mode: terminate, cert_file: \"{}\", key_file: \"{}\", upstream_ca_file: \"{}\", upstream_server_name: db.test }}\n{}\n",
+        server.inbound,
+        c.join("tls.crt").display(),
+        c.join("tls.key").display(),
+        c.join("ca.crt").display(),
+        mesh_tls_yaml(dir, "mesh", "client", &peers)
+    );
+    let mut spec = Spec::new("client", free_port());
+    spec.extra = &extra;
+    let client = start(spec, &trust).await;
+    wait_listening(listen).await;
+
+    // psql → (TLS, ended by the client sidecar) → decoded → mesh mTLS →
+    // server sidecar → (the client sidecar's TLS to PostgreSQL) → PostgreSQL.
+    let via = conninfo(&pg, listen).replace("sslmode=disable", "sslmode=require");
+    let mut answer = String::new();
+    for _ in 0..50 {
+        answer = crate::postgres::try_psql(
+            &via,
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        )
+        .unwrap_or_default();
+        if answer.trim() == "t" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer.trim(), "t");
+    let hop = client
+        .wait_hop(|h| db_of(h)["statement_kind"] == "select")
+        .await;
+    assert_eq!(db_of(&hop)["transport"], "tls_terminated");
+    assert_eq!(db_of(&hop)["parsed"], true);
+    assert_eq!(hop["transport_security"], "TRANSPORT_SECURITY_MESH_MTLS");
+    assert_eq!(hop["peer_identity"], uri_of("server"));
+    assert!(server.metric(INBOUND_MTLS).await >= 2.0);
+    assert_eq!(
+        server
+            .metric("custody_proxy_mesh_tls_connections_total{direction=\"inbound\",result=\"plaintext_refused\"}")
+            .await,
+        0.0
+    );
+}
