@@ -740,3 +740,175 @@ async fn a_terminated_database_tls_session_runs_inside_mesh_mtls() {
         0.0
     );
 }
+
+/// The serial number of the leaf of a PEM file or DER certificate.
+fn serial(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    cert.tbs_certificate.raw_serial_as_string()
+}
+
+fn file_serial(path: &Path) -> String {
+    let cert = CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    serial(cert.as_ref())
+}
+
+/// Replaces `to` with a copy of `from` in one step (write, then rename).
+fn replace(from: &Path, to: &Path) {
+    let tmp = to.with_extension("tmp");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+/// A mesh peer's sidecar stand-in speaking mesh mTLS for raw TCP (ALPN
+/// `custody-mesh-tcp`, a client certificate of the `mesh` CA required):
+/// the serial of each client certificate it was shown.
+async fn recording_tcp_peer(dir: &Path) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio_rustls::rustls::server::WebPkiClientVerifier;
+    let provider = Arc::new(ring::default_provider());
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots(dir, "mesh"), provider.clone())
+            .build()
+            .unwrap();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.crt"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"custody-mesh-tcp".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                    record.lock().unwrap().push(serial(leaf.as_ref()));
+                }
+                let mut buf = [0u8; 1024];
+                while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Serial of the certificate the server sidecar shows to a raw-TCP mesh
+/// mTLS client (after an echo through it).
+async fn server_serial(dir: &Path, addr: SocketAddr) -> String {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = tcp_client(dir, "client")
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"\x00x").await.unwrap();
+    let mut back = [0u8; 2];
+    tls.read_exact(&mut back).await.unwrap();
+    serial(tls.get_ref().1.peer_certificates().unwrap()[0].as_ref())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_tcp_handshakes_take_a_rotated_certificate_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mesh_ca(d, "mesh");
+    for (name, uri) in [
+        ("server", "server"),
+        ("server-next", "server"),
+        ("client", "client"),
+        ("client-next", "client"),
+    ] {
+        mesh_cert(d, "mesh", name, Some(&uri_of(uri)));
+    }
+    let live = tempfile::tempdir().unwrap();
+    let l = live.path();
+    for (from, to) in [
+        ("server.crt", "server.crt"),
+        ("server.key", "server.key"),
+        ("client.crt", "client.crt"),
+        ("client.key", "client.key"),
+        ("mesh.crt", "mesh.crt"),
+    ] {
+        std::fs::copy(d.join(from), l.join(to)).unwrap();
+    }
+    let trust = Trust::new(&["client", "server"]);
+    let applied = "custody_proxy_mesh_tls_reloads_total{result=\"applied\"}";
+
+    // Inbound: the server sidecar's raw-TCP acceptor.
+    let app = echo().await;
+    let server_mesh = mesh_tls_yaml(l, "mesh", "server", "mode: strict, reload_interval_ms: 50");
+    let mut spec = Spec::new("server", app);
+    spec.extra = &server_mesh;
+    let server = start(spec, &trust).await;
+    assert_eq!(
+        server_serial(d, server.inbound).await,
+        file_serial(&d.join("server.crt"))
+    );
+    replace(&d.join("server-next.key"), &l.join("server.key.next"));
+    replace(&d.join("server-next.crt"), &l.join("server.crt.next"));
+    std::fs::rename(l.join("server.key.next"), l.join("server.key")).unwrap();
+    std::fs::rename(l.join("server.crt.next"), l.join("server.crt")).unwrap();
+    assert_eq!(wait_metric(&server, applied, 1.0).await, 1.0);
+    assert_eq!(
+        server_serial(d, server.inbound).await,
+        file_serial(&d.join("server-next.crt"))
+    );
+
+    // Outbound: the client sidecar's certificate on a database session.
+    let (peer, seen) = recording_tcp_peer(d).await;
+    let listen = free_port();
+    let peers = format!(
+        "peers: [{{ destination: \"127.0.0.1\", identity: \"{}\" }}], reload_interval_ms: 50",
+        uri_of("server")
+    );
+    let extra = format!(
+        "databases:\n  - {{ protocol: postgres, listen: \"{listen}\", upstream: \"{peer}\" }}\n{}\n",
+        mesh_tls_yaml(l, "mesh", "client", &peers)
+    );
+    let mut spec = Spec::new("client", free_port());
+    spec.extra = &extra;
+    let client = start(spec, &trust).await;
+    wait_listening(listen).await;
+    assert_eq!(wait_metric(&client, OUTBOUND_MTLS, 1.0).await, 1.0);
+    replace(&d.join("client-next.key"), &l.join("client.key.next"));
+    replace(&d.join("client-next.crt"), &l.join("client.crt.next"));
+    std::fs::rename(l.join("client.key.next"), l.join("client.key")).unwrap();
+    std::fs::rename(l.join("client.crt.next"), l.join("client.crt")).unwrap();
+    assert_eq!(wait_metric(&client, applied, 1.0).await, 1.0);
+    let session = TcpStream::connect(listen).await.unwrap();
+    assert_eq!(wait_metric(&client, OUTBOUND_MTLS, 2.0).await, 2.0);
+    drop(session);
+    // The peer records a client certificate once its side of the
+    // handshake is done, which may come after the sidecar's.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while seen.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![
+            file_serial(&d.join("client.crt")),
+            file_serial(&d.join("client-next.crt"))
+        ]
+    );
+}
