@@ -912,3 +912,64 @@ async fn raw_tcp_handshakes_take_a_rotated_certificate_both_ways() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mysql_session_where_the_server_speaks_first_goes_over_mesh_mtls() {
+    use mysql_async::prelude::Queryable as _;
+    let db = custody_testkit::MariaDb::start().unwrap();
+    let certs = mesh_certificates();
+    let dir = certs.path();
+    let trust = Trust::new(&["client", "server"]);
+    let server_mesh = mesh_tls_yaml(dir, "mesh", "server", "mode: strict");
+    let mut spec = Spec::new("server", db.addr());
+    spec.extra = &server_mesh;
+    let server = start(spec, &trust).await;
+    let listen = free_port();
+    let peers = format!(
+        "peers: [{{ destination: \"127.0.0.1\", identity: \"{}\" }}]",
+        uri_of("server")
+    );
+    let extra = format!(
+        "databases:\n  - {{ protocol: mysql, listen: \"{listen}\", upstream: \"{}\" }}\n{}\n",
+        server.inbound,
+        mesh_tls_yaml(dir, "mesh", "client", &peers)
+    );
+    let mut spec = Spec::new("client", free_port());
+    spec.extra = &extra;
+    let client = start(spec, &trust).await;
+    wait_listening(listen).await;
+
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(listen.ip().to_string())
+        .tcp_port(listen.port())
+        .user(Some(db.user()))
+        .pass(Some(db.password()))
+        .db_name(Some(db.database()))
+        .prefer_socket(false);
+    let mut conn = mysql_async::Conn::new(opts).await.unwrap();
+    let answer: Option<String> = conn
+        .query_first("SELECT CONCAT('wire-secret-', 41 + 1)")
+        .await
+        .unwrap();
+    assert_eq!(answer.as_deref(), Some("wire-secret-42"));
+    conn.disconnect().await.unwrap();
+
+    let hop = client
+        .wait_hop(|h| db_of(h)["statement_kind"] == "select")
+        .await;
+    assert_eq!(hop["protocol"], "PROTOCOL_MYSQL");
+    assert_eq!(db_of(&hop)["user"], db.user());
+    assert_eq!(hop["transport_security"], "TRANSPORT_SECURITY_MESH_MTLS");
+    assert_eq!(hop["peer_identity"], uri_of("server"));
+    let inbound = server
+        .wait_hop(|h| is_inbound(h) && h["bytes_in"].as_u64() > Some(50))
+        .await;
+    assert_eq!(inbound["protocol"], "PROTOCOL_TCP");
+    assert_eq!(inbound["peer_identity"], uri_of("client"));
+    assert_eq!(
+        server
+            .metric("custody_proxy_mesh_tls_connections_total{direction=\"inbound\",result=\"plaintext_refused\"}")
+            .await,
+        0.0
+    );
+}
