@@ -149,6 +149,13 @@ pub(crate) struct Conn {
     /// Whether simple-protocol statements of attributed chains get a
     /// sqlcommenter comment (`databases[].annotate`).
     annotate: bool,
+    /// How the connection to the server is secured: mesh mTLS when the
+    /// destination is a mesh peer.
+    transport_security: v1::TransportSecurity,
+    /// The SPIFFE ID the mesh peer proved.
+    peer_identity: Option<String>,
+    /// Why mesh mTLS to the peer failed, if it did.
+    transport_error: &'static str,
 }
 
 /// Statement texts whose analysis a session remembers.
@@ -419,6 +426,9 @@ impl Conn {
                 transport: self.transport.to_owned(),
             }),
             connection: crate::proxy::tcp_five_tuple(self.src, Some(self.dest)),
+            transport_security: self.transport_security as i32,
+            peer_identity: self.peer_identity.clone().unwrap_or_default(),
+            transport_error: self.transport_error.to_owned(),
             taint: taint.into_iter().collect(),
             key_id: attributed
                 .token
@@ -504,6 +514,9 @@ impl Conn {
                 ..v1::DatabaseAccess::default()
             }),
             connection: crate::proxy::tcp_five_tuple(self.src, Some(self.dest)),
+            transport_security: self.transport_security as i32,
+            peer_identity: self.peer_identity.clone().unwrap_or_default(),
+            transport_error: self.transport_error.to_owned(),
             taint: claims
                 .map(|c| c.custody.taint.iter().cloned().collect())
                 .unwrap_or_default(),
@@ -729,7 +742,7 @@ pub(crate) async fn serve(
     let blocked = egress
         .as_ref()
         .is_some_and(|(d, _)| d.verdict == Verdict::Block);
-    let conn = Conn {
+    let mut conn = Conn {
         shared: Arc::clone(&shared),
         protocol: database.protocol,
         src,
@@ -740,6 +753,9 @@ pub(crate) async fn serve(
         transport: "plaintext",
         analyses: std::collections::HashMap::new(),
         annotate: database.annotate,
+        transport_security: v1::TransportSecurity::Plaintext,
+        peer_identity: None,
+        transport_error: "",
     };
     let facts = |inspection, user, database, (bytes_up, bytes_down), stitch| ConnectionFacts {
         inspection,
@@ -756,25 +772,48 @@ pub(crate) async fn serve(
         conn.connection_done(facts(Inspection::Blocked, None, None, (0, 0), stitch));
         return;
     }
-    let upstream = match tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::net::TcpStream::connect(dest),
-    )
-    .await
-    {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(error)) => {
-            tracing::info!(message = "database unreachable", %dest, %error);
-            conn.connection_done(facts(Inspection::Decoded, None, None, (0, 0), stitch));
-            return;
-        }
-        Err(_) => {
-            tracing::info!(message = "database connect timed out", %dest);
-            conn.connection_done(facts(Inspection::Decoded, None, None, (0, 0), stitch));
-            return;
-        }
+    let upstream: tls::TcpStream = match crate::tcp::mesh_peer_of(&shared, dest, None) {
+        // A mesh peer: the session goes over mesh mTLS to its sidecar, the
+        // decoders here still see it in plaintext.
+        Some((mesh, expected)) => match mesh.connect_tcp(dest, expected, &shared.metrics).await {
+            Ok((upstream, id)) => {
+                conn.peer_identity = id;
+                conn.transport_security = v1::TransportSecurity::MeshMtls;
+                Box::new(upstream)
+            }
+            Err(label) => {
+                tracing::info!(
+                    message = "database session to a mesh peer refused: mesh mTLS failed",
+                    %dest,
+                    reason = label
+                );
+                conn.transport_error = label;
+                conn.connection_done(facts(Inspection::Decoded, None, None, (0, 0), stitch));
+                return;
+            }
+        },
+        None => match tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(dest),
+        )
+        .await
+        {
+            Ok(Ok(upstream)) => {
+                let _ = upstream.set_nodelay(true);
+                Box::new(upstream)
+            }
+            Ok(Err(error)) => {
+                tracing::info!(message = "database unreachable", %dest, %error);
+                conn.connection_done(facts(Inspection::Decoded, None, None, (0, 0), stitch));
+                return;
+            }
+            Err(_) => {
+                tracing::info!(message = "database connect timed out", %dest);
+                conn.connection_done(facts(Inspection::Decoded, None, None, (0, 0), stitch));
+                return;
+            }
+        },
     };
-    let _ = upstream.set_nodelay(true);
     let engines = &shared.db;
     let metrics = &shared.metrics;
     let (conn, end, bytes) = match database.protocol {

@@ -30,6 +30,13 @@
 //! is answered with the reason and fails the request (502, recorded);
 //! nothing is sent in plaintext instead.
 //!
+//! Streams that are not HTTP (TCP pass-through, database sessions) to a
+//! mesh peer do not go through pingora: [`MeshTls::connect_tcp`] opens the
+//! same verified mTLS with ALPN [`MESH_TCP_ALPN`] next to [`MESH_ALPN`], and
+//! the peer's sidecar ends it with a second acceptor of the set (ALPN
+//! [`MESH_TCP_ALPN`] only; [`MeshTls::accept_tcp`]) and relays the stream
+//! to its application as TCP.
+//!
 //! Why a tunnel rather than pingora's own upstream TLS: with the rustls
 //! backend, pingora checks a server certificate against DNS or IP names
 //! only (or not at all), keeps no SAN in its TLS digest, and its
@@ -78,10 +85,25 @@ use crate::metrics::{MeshTlsLabels, MeshTlsReloadLabels, Metrics, OriginationLab
 /// port. It is never selected.
 pub const MESH_ALPN: &[u8] = b"custody-mesh";
 
+/// The ALPN protocol a sidecar offers (next to [`MESH_ALPN`]) when mesh
+/// mTLS carries a raw TCP stream (TCP pass-through, a database session)
+/// rather than HTTP; the peer's sidecar selects it and relays the stream to
+/// its application as TCP.
+pub const MESH_TCP_ALPN: &[u8] = b"custody-mesh-tcp";
+
 /// Whether a ClientHello's ALPN offer marks it as mesh mTLS.
 pub fn offers_mesh(alpn: &[Vec<u8>]) -> bool {
     alpn.iter().any(|p| p == MESH_ALPN)
 }
+
+/// Whether a ClientHello's ALPN offer marks it as mesh mTLS carrying a raw
+/// TCP stream.
+pub fn offers_mesh_tcp(alpn: &[Vec<u8>]) -> bool {
+    offers_mesh(alpn) && alpn.iter().any(|p| p == MESH_TCP_ALPN)
+}
+
+/// A mesh mTLS connection to a peer's sidecar carrying a raw TCP stream.
+pub type MeshTcpStream = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// Longest wait for TCP and the TLS handshake to an upstream.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -189,6 +211,8 @@ impl Contents {
 /// certified key for outbound).
 pub(crate) struct Material {
     acceptor: Acceptor,
+    /// Ends mesh mTLS that carries a raw TCP stream ([`MESH_TCP_ALPN`]).
+    tcp_acceptor: tokio_rustls::TlsAcceptor,
     roots: Arc<RootCertStore>,
     certified: Arc<CertifiedKey>,
     /// The leaf's serial number (hex, colon-separated).
@@ -276,6 +300,12 @@ impl Material {
             .build()
             .map_err(|e| format!("{ca_field}: {e}"))?;
         let certified = Arc::new(certified);
+        let mut tcp = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| format!("mesh_tls: {e}"))?
+            .with_client_cert_verifier(Arc::clone(&verifier) as _)
+            .with_cert_resolver(Arc::new(SingleCertAndKey::from(Arc::clone(&certified))));
+        tcp.alpn_protocols = vec![MESH_TCP_ALPN.to_vec()];
         let mut settings = TlsSettings::with_callbacks(Box::new(PeerIdentity {
             prefix: prefix.to_owned(),
         }))
@@ -285,6 +315,7 @@ impl Material {
         settings.enable_h2();
         Ok(Material {
             acceptor: settings.build(),
+            tcp_acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tcp)),
             roots,
             certified,
             serial,
@@ -505,6 +536,77 @@ impl MeshTls {
         Some(tls)
     }
 
+    /// Ends mesh mTLS that carries a raw TCP stream ([`MESH_TCP_ALPN`]) on
+    /// an inbound connection: the stream and the client's verified SPIFFE
+    /// ID; `None` when the handshake fails or the client shows no SPIFFE ID
+    /// in the trust domain (counted as [`MeshTls::accept`] counts).
+    pub async fn accept_tcp<S>(
+        &self,
+        stream: S,
+        metrics: &Metrics,
+    ) -> Option<(tokio_rustls::server::TlsStream<S>, String)>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        // The set in force when the handshake starts.
+        let material = self.current();
+        let tls = match tokio::time::timeout(CONNECT_TIMEOUT, material.tcp_acceptor.accept(stream))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                tracing::info!(message = "mesh mTLS handshake refused", %error, stream = "tcp");
+                self.count_inbound(metrics, "handshake_failed");
+                return None;
+            }
+            Err(_) => {
+                self.count_inbound(metrics, "handshake_failed");
+                return None;
+            }
+        };
+        let id = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| spiffe_id(leaf.as_ref()))
+            .filter(|id| id.starts_with(&self.prefix));
+        let Some(id) = id else {
+            tracing::info!(message = "mesh mTLS client without a SPIFFE ID of the trust domain");
+            self.count_inbound(metrics, "identity_refused");
+            return None;
+        };
+        self.count_inbound(metrics, "mtls");
+        Some((tls, id))
+    }
+
+    /// Opens mesh mTLS carrying a raw TCP stream to the peer's sidecar at
+    /// `addr`, with the set in force (so a rotated certificate is used):
+    /// TLS 1.3, the sidecar's client certificate, the server's chain
+    /// checked against the mesh CA and its SPIFFE ID against `expected`
+    /// (any in the trust domain when `None`), ALPN [`MESH_TCP_ALPN`] and
+    /// [`MESH_ALPN`]. The stream and the peer's SPIFFE ID, or the reason
+    /// label (one of the hop's `transport_error` values); counted either way as
+    /// `custody_proxy_mesh_tls_connections_total{direction="outbound"}`.
+    pub async fn connect_tcp(
+        &self,
+        addr: SocketAddr,
+        expected: Option<String>,
+        metrics: &Metrics,
+    ) -> Result<(MeshTcpStream, Option<String>), &'static str> {
+        let material = self.current();
+        let connect = TlsConnect {
+            tls: UpstreamTls::Mesh { expected },
+            roots: Arc::clone(&material.roots),
+            mesh: Some((self.prefix.as_str(), material)),
+            h2: false,
+            tcp: true,
+            slot: Slot::default(),
+            metrics,
+        };
+        connect.open(addr).await
+    }
+
     /// Counts an inbound connection that is not mesh mTLS: `plaintext`,
     /// `plaintext_refused`, `tls_passthrough` or `tls_refused`.
     pub fn count_inbound(&self, metrics: &Metrics, result: &'static str) {
@@ -707,6 +809,8 @@ struct TlsConnect<'a> {
     /// With mesh mTLS: the trust domain's prefix and the set in force.
     mesh: Option<(&'a str, Arc<Material>)>,
     h2: bool,
+    /// A raw TCP stream rather than HTTP ([`MESH_TCP_ALPN`]).
+    tcp: bool,
     slot: Slot,
     metrics: &'a Metrics,
 }
@@ -770,6 +874,9 @@ impl TlsConnect<'_> {
             b"http/1.1".to_vec()
         };
         config.alpn_protocols = match self.tls {
+            UpstreamTls::Mesh { .. } if self.tcp => {
+                vec![MESH_TCP_ALPN.to_vec(), MESH_ALPN.to_vec()]
+            }
             UpstreamTls::Mesh { .. } => vec![http, MESH_ALPN.to_vec()],
             UpstreamTls::Originate { .. } => vec![http],
         };
@@ -1008,6 +1115,7 @@ impl Tunnel {
             roots,
             mesh,
             h2,
+            tcp: false,
             slot: Slot::default(),
             metrics: &self.shared.metrics,
         };

@@ -9,7 +9,10 @@
 //! `tcp_ports` and skip sniffing. Outbound TCP is subject to egress policy by
 //! address and port, with the chain of the inbound request in flight. TLS is
 //! recognised by its ClientHello, whose server name (SNI) is the host the
-//! egress policy matches; the hop's protocol is then `TLS_OPAQUE`.
+//! egress policy matches; the hop's protocol is then `TLS_OPAQUE`. With
+//! `mesh_tls`, outbound TCP to a mesh peer is wrapped in mesh mTLS, and
+//! inbound mesh mTLS carrying TCP (ALPN `custody-mesh-tcp`) is ended here
+//! and relayed to the application.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -263,20 +266,32 @@ impl Sniffing {
         .await;
     }
 
-    async fn pass_through(
+    async fn pass_through(&self, stream: Stream, dest: Option<SocketAddr>, sni: Option<String>) {
+        let src = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        self.relay(stream, src, dest, sni, None).await;
+    }
+
+    /// Copies `stream` both ways to `dest` and records the hop. Inbound,
+    /// `mesh_peer` is the SPIFFE ID mesh mTLS verified of the client.
+    /// Outbound, a destination that is a mesh peer is reached over mesh
+    /// mTLS ([`crate::mesh::MeshTls::connect_tcp`]), never in plaintext.
+    async fn relay<S>(
         &self,
-        mut stream: Stream,
+        mut stream: S,
+        src: Option<SocketAddr>,
         dest: Option<SocketAddr>,
         sni: Option<String>,
-    ) {
+        mesh_peer: Option<String>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let shared = &self.shared;
         let started = Instant::now();
         let start_unix_nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        let src = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
         // The chain this connection belongs to, when an inbound request is in flight.
         let stitch = match self.direction {
             Direction::Outbound => shared.inflight.stitch(),
@@ -296,18 +311,46 @@ impl Sniffing {
             .as_ref()
             .is_some_and(|(d, _)| d.verdict == Verdict::Block);
         let (mut bytes_in, mut bytes_out) = (0, 0);
+        let mut transport = match mesh_peer {
+            Some(_) => v1::TransportSecurity::MeshMtls,
+            None => v1::TransportSecurity::Plaintext,
+        };
+        let mut peer_identity = mesh_peer;
+        let mut transport_error = "";
         if !blocked && let Some(dest) = dest {
-            match tokio::net::TcpStream::connect(dest).await {
-                Ok(mut upstream) => {
-                    if let Ok((up, down)) =
-                        tokio::io::copy_bidirectional(&mut stream, &mut upstream).await
-                    {
-                        (bytes_in, bytes_out) = (up, down);
+            let mesh = match self.direction {
+                Direction::Outbound => mesh_peer_of(shared, dest, sni.as_deref()),
+                Direction::Inbound => None,
+            };
+            let copied = match mesh {
+                Some((mesh, expected)) => {
+                    match mesh.connect_tcp(dest, expected, &shared.metrics).await {
+                        Ok((mut upstream, id)) => {
+                            transport = v1::TransportSecurity::MeshMtls;
+                            peer_identity = id;
+                            copy_both(&mut stream, &mut upstream).await
+                        }
+                        Err(label) => {
+                            transport_error = label;
+                            tracing::info!(
+                                message = "tcp to a mesh peer refused: mesh mTLS failed",
+                                %dest,
+                                reason = label
+                            );
+                            None
+                        }
                     }
                 }
-                Err(error) => {
-                    tracing::info!(message = "tcp upstream unreachable", %dest, %error);
-                }
+                None => match tokio::net::TcpStream::connect(dest).await {
+                    Ok(mut upstream) => copy_both(&mut stream, &mut upstream).await,
+                    Err(error) => {
+                        tracing::info!(message = "tcp upstream unreachable", %dest, %error);
+                        None
+                    }
+                },
+            };
+            if let Some((up, down)) = copied {
+                (bytes_in, bytes_out) = (up, down);
             }
         }
         shared
@@ -375,10 +418,42 @@ impl Sniffing {
             taint: claims
                 .map(|c| c.custody.taint.iter().cloned().collect())
                 .unwrap_or_default(),
+            transport_security: transport as i32,
+            peer_identity: peer_identity.unwrap_or_default(),
+            transport_error: transport_error.to_owned(),
             ..HopEvent::default()
         };
         shared.hops.emit(hop);
     }
+}
+
+/// Copies both ways until both sides are done: bytes (client to server,
+/// server to client), or `None` when a side failed.
+async fn copy_both<A, B>(a: &mut A, b: &mut B) -> Option<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::io::copy_bidirectional(a, b).await.ok()
+}
+
+/// When `dest` (named `host` by SNI, when known) is a mesh peer
+/// (`mesh_tls.peers`, matched as for HTTP): the mesh and the SPIFFE ID the
+/// peer must show (any in the trust domain when `None`).
+pub(crate) fn mesh_peer_of<'a>(
+    shared: &'a Shared,
+    dest: SocketAddr,
+    host: Option<&str>,
+) -> Option<(&'a crate::mesh::MeshTls, Option<String>)> {
+    let mesh = shared.mesh.as_deref()?;
+    let peer = shared
+        .config
+        .mesh_tls
+        .as_ref()?
+        .peers
+        .iter()
+        .find(|p| p.matches(host, Some(dest.ip())))?;
+    Some((mesh, peer.identity.clone()))
 }
 
 #[async_trait]
@@ -401,11 +476,27 @@ impl ServerApp for Sniffing {
                 Ok(Ok(peeked)) => peeked && first[0] == 0x16,
                 Ok(Err(_)) | Err(_) => return None,
             };
-            if tls
-                && Self::peek_record(&mut stream)
+            let alpn = if tls {
+                Self::peek_record(&mut stream)
                     .await
-                    .is_some_and(|r| crate::mesh::offers_mesh(&client_hello_alpn(&r)))
-            {
+                    .map(|r| client_hello_alpn(&r))
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            if crate::mesh::offers_mesh_tcp(&alpn) {
+                // Mesh mTLS carrying a raw TCP stream: ended here, relayed
+                // to the application as TCP.
+                let src = stream
+                    .get_socket_digest()
+                    .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+                let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+                let (tls, id) = mesh.accept_tcp(*l4, &self.shared.metrics).await?;
+                let dest = Some(self.shared.config.inbound.upstream);
+                self.relay(tls, src, dest, None, Some(id)).await;
+                return None;
+            }
+            if crate::mesh::offers_mesh(&alpn) {
                 let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
                 let tls = mesh.accept(*l4, &self.shared.metrics).await?;
                 return ServerApp::process_new(&self.http, Box::new(tls), shutdown).await;

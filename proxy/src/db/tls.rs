@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_rustls::rustls::crypto::ring;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -115,6 +114,18 @@ impl Terminator {
         })
     }
 }
+
+/// Anything a session's server side can be.
+pub(crate) trait ServerIo:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
+{
+}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ServerIo for T {}
+
+/// The server side of a session: plain TCP to the database, or mesh mTLS
+/// to the sidecar of a mesh peer in front of it.
+pub(crate) type TcpStream = Box<dyn ServerIo>;
 
 /// What came of a client's `SSLRequest`.
 pub(crate) enum Negotiated<C, S> {

@@ -99,3 +99,18 @@ fn connect_requests_are_parsed_and_errors_are_bounded() {
     );
     assert_eq!(transport_error("anything else"), None);
 }
+
+#[test]
+fn a_raw_tcp_stream_is_marked_by_both_mesh_protocols() {
+    let alpn =
+        |protocols: &[&[u8]]| -> Vec<Vec<u8>> { protocols.iter().map(|p| p.to_vec()).collect() };
+    let tcp = alpn(&[MESH_TCP_ALPN, MESH_ALPN]);
+    assert!(offers_mesh(&tcp));
+    assert!(offers_mesh_tcp(&tcp));
+    let http = alpn(&[b"h2", MESH_ALPN]);
+    assert!(offers_mesh(&http));
+    assert!(!offers_mesh_tcp(&http));
+    // The TCP marker alone is not mesh mTLS.
+    assert!(!offers_mesh_tcp(&alpn(&[MESH_TCP_ALPN])));
+    assert!(!offers_mesh_tcp(&alpn(&[b"http/1.1"])));
+}

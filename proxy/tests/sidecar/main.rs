@@ -14,6 +14,7 @@ mod egress;
 mod grpc;
 mod mcp;
 mod mesh;
+mod mesh_tcp;
 mod mysql;
 mod postgres;
 mod refusal;

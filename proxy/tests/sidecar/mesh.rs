@@ -30,7 +30,7 @@ use crate::support::*;
 /// Two CAs: `mesh` (the sidecars') and `rogue`; workload certificates
 /// `client`, `server`, `intruder` and `nameless` (no SPIFFE ID) from
 /// `mesh`, `rogue-client` and `rogue-server` from `rogue`.
-fn mesh_certificates() -> tempfile::TempDir {
+pub(crate) fn mesh_certificates() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     mesh_ca(d, "mesh");
@@ -44,7 +44,7 @@ fn mesh_certificates() -> tempfile::TempDir {
     dir
 }
 
-fn roots(dir: &Path, ca: &str) -> Arc<RootCertStore> {
+pub(crate) fn roots(dir: &Path, ca: &str) -> Arc<RootCertStore> {
     let mut roots = RootCertStore::empty();
     let pem = std::fs::read(dir.join(format!("{ca}.crt"))).unwrap();
     for cert in CertificateDer::pem_slice_iter(&pem) {

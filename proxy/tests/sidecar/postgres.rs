@@ -34,7 +34,7 @@ async fn connect(conninfo: &str) -> tokio_postgres::Client {
     client
 }
 
-fn try_psql(conninfo: &str, sql: &str) -> Result<String, String> {
+pub(crate) fn try_psql(conninfo: &str, sql: &str) -> Result<String, String> {
     let out = Command::new("psql")
         .args([conninfo, "-X", "-A", "-t", "-c", sql])
         .output()
@@ -439,7 +439,7 @@ policies:
 
 /// Turns TLS on in a running server: it presents a certificate for
 /// `db.test` signed by the CA in `certs` (see [`tls_certificates`]).
-fn enable_tls(pg: &Postgres, certs: &std::path::Path) {
+pub(crate) fn enable_tls(pg: &Postgres, certs: &std::path::Path) {
     use std::os::unix::fs::MetadataExt;
     tls_certificates(certs, "db.test");
     let data = pg.data_dir();
