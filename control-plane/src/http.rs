@@ -116,7 +116,9 @@ async fn require_admin(
         Ok(caller) => {
             shared.refused("http", "role");
             tracing::warn!(caller = %caller.name, role = ?caller.role, "admin API refused");
-            ApiError::new(StatusCode::FORBIDDEN, "an admin token is required").into_response()
+            closing(
+                ApiError::new(StatusCode::FORBIDDEN, "an admin token is required").into_response(),
+            )
         }
         Err(e) => {
             let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).into_response();
@@ -124,9 +126,20 @@ async fn require_admin(
                 header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),
             );
-            resp
+            closing(resp)
         }
     }
+}
+
+/// A refusal is sent before the request's body is read, so the connection
+/// cannot carry another request: saying so keeps a client from reusing it
+/// (and failing on a connection the server has closed).
+fn closing(mut resp: Response) -> Response {
+    resp.headers_mut().insert(
+        header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 /// The router.

@@ -137,3 +137,44 @@ async fn every_http_route_refuses_missing_or_wrong_tokens() {
     assert_eq!(server.shared.policy.current().version, 0);
     server.shutdown().await;
 }
+
+/// A refusal comes before the body is read: the server says it closes the
+/// connection, so a keep-alive client does not send its next request on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_with_a_body_closes_its_connection() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let server = custody_control::server::start(&config(dir.path()))
+        .await
+        .unwrap();
+    for token in [NODE, "wrong-token-0123456789"] {
+        let mut conn = tokio::net::TcpStream::connect(server.http_addr)
+            .await
+            .unwrap();
+        let body = "name: p\nrules: []\n";
+        let request = format!(
+            "POST /v1/policies HTTP/1.1\r\nhost: custody\r\nauthorization: Bearer {token}\r\n\
+             content-type: application/yaml\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(request.as_bytes()).await.unwrap();
+        // The server closes after its answer, so reading to the end ends
+        // (a connection kept open would stall here until the bound).
+        let mut answer = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            conn.read_to_string(&mut answer),
+        )
+        .await
+        .expect("the connection stays open after a refusal")
+        .unwrap();
+        let head = answer.to_ascii_lowercase();
+        assert!(
+            head.starts_with("http/1.1 401") || head.starts_with("http/1.1 403"),
+            "{answer}"
+        );
+        assert!(head.contains("\r\nconnection: close\r\n"), "{answer}");
+    }
+    assert_eq!(server.shared.policy.current().version, 0);
+    server.shutdown().await;
+}

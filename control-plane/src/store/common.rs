@@ -1,9 +1,59 @@
-//! What every backend derives the same way: the facts a chain is found
-//! by, and the shape a stored tree is kept as.
+//! What every backend derives the same way: the columns a hop is stored
+//! with, the facts a chain is found by, and the shape a stored tree is
+//! kept as.
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::assembly::{ChainSummary, ChainTree, Evidence};
+use custody_context::api::v1::HopEvent;
+use prost::Message as _;
+
+use crate::assembly::{
+    ChainSummary, ChainTree, Evidence, connection_key, has_context, write_workload_uri,
+};
+
+/// A time or count as the databases' signed 64-bit integer (saturating).
+pub(crate) fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A stored signed integer back as unsigned (negative reads as 0).
+pub(crate) fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// One hop, encoded for its row: the columns queries filter on and the
+/// protobuf body.
+pub(crate) struct HopRow {
+    pub(crate) event_id: String,
+    pub(crate) chain_id: String,
+    pub(crate) workload: String,
+    pub(crate) start: i64,
+    pub(crate) end: i64,
+    pub(crate) context: bool,
+    pub(crate) conn: String,
+    pub(crate) body: Vec<u8>,
+}
+
+impl HopRow {
+    pub(crate) fn of(hop: &HopEvent) -> Self {
+        let mut workload = String::with_capacity(96);
+        write_workload_uri(&mut workload, hop.workload.as_ref());
+        HopRow {
+            event_id: hop.event_id.clone(),
+            chain_id: hop.chain_id.clone(),
+            workload,
+            start: i64_of(hop.start_unix_nanos),
+            end: i64_of(hop.start_unix_nanos.saturating_add(hop.duration_nanos)),
+            context: has_context(hop),
+            conn: hop
+                .connection
+                .as_ref()
+                .map(connection_key)
+                .unwrap_or_default(),
+            body: hop.encode_to_vec(),
+        }
+    }
+}
 
 /// The shape of one node of a stored tree: event id, position of the
 /// parent node (`-1` for the root), depth, and how the hop is tied in.

@@ -39,7 +39,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Transaction};
 
-use super::common::{NodeShape, facts, shape};
+use super::common::{HopRow, NodeShape, facts, i64_of, shape, u64_of};
 
 mod tls;
 
@@ -47,9 +47,7 @@ use super::{
     AuditEntry, ChainQuery, ClientVersion, IssuedKey, PolicyState, PutOutcome, Retention,
     RetentionOutcome, Store, StoreError, contains_any,
 };
-use crate::assembly::{
-    ChainSummary, ChainTree, Coverage, Join, connection_key, has_context, node, write_workload_uri,
-};
+use crate::assembly::{ChainSummary, ChainTree, Coverage, Join, connection_key, node};
 pub(crate) use tls::client_config as tls_config;
 
 /// Schema changes, in order: `schema_version` holds how many are applied.
@@ -393,50 +391,11 @@ macro_rules! in_tx {
     }};
 }
 
-fn i64_of(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn u64_of(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
 fn len(s: &str) -> i64 {
     i64::try_from(s.len()).unwrap_or(i64::MAX)
 }
 
-/// One hop, encoded for its row.
-struct HopRow {
-    event_id: String,
-    chain_id: String,
-    workload: String,
-    start: i64,
-    end: i64,
-    context: bool,
-    conn: String,
-    body: Vec<u8>,
-}
-
 impl HopRow {
-    fn of(hop: &HopEvent) -> Self {
-        let mut workload = String::with_capacity(96);
-        write_workload_uri(&mut workload, hop.workload.as_ref());
-        HopRow {
-            event_id: hop.event_id.clone(),
-            chain_id: hop.chain_id.clone(),
-            workload,
-            start: i64_of(hop.start_unix_nanos),
-            end: i64_of(hop.start_unix_nanos.saturating_add(hop.duration_nanos)),
-            context: has_context(hop),
-            conn: hop
-                .connection
-                .as_ref()
-                .map(connection_key)
-                .unwrap_or_default(),
-            body: hop.encode_to_vec(),
-        }
-    }
-
     /// Counted bytes; `hop_bytes_sql` is the same in SQL.
     fn bytes(&self) -> i64 {
         let body = i64::try_from(self.body.len()).unwrap_or(i64::MAX);

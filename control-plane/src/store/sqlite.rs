@@ -17,14 +17,12 @@ use prost::Message as _;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension as _, params, params_from_iter};
 
-use super::common::{NodeShape, facts, shape};
+use super::common::{HopRow, NodeShape, facts, i64_of, shape, u64_of};
 use super::{
     AuditEntry, ChainQuery, ClientVersion, IssuedKey, PolicyState, PutOutcome, Retention,
     RetentionOutcome, Store, StoreError, contains_any,
 };
-use crate::assembly::{
-    ChainSummary, ChainTree, Coverage, Join, connection_key, has_context, node, write_workload_uri,
-};
+use crate::assembly::{ChainSummary, ChainTree, Coverage, Join, connection_key, node};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS chain_ids (
@@ -155,53 +153,12 @@ struct HopQueue {
     done: HashMap<u64, Result<PutOutcome, String>>,
 }
 
-/// One hop, encoded for its row.
-struct HopRow {
-    event_id: String,
-    chain_id: String,
-    workload: String,
-    start: i64,
-    end: i64,
-    context: bool,
-    conn: String,
-    body: Vec<u8>,
-}
-
-impl HopRow {
-    fn of(hop: &HopEvent) -> Self {
-        let mut workload = String::with_capacity(96);
-        write_workload_uri(&mut workload, hop.workload.as_ref());
-        HopRow {
-            event_id: hop.event_id.clone(),
-            chain_id: hop.chain_id.clone(),
-            workload,
-            start: i64_of(hop.start_unix_nanos),
-            end: i64_of(hop.start_unix_nanos.saturating_add(hop.duration_nanos)),
-            context: has_context(hop),
-            conn: hop
-                .connection
-                .as_ref()
-                .map(connection_key)
-                .unwrap_or_default(),
-            body: hop.encode_to_vec(),
-        }
-    }
-}
-
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore")
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
-}
-
-fn i64_of(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn u64_of(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
