@@ -636,6 +636,20 @@ impl PostgresStore {
         rx.recv()
             .map_err(|_| StoreError::Range("store runtime stopped"))?
     }
+
+    /// The rows of one read query, on a pooled connection.
+    fn read(
+        &self,
+        sql: &'static str,
+        params: Vec<Box<dyn ToSql + Send + Sync>>,
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        self.run(|pool| async move {
+            let mut conn = pool.get().await?;
+            let params: Vec<&(dyn ToSql + Sync)> =
+                params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
+            conn.client()?.query(sql, &params).await.map_err(pg)
+        })
+    }
 }
 
 /// Applies the migrations not applied yet; returns the schema version.
@@ -913,67 +927,31 @@ impl Store for PostgresStore {
     }
 
     fn contextless_in_window(&self, from: u64, to: u64) -> Result<Vec<HopEvent>, StoreError> {
-        let (from, to) = (i64_of(from), i64_of(to));
-        self.run(|pool| async move {
-            let mut conn = pool.get().await?;
-            let rows = conn
-                .client()?
-                .query(
-                    "SELECT body FROM hops WHERE NOT context AND start_ns BETWEEN $1 AND $2",
-                    &[&from, &to],
-                )
-                .await
-                .map_err(pg)?;
-            decode_hops(&rows)
-        })
+        decode_hops(&self.read(
+            "SELECT body FROM hops WHERE NOT context AND start_ns BETWEEN $1 AND $2",
+            vec![Box::new(i64_of(from)), Box::new(i64_of(to))],
+        )?)
     }
 
     fn hops_by_connection(&self, keys: &[String]) -> Result<Vec<HopEvent>, StoreError> {
-        let keys = keys.to_vec();
-        self.run(|pool| async move {
-            let mut conn = pool.get().await?;
-            let rows = conn
-                .client()?
-                .query(
-                    "SELECT body FROM hops WHERE conn = ANY($1) AND conn <> ''",
-                    &[&keys],
-                )
-                .await
-                .map_err(pg)?;
-            decode_hops(&rows)
-        })
+        decode_hops(&self.read(
+            "SELECT body FROM hops WHERE conn = ANY($1) AND conn <> ''",
+            vec![Box::new(keys.to_vec())],
+        )?)
     }
 
     fn flows_by_connection(&self, keys: &[String]) -> Result<Vec<FlowEvent>, StoreError> {
-        let keys = keys.to_vec();
-        self.run(|pool| async move {
-            let mut conn = pool.get().await?;
-            let rows = conn
-                .client()?
-                .query(
-                    "SELECT body FROM flows WHERE conn = ANY($1) AND conn <> ''",
-                    &[&keys],
-                )
-                .await
-                .map_err(pg)?;
-            decode_flows(&rows)
-        })
+        decode_flows(&self.read(
+            "SELECT body FROM flows WHERE conn = ANY($1) AND conn <> ''",
+            vec![Box::new(keys.to_vec())],
+        )?)
     }
 
     fn flows_in_window(&self, from: u64, to: u64) -> Result<Vec<FlowEvent>, StoreError> {
-        let (from, to) = (i64_of(from), i64_of(to));
-        self.run(|pool| async move {
-            let mut conn = pool.get().await?;
-            let rows = conn
-                .client()?
-                .query(
-                    "SELECT body FROM flows WHERE at_ns BETWEEN $1 AND $2",
-                    &[&from, &to],
-                )
-                .await
-                .map_err(pg)?;
-            decode_flows(&rows)
-        })
+        decode_flows(&self.read(
+            "SELECT body FROM flows WHERE at_ns BETWEEN $1 AND $2",
+            vec![Box::new(i64_of(from)), Box::new(i64_of(to))],
+        )?)
     }
 
     fn put_chains(
@@ -1157,39 +1135,23 @@ impl Store for PostgresStore {
     }
 
     fn pending_chains(&self, limit: u32) -> Result<Vec<String>, StoreError> {
-        let limit = i64::from(limit);
-        self.run(|pool| async move {
-            let mut conn = pool.get().await?;
-            let rows = conn
-                .client()?
-                .query("SELECT chain_id FROM pending LIMIT $1", &[&limit])
-                .await
-                .map_err(pg)?;
-            Ok(rows.iter().map(|r| r.get(0)).collect())
-        })
+        let rows = self.read(
+            "SELECT chain_id FROM pending LIMIT $1",
+            vec![Box::new(i64::from(limit))],
+        )?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     fn pending_generations(&self, chain_ids: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
-        let ids = chain_ids.to_vec();
-        self.run(|pool| async move {
-            let mut conn = pool.get().await?;
-            let rows = conn
-                .client()?
-                .query(
-                    "SELECT chain_id, generation FROM pending WHERE chain_id = ANY($1)",
-                    &[&ids],
-                )
-                .await
-                .map_err(pg)?;
-            let found: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            Ok(ids
-                .into_iter()
-                .filter_map(|id| {
-                    let g = found.get(&id).copied()?;
-                    Some((id, u64_of(g)))
-                })
-                .collect())
-        })
+        let rows = self.read(
+            "SELECT chain_id, generation FROM pending WHERE chain_id = ANY($1)",
+            vec![Box::new(chain_ids.to_vec())],
+        )?;
+        let found: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        Ok(chain_ids
+            .iter()
+            .filter_map(|id| Some((id.clone(), u64_of(*found.get(id)?))))
+            .collect())
     }
 
     fn chains(&self, q: &ChainQuery) -> Result<Vec<ChainSummary>, StoreError> {
