@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use custody_context::api::v1::HopEvent;
 use prost::Message as _;
 
+use super::ChainQuery;
 use crate::assembly::{
     ChainSummary, ChainTree, Evidence, connection_key, has_context, write_workload_uri,
 };
@@ -115,4 +116,22 @@ pub(crate) fn facts(s: &ChainSummary) -> BTreeSet<(&'static str, String)> {
         out.insert(("joined", j.clone()));
     }
     out
+}
+
+/// The query's filters as `(fact kind, value)`, in the order a backend
+/// tries them. Workload identities are stored once, as `service` facts (a
+/// workload URI is the only identity that starts with `spiffe://`).
+pub(crate) fn fact_filters(q: &ChainQuery) -> [(&'static str, &Option<String>); 6] {
+    let identity_kind = match &q.identity {
+        Some(v) if v.starts_with("spiffe://") => "service",
+        _ => "identity",
+    };
+    [
+        ("principal", &q.initiator),
+        ("service", &q.service),
+        ("class", &q.data_class),
+        ("destination", &q.destination),
+        ("verdict", &q.verdict),
+        (identity_kind, &q.identity),
+    ]
 }

@@ -39,7 +39,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Transaction};
 
-use super::common::{HopRow, NodeShape, facts, i64_of, shape, u64_of};
+use super::common::{HopRow, NodeShape, fact_filters, facts, i64_of, shape, u64_of};
 
 mod tls;
 
@@ -1155,21 +1155,10 @@ impl Store for PostgresStore {
     }
 
     fn chains(&self, q: &ChainQuery) -> Result<Vec<ChainSummary>, StoreError> {
-        // The same plan as the embedded store: workload identities are
-        // `service` facts; the first fact filter drives the query through
-        // the fact index (newest first), the others are point lookups.
-        let identity_kind = match &q.identity {
-            Some(v) if v.starts_with("spiffe://") => "service",
-            _ => "identity",
-        };
-        let filters = [
-            ("principal", &q.initiator),
-            ("service", &q.service),
-            ("class", &q.data_class),
-            ("destination", &q.destination),
-            ("verdict", &q.verdict),
-            (identity_kind, &q.identity),
-        ];
+        // The same plan as the embedded store: the first fact filter drives
+        // the query through the fact index (newest first), the others are
+        // point lookups.
+        let filters = fact_filters(q);
         let mut args: Vec<Param> = Vec::new();
         let mut arg = |p: Param| {
             args.push(p);

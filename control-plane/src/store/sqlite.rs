@@ -17,7 +17,7 @@ use prost::Message as _;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension as _, params, params_from_iter};
 
-use super::common::{HopRow, NodeShape, facts, i64_of, shape, u64_of};
+use super::common::{HopRow, NodeShape, fact_filters, facts, i64_of, shape, u64_of};
 use super::{
     AuditEntry, ChainQuery, ClientVersion, IssuedKey, PolicyState, PutOutcome, Retention,
     RetentionOutcome, Store, StoreError, contains_any,
@@ -619,20 +619,7 @@ impl Store for SqliteStore {
     }
 
     fn chains(&self, q: &ChainQuery) -> Result<Vec<ChainSummary>, StoreError> {
-        // Workload identities are stored once, as `service` facts (a
-        // workload URI is the only identity that starts with `spiffe://`).
-        let identity_kind = match &q.identity {
-            Some(v) if v.starts_with("spiffe://") => "service",
-            _ => "identity",
-        };
-        let filters = [
-            ("principal", &q.initiator),
-            ("service", &q.service),
-            ("class", &q.data_class),
-            ("destination", &q.destination),
-            ("verdict", &q.verdict),
-            (identity_kind, &q.identity),
-        ];
+        let filters = fact_filters(q);
         let mut args: Vec<Value> = Vec::new();
         // With a fact to filter on, its index (newest first) drives the
         // query, so only about `limit` chains are read; otherwise the
