@@ -45,9 +45,9 @@ CREATE INDEX IF NOT EXISTS hops_contextless ON hops (start_ns) WHERE context = 0
 CREATE INDEX IF NOT EXISTS hops_conn ON hops (conn) WHERE conn != '';
 CREATE INDEX IF NOT EXISTS hops_parents ON hops (workload, start_ns, end_ns) WHERE context = 1;
 CREATE TABLE IF NOT EXISTS pending (
-    chain_id TEXT PRIMARY KEY,
+    chain_seq INTEGER PRIMARY KEY,
     generation INTEGER NOT NULL
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS flows (
     event_id TEXT PRIMARY KEY,
     at_ns INTEGER NOT NULL,
@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS flows (
 CREATE INDEX IF NOT EXISTS flows_conn ON flows (conn) WHERE conn != '';
 CREATE INDEX IF NOT EXISTS flows_time ON flows (at_ns);
 CREATE TABLE IF NOT EXISTS chains (
-    chain_id TEXT PRIMARY KEY,
+    chain_seq INTEGER PRIMARY KEY,
     coverage TEXT NOT NULL,
     first_ns INTEGER NOT NULL,
     last_ns INTEGER NOT NULL,
@@ -70,8 +70,8 @@ CREATE TABLE IF NOT EXISTS chain_facts (
     kind TEXT NOT NULL,
     value TEXT NOT NULL,
     last_ns INTEGER NOT NULL,
-    chain_id TEXT NOT NULL,
-    PRIMARY KEY (kind, value, last_ns, chain_id)
+    chain_seq INTEGER NOT NULL,
+    PRIMARY KEY (kind, value, last_ns, chain_seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS policy_current (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -222,7 +222,8 @@ impl SqliteStore {
 /// the stored hops) and facts had no time, so those tables are dropped and
 /// every chain is queued for assembly again; one parent-search index was
 /// wider; facts had an index by chain id (a chain's facts are now found
-/// from its stored summary, see [`delete_facts`]).
+/// from its stored summary, see [`delete_facts`]); chains, their facts and
+/// the pending queue were keyed by chain id (see [`migrate_chain_keys`]).
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     migrate_hop_keys(conn)?;
     let old_chains: i64 = conn.query_row(
@@ -237,12 +238,12 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
             "BEGIN;
              DROP TABLE IF EXISTS chains;
              DROP TABLE IF EXISTS chain_facts;
-             CREATE TABLE IF NOT EXISTS pending (
-                 chain_id TEXT PRIMARY KEY,
+             DROP TABLE IF EXISTS pending;
+             CREATE TABLE pending (
+                 chain_seq INTEGER PRIMARY KEY,
                  generation INTEGER NOT NULL
-             ) WITHOUT ROWID;
-             INSERT OR IGNORE INTO pending (chain_id, generation)
-                 SELECT DISTINCT c.chain_id, 1 FROM hops h JOIN chain_ids c ON c.seq = h.chain_seq;
+             );
+             INSERT INTO pending (chain_seq, generation) SELECT DISTINCT chain_seq, 1 FROM hops;
              COMMIT;",
         )?;
     }
@@ -250,6 +251,88 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         "DROP INDEX IF EXISTS hops_workload_time;
          DROP INDEX IF EXISTS chain_facts_chain;",
     )?;
+    migrate_chain_keys(conn)
+}
+
+/// Chains, their facts and the pending queue were keyed by chain id, a
+/// random key: each chain assembled dirtied a page of the chains' id index
+/// and of the queue, which the commit then wrote out. They are keyed by
+/// chain number now (given in order of first sight, so new keys land at
+/// the end); the id is found through `chain_ids`. Rows move as they are.
+fn migrate_chain_keys(conn: &Connection) -> Result<(), StoreError> {
+    let by_id = |table: &str| -> Result<bool, StoreError> {
+        let n: i64 = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = 'chain_id'",
+            [table],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    };
+    let (chains, facts, pending) = (by_id("chains")?, by_id("chain_facts")?, by_id("pending")?);
+    if !(chains || facts || pending) {
+        return Ok(());
+    }
+    tracing::info!("store: keying chains by chain number (one-time migration)");
+    let mut sql = String::from("BEGIN;");
+    for (by_id, table) in [
+        (chains, "chains"),
+        (facts, "chain_facts"),
+        (pending, "pending"),
+    ] {
+        if by_id {
+            // Ids with no number yet (a chain kept longer than its hops).
+            sql.push_str(&format!(
+                "INSERT OR IGNORE INTO chain_ids (chain_id) SELECT chain_id FROM {table};"
+            ));
+        }
+    }
+    if chains {
+        sql.push_str(
+            "CREATE TABLE chains_by_seq (
+                 chain_seq INTEGER PRIMARY KEY,
+                 coverage TEXT NOT NULL,
+                 first_ns INTEGER NOT NULL,
+                 last_ns INTEGER NOT NULL,
+                 summary TEXT NOT NULL,
+                 shape TEXT NOT NULL
+             );
+             INSERT INTO chains_by_seq (chain_seq, coverage, first_ns, last_ns, summary, shape)
+                 SELECT i.seq, c.coverage, c.first_ns, c.last_ns, c.summary, c.shape
+                 FROM chains c JOIN chain_ids i ON i.chain_id = c.chain_id;
+             DROP TABLE chains;
+             ALTER TABLE chains_by_seq RENAME TO chains;",
+        );
+    }
+    if facts {
+        sql.push_str(
+            "CREATE TABLE chain_facts_by_seq (
+                 kind TEXT NOT NULL,
+                 value TEXT NOT NULL,
+                 last_ns INTEGER NOT NULL,
+                 chain_seq INTEGER NOT NULL,
+                 PRIMARY KEY (kind, value, last_ns, chain_seq)
+             ) WITHOUT ROWID;
+             INSERT OR IGNORE INTO chain_facts_by_seq (kind, value, last_ns, chain_seq)
+                 SELECT f.kind, f.value, f.last_ns, i.seq
+                 FROM chain_facts f JOIN chain_ids i ON i.chain_id = f.chain_id;
+             DROP TABLE chain_facts;
+             ALTER TABLE chain_facts_by_seq RENAME TO chain_facts;",
+        );
+    }
+    if pending {
+        sql.push_str(
+            "CREATE TABLE pending_by_seq (
+                 chain_seq INTEGER PRIMARY KEY,
+                 generation INTEGER NOT NULL
+             );
+             INSERT OR IGNORE INTO pending_by_seq (chain_seq, generation)
+                 SELECT i.seq, p.generation FROM pending p JOIN chain_ids i ON i.chain_id = p.chain_id;
+             DROP TABLE pending;
+             ALTER TABLE pending_by_seq RENAME TO pending;",
+        );
+    }
+    sql.push_str("COMMIT;");
+    conn.execute_batch(&sql)?;
     Ok(())
 }
 
@@ -540,38 +623,56 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         let mut before = Vec::with_capacity(trees.len());
         let mut conn = lock(&self.writer);
+        let seqs = lock(&self.chain_seqs);
         let tx = conn.transaction()?;
         {
+            let mut number = tx.prepare_cached("SELECT seq FROM chain_ids WHERE chain_id = ?1")?;
+            let mut seq_of = |id: &str| -> Result<Option<i64>, StoreError> {
+                match seqs.get(id) {
+                    Some(seq) => Ok(Some(*seq)),
+                    None => Ok(number.query_row([id], |r| r.get(0)).optional()?),
+                }
+            };
             let mut done =
-                tx.prepare_cached("DELETE FROM pending WHERE chain_id = ?1 AND generation = ?2")?;
+                tx.prepare_cached("DELETE FROM pending WHERE chain_seq = ?1 AND generation = ?2")?;
             for (id, generation) in assembled {
-                done.execute(params![id, i64_of(*generation)])?;
+                if let Some(seq) = seq_of(id)? {
+                    done.execute(params![seq, i64_of(*generation)])?;
+                }
             }
             drop(done);
             let mut old = tx.prepare_cached(
-                "SELECT coverage, last_ns, summary FROM chains WHERE chain_id = ?1",
+                "SELECT coverage, last_ns, summary FROM chains WHERE chain_seq = ?1",
             )?;
-            let mut del_chain = tx.prepare_cached("DELETE FROM chains WHERE chain_id = ?1")?;
+            let mut del_chain = tx.prepare_cached("DELETE FROM chains WHERE chain_seq = ?1")?;
             for id in superseded {
-                if let Some(stored) = stored_chain(&mut old, id)? {
-                    delete_facts(&tx, id, &stored)?;
-                    del_chain.execute([id])?;
+                if let Some(seq) = seq_of(id)?
+                    && let Some(stored) = stored_chain(&mut old, seq)?
+                {
+                    delete_facts(&tx, seq, &stored)?;
+                    del_chain.execute([seq])?;
                 }
             }
             let mut put = tx.prepare_cached(
-                "INSERT OR REPLACE INTO chains (chain_id, coverage, first_ns, last_ns, summary, shape)
+                "INSERT OR REPLACE INTO chains (chain_seq, coverage, first_ns, last_ns, summary, shape)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             let mut fact = tx.prepare_cached(
-                "INSERT OR IGNORE INTO chain_facts (kind, value, last_ns, chain_id) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR IGNORE INTO chain_facts (kind, value, last_ns, chain_seq) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for (tree, (summary, shape)) in trees.iter().zip(&rows) {
                 let s = &tree.summary;
+                // Every tree is named after one of its hops' chains, so it
+                // has a number unless retention just deleted that chain.
+                let Some(seq) = seq_of(&s.chain_id)? else {
+                    before.push(None);
+                    continue;
+                };
                 let new_facts = facts(s);
-                let previous = stored_chain(&mut old, &s.chain_id)?;
+                let previous = stored_chain(&mut old, seq)?;
                 before.push(previous.as_ref().and_then(|p| Coverage::parse(&p.coverage)));
                 put.execute(params![
-                    s.chain_id,
+                    seq,
                     s.coverage.as_str(),
                     i64_of(s.first_unix_nanos),
                     i64_of(s.last_unix_nanos),
@@ -586,20 +687,24 @@ impl Store for SqliteStore {
                     {
                         continue;
                     }
-                    delete_facts(&tx, &s.chain_id, p)?;
+                    delete_facts(&tx, seq, p)?;
                 }
                 for (kind, value) in &new_facts {
-                    fact.execute(params![kind, value, i64_of(s.last_unix_nanos), s.chain_id])?;
+                    fact.execute(params![kind, value, i64_of(s.last_unix_nanos), seq])?;
                 }
             }
         }
         tx.commit()?;
+        drop(seqs);
         Ok(before)
     }
 
     fn pending_generations(&self, chain_ids: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
         let conn = lock(&self.reader);
-        let mut stmt = conn.prepare_cached("SELECT generation FROM pending WHERE chain_id = ?1")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT p.generation FROM chain_ids i JOIN pending p ON p.chain_seq = i.seq
+             WHERE i.chain_id = ?1",
+        )?;
         let mut out = Vec::new();
         for id in chain_ids {
             if let Some(g) = stmt.query_row([id], |r| r.get::<_, i64>(0)).optional()? {
@@ -611,7 +716,11 @@ impl Store for SqliteStore {
 
     fn pending_chains(&self, limit: u32) -> Result<Vec<String>, StoreError> {
         let conn = lock(&self.reader);
-        let mut stmt = conn.prepare_cached("SELECT chain_id FROM pending LIMIT ?1")?;
+        // Oldest first: chains are numbered in order of first sight.
+        let mut stmt = conn.prepare_cached(
+            "SELECT i.chain_id FROM pending p JOIN chain_ids i ON i.seq = p.chain_seq
+             ORDER BY p.chain_seq LIMIT ?1",
+        )?;
         let rows = stmt
             .query_map([i64::from(limit)], |r| r.get::<_, String>(0))?
             .collect::<Result<Vec<_>, _>>()?;
@@ -632,15 +741,15 @@ impl Store for SqliteStore {
                 (
                     String::from(
                         "SELECT c.summary FROM chain_facts f CROSS JOIN chains c
-                         WHERE f.kind = ? AND f.value = ? AND c.chain_id = f.chain_id
+                         WHERE f.kind = ? AND f.value = ? AND c.chain_seq = f.chain_seq
                          AND c.last_ns = f.last_ns",
                     ),
-                    " ORDER BY f.last_ns DESC, f.chain_id LIMIT ?",
+                    " ORDER BY f.last_ns DESC, f.chain_seq LIMIT ?",
                 )
             }
             None => (
                 String::from("SELECT c.summary FROM chains c WHERE 1 = 1"),
-                " ORDER BY c.last_ns DESC, c.chain_id LIMIT ?",
+                " ORDER BY c.last_ns DESC, c.chain_seq LIMIT ?",
             ),
         };
         for (i, (kind, value)) in filters.iter().enumerate() {
@@ -650,7 +759,7 @@ impl Store for SqliteStore {
                 // A point lookup per candidate chain: facts carry its time.
                 sql.push_str(
                     " AND EXISTS (SELECT 1 FROM chain_facts g WHERE g.kind = ? AND g.value = ?
-                      AND g.last_ns = c.last_ns AND g.chain_id = c.chain_id)",
+                      AND g.last_ns = c.last_ns AND g.chain_seq = c.chain_seq)",
                 );
                 args.push(Value::Text((*kind).to_owned()));
                 args.push(Value::Text(v.clone()));
@@ -689,8 +798,11 @@ impl Store for SqliteStore {
         let conn = lock(&self.reader);
         let row = conn
             .prepare_cached(
-                "SELECT summary, shape FROM chains WHERE chain_id = ?1
-                 OR chain_id = (SELECT chain_id FROM chain_facts WHERE kind = 'joined' AND value = ?1 LIMIT 1)
+                "SELECT summary, shape FROM chains WHERE chain_seq IN (
+                     SELECT seq FROM chain_ids WHERE chain_id = ?1
+                     UNION ALL
+                     SELECT chain_seq FROM chain_facts WHERE kind = 'joined' AND value = ?1
+                 )
                  LIMIT 1",
             )?
             .query_row([chain_id], |r| {
@@ -956,7 +1068,8 @@ fn write_hop_batches(
     seqs: &mut HashMap<String, i64>,
 ) -> Result<Vec<PutOutcome>, StoreError> {
     let mut outcomes = Vec::with_capacity(group.len());
-    let mut chains: BTreeSet<&str> = BTreeSet::new();
+    // Numbers of the chains with hops stored by this transaction.
+    let mut chains: BTreeSet<i64> = BTreeSet::new();
     // Numbers given in this transaction: remembered only once it commits.
     let mut numbered: HashMap<&str, i64> = HashMap::new();
     let tx = conn.transaction()?;
@@ -1003,22 +1116,22 @@ fn write_hop_batches(
                 if n == 1 {
                     out.accepted += 1;
                     batch_chains.insert(row.chain_id.as_str());
+                    chains.insert(seq);
                 } else {
                     out.duplicates += 1;
                 }
             }
             out.chains = batch_chains.iter().map(|c| (*c).to_owned()).collect();
-            chains.extend(batch_chains);
             outcomes.push(out);
         }
         // One generation step per chain and transaction: enough to tell
         // the assembler that hops arrived since it read the chain.
         let mut pending = tx.prepare_cached(
-            "INSERT INTO pending (chain_id, generation) VALUES (?1, 1)
-                 ON CONFLICT (chain_id) DO UPDATE SET generation = generation + 1",
+            "INSERT INTO pending (chain_seq, generation) VALUES (?1, 1)
+                 ON CONFLICT (chain_seq) DO UPDATE SET generation = generation + 1",
         )?;
-        for c in &chains {
-            pending.execute([c])?;
+        for seq in &chains {
+            pending.execute([seq])?;
         }
     }
     tx.commit()?;
@@ -1040,10 +1153,10 @@ struct StoredChain {
 
 fn stored_chain(
     stmt: &mut rusqlite::CachedStatement<'_>,
-    chain_id: &str,
+    chain_seq: i64,
 ) -> Result<Option<StoredChain>, StoreError> {
     let row = stmt
-        .query_row([chain_id], |r| {
+        .query_row([chain_seq], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, i64>(1)?,
@@ -1061,18 +1174,18 @@ fn stored_chain(
 }
 
 /// Deletes the fact rows of a stored chain, by their primary key.
-fn delete_facts(conn: &Connection, chain_id: &str, stored: &StoredChain) -> Result<(), StoreError> {
+fn delete_facts(conn: &Connection, chain_seq: i64, stored: &StoredChain) -> Result<(), StoreError> {
     match &stored.facts {
         Some(facts) => {
             let mut del = conn.prepare_cached(
-                "DELETE FROM chain_facts WHERE kind = ?1 AND value = ?2 AND last_ns = ?3 AND chain_id = ?4",
+                "DELETE FROM chain_facts WHERE kind = ?1 AND value = ?2 AND last_ns = ?3 AND chain_seq = ?4",
             )?;
             for (kind, value) in facts {
-                del.execute(params![kind, value, i64_of(stored.last_ns), chain_id])?;
+                del.execute(params![kind, value, i64_of(stored.last_ns), chain_seq])?;
             }
         }
         None => {
-            conn.execute("DELETE FROM chain_facts WHERE chain_id = ?1", [chain_id])?;
+            conn.execute("DELETE FROM chain_facts WHERE chain_seq = ?1", [chain_seq])?;
         }
     }
     Ok(())
@@ -1091,24 +1204,18 @@ fn delete_before(conn: &mut Connection, cutoff: u64) -> Result<RetentionOutcome,
     let cutoff = i64_of(cutoff);
     let tx = conn.transaction()?;
     let hops = tx.execute("DELETE FROM hops WHERE start_ns < ?1", [cutoff])?;
-    // Chains are numbered in order of first sight: numbers below the
-    // smallest one a stored hop still uses name no stored hop.
-    tx.execute(
-        "DELETE FROM chain_ids WHERE seq < coalesce((SELECT min(chain_seq) FROM hops), 9223372036854775807)",
-        [],
-    )?;
     let flows = tx.execute("DELETE FROM flows WHERE at_ns < ?1", [cutoff])?;
     // Chains in slices, oldest first, each with its facts.
     let mut chains = 0;
     loop {
-        let old: Vec<(String, StoredChain)> = {
+        let old: Vec<(i64, StoredChain)> = {
             let mut stmt = tx.prepare_cached(
-                "SELECT chain_id, coverage, last_ns, summary FROM chains
+                "SELECT chain_seq, coverage, last_ns, summary FROM chains
                  WHERE last_ns < ?1 ORDER BY last_ns LIMIT 10000",
             )?;
             stmt.query_map([cutoff], |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, i64>(2)?,
                     r.get::<_, String>(3)?,
@@ -1134,12 +1241,21 @@ fn delete_before(conn: &mut Connection, cutoff: u64) -> Result<RetentionOutcome,
         if old.is_empty() {
             break;
         }
-        let mut del_chain = tx.prepare_cached("DELETE FROM chains WHERE chain_id = ?1")?;
-        for (id, stored) in &old {
-            delete_facts(&tx, id, stored)?;
-            chains += del_chain.execute([id])?;
+        let mut del_chain = tx.prepare_cached("DELETE FROM chains WHERE chain_seq = ?1")?;
+        for (seq, stored) in &old {
+            delete_facts(&tx, *seq, stored)?;
+            chains += del_chain.execute([seq])?;
         }
     }
+    // Chains are numbered in order of first sight: numbers below the
+    // smallest one still used by a hop, a chain or the queue name nothing.
+    tx.execute(
+        "DELETE FROM chain_ids WHERE seq < (SELECT min(m) FROM (
+             SELECT coalesce(min(chain_seq), 9223372036854775807) AS m FROM hops
+             UNION ALL SELECT coalesce(min(chain_seq), 9223372036854775807) FROM chains
+             UNION ALL SELECT coalesce(min(chain_seq), 9223372036854775807) FROM pending))",
+        [],
+    )?;
     tx.commit()?;
     Ok(RetentionOutcome {
         hops: hops as u64,

@@ -537,7 +537,8 @@ fn fact_rows_not_at(dir: &std::path::Path, chain: &str, last_ns: i64) -> i64 {
     rusqlite::Connection::open(dir.join("custody.db"))
         .unwrap()
         .query_row(
-            "SELECT count(*) FROM chain_facts WHERE chain_id = ?1 AND last_ns != ?2",
+            "SELECT count(*) FROM chain_facts f JOIN chain_ids i ON i.seq = f.chain_seq
+             WHERE i.chain_id = ?1 AND f.last_ns != ?2",
             rusqlite::params![chain, last_ns],
             |r| r.get(0),
         )
@@ -654,32 +655,75 @@ fn concurrent_batches_are_each_answered_for_their_own_hops(b: &dyn Backend) {
 }
 
 #[test]
-fn sqlite_the_fact_index_by_chain_of_the_earlier_layout_is_dropped() {
+fn sqlite_chains_keyed_by_id_are_rekeyed_by_number_and_kept() {
     let dir = tempfile::tempdir().unwrap();
     let hops = [hop("a", C1, "1111111111111111", "", 100)];
+    let waiting = hop("w", C2, "2222222222222222", "", 300);
     {
         let store = open(dir.path());
         store.put_hops(&hops).unwrap();
         store.put_chains(&assemble(&hops, &[]), &[], &[]).unwrap();
+        store.put_hops(std::slice::from_ref(&waiting)).unwrap();
     }
-    let indexes = || -> i64 {
-        rusqlite::Connection::open(dir.path().join("custody.db"))
-            .unwrap()
-            .query_row(
-                "SELECT count(*) FROM sqlite_schema WHERE name = 'chain_facts_chain'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap()
-    };
+    // The earlier layout: chains, their facts and the queue keyed by chain
+    // id, with an index of facts by chain id.
     rusqlite::Connection::open(dir.path().join("custody.db"))
         .unwrap()
-        .execute_batch("CREATE INDEX chain_facts_chain ON chain_facts (chain_id);")
+        .execute_batch(
+            "CREATE TABLE old_chains (chain_id TEXT PRIMARY KEY, coverage TEXT NOT NULL,
+                 first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL, summary TEXT NOT NULL,
+                 shape TEXT NOT NULL);
+             INSERT INTO old_chains SELECT i.chain_id, c.coverage, c.first_ns, c.last_ns,
+                 c.summary, c.shape FROM chains c JOIN chain_ids i ON i.seq = c.chain_seq;
+             CREATE TABLE old_facts (kind TEXT NOT NULL, value TEXT NOT NULL,
+                 last_ns INTEGER NOT NULL, chain_id TEXT NOT NULL,
+                 PRIMARY KEY (kind, value, last_ns, chain_id)) WITHOUT ROWID;
+             INSERT INTO old_facts SELECT f.kind, f.value, f.last_ns, i.chain_id
+                 FROM chain_facts f JOIN chain_ids i ON i.seq = f.chain_seq;
+             CREATE TABLE old_pending (chain_id TEXT PRIMARY KEY, generation INTEGER NOT NULL)
+                 WITHOUT ROWID;
+             INSERT INTO old_pending SELECT i.chain_id, p.generation
+                 FROM pending p JOIN chain_ids i ON i.seq = p.chain_seq;
+             DROP TABLE chains; DROP TABLE chain_facts; DROP TABLE pending;
+             ALTER TABLE old_chains RENAME TO chains;
+             ALTER TABLE old_facts RENAME TO chain_facts;
+             ALTER TABLE old_pending RENAME TO pending;
+             CREATE INDEX chain_facts_chain ON chain_facts (chain_id);",
+        )
         .unwrap();
-    assert_eq!(indexes(), 1);
     let store = open(dir.path());
-    assert_eq!(indexes(), 0);
-    // The chain's facts still work and are still replaced.
+    let schema = |sql: &str| -> i64 {
+        rusqlite::Connection::open(dir.path().join("custody.db"))
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(
+        schema("SELECT count(*) FROM sqlite_schema WHERE name = 'chain_facts_chain'"),
+        0
+    );
+    assert_eq!(
+        schema(
+            "SELECT count(*) FROM pragma_table_info('chains') WHERE name = 'chain_id'
+             UNION ALL SELECT count(*) FROM pragma_table_info('chain_facts') WHERE name = 'chain_id'
+             UNION ALL SELECT count(*) FROM pragma_table_info('pending') WHERE name = 'chain_id'
+             ORDER BY 1 DESC LIMIT 1"
+        ),
+        0
+    );
+    // The stored chain, its facts and the queue are kept.
+    assert_eq!(
+        store.chain(C1).unwrap().unwrap().hops,
+        assemble(&hops, &[])[0].hops
+    );
+    assert_eq!(
+        store.pending_chains(10).unwrap(),
+        vec![C1.to_owned(), C2.to_owned()]
+    );
+    assert_eq!(
+        store.pending_generations(&[C2.to_owned()]).unwrap(),
+        vec![(C2.to_owned(), 1)]
+    );
     let ids = |q: ChainQuery| -> Vec<String> {
         store
             .chains(&q)
@@ -693,6 +737,7 @@ fn sqlite_the_fact_index_by_chain_of_the_earlier_layout_is_dropped() {
         ..ChainQuery::default()
     };
     assert_eq!(ids(by_alice.clone()), vec![C1]);
+    // Facts are still replaced when the chain is assembled again.
     let mut later = hops[0].clone();
     later.event_id = "b".into();
     later.span_id = "2222222222222222".into();
@@ -700,8 +745,8 @@ fn sqlite_the_fact_index_by_chain_of_the_earlier_layout_is_dropped() {
     later.start_unix_nanos = 500;
     let both = [hops[0].clone(), later];
     store.put_hops(&both).unwrap();
-    store.put_chains(&assemble(&both, &[]), &[], &[]).unwrap();
-    // Found through facts that carry the chain's new time.
+    let trees = assemble(&both, &[]);
+    store.put_chains(&trees, &[], &[]).unwrap();
     assert_eq!(
         ids(ChainQuery {
             since: Some(505),
@@ -709,6 +754,9 @@ fn sqlite_the_fact_index_by_chain_of_the_earlier_layout_is_dropped() {
         }),
         vec![C1]
     );
+    let last = i64::try_from(trees[0].summary.last_unix_nanos).unwrap();
+    assert!(fact_rows_not_at(dir.path(), C1, -1) > 0);
+    assert_eq!(fact_rows_not_at(dir.path(), C1, last), 0, "no stale facts");
 }
 
 #[test]
