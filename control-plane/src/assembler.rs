@@ -177,14 +177,31 @@ impl Assembler {
         }
     }
 
-    /// One pass over at most [`BATCH`] dirty chains; returns how many were taken.
+    /// One pass over at most [`BATCH`] dirty chains, assembled and stored;
+    /// returns how many were taken.
     pub fn pass(&self) -> Result<usize, StoreError> {
+        match self.prepare()? {
+            Some(p) => self.store(p),
+            None => Ok(0),
+        }
+    }
+
+    /// The first half of a pass: takes at most [`BATCH`] dirty chains and
+    /// assembles them; `None` when nothing waits. The trees are stored by
+    /// [`Assembler::store`], which may run while the next pass is prepared:
+    /// assembly reads only hops, which ingest alone writes, and the stores
+    /// of successive passes run in order.
+    pub fn prepare(&self) -> Result<Option<Prepared>, StoreError> {
         let (ids, handed) = self.dirty.take(BATCH);
         if ids.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         match self.assemble(&ids, handed) {
-            Ok(()) => Ok(ids.len()),
+            Ok(Assembled { trees, generations }) => Ok(Some(Prepared {
+                ids,
+                trees,
+                generations,
+            })),
             Err(e) => {
                 // Still pending in the store; try again on the next pass.
                 self.dirty.mark(ids);
@@ -193,11 +210,54 @@ impl Assembler {
         }
     }
 
+    /// The second half of a pass: stores the trees and counts and announces
+    /// them; returns how many chains the pass took.
+    pub fn store(&self, prepared: Prepared) -> Result<usize, StoreError> {
+        let Prepared {
+            ids,
+            trees,
+            generations,
+        } = prepared;
+        let superseded: Vec<String> = trees
+            .iter()
+            .flat_map(|t| t.summary.joined_chains.iter().cloned())
+            .collect();
+        let before = match self.store.put_chains(&trees, &superseded, &generations) {
+            Ok(before) => before,
+            Err(e) => {
+                self.dirty.mark(ids);
+                return Err(e);
+            }
+        };
+        for (t, before) in trees.iter().zip(before) {
+            let s = &t.summary;
+            // Counted when the chain enters a class: once when first stored,
+            // again only when re-assembly moves it to another class. The
+            // previous class comes from the store, so neither new hops for
+            // the same chain nor a restart count it again.
+            if before != Some(s.coverage) {
+                self.metrics
+                    .chains
+                    .get_or_create(&CoverageLabel {
+                        coverage: s.coverage.as_str(),
+                    })
+                    .inc();
+            }
+            if self.updates.receiver_count() > 0 {
+                // A listener gone since is fine.
+                let _ = self.updates.send(Arc::new(s.clone()));
+            }
+        }
+        Ok(ids.len())
+    }
+
+    /// The trees that involve a dirty chain, and the generations of the
+    /// dirty chains read before their hops.
     fn assemble(
         &self,
         ids: &[String],
         mut handed: HashMap<String, Vec<HopEvent>>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Assembled, StoreError> {
         let dirty: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
         // The generations first: hops stored after this read keep their chain pending.
         let generations = self.store.pending_generations(ids)?;
@@ -319,32 +379,22 @@ impl Assembler {
                         .any(|j| dirty.contains(j.as_str()))
             })
             .collect();
-        let superseded: Vec<String> = trees
-            .iter()
-            .flat_map(|t| t.summary.joined_chains.iter().cloned())
-            .collect();
-        let before = self.store.put_chains(&trees, &superseded, &generations)?;
-        for (t, before) in trees.iter().zip(before) {
-            let s = &t.summary;
-            // Counted when the chain enters a class: once when first stored,
-            // again only when re-assembly moves it to another class. The
-            // previous class comes from the store, so neither new hops for
-            // the same chain nor a restart count it again.
-            if before != Some(s.coverage) {
-                self.metrics
-                    .chains
-                    .get_or_create(&CoverageLabel {
-                        coverage: s.coverage.as_str(),
-                    })
-                    .inc();
-            }
-            if self.updates.receiver_count() > 0 {
-                // A listener gone since is fine.
-                let _ = self.updates.send(Arc::new(s.clone()));
-            }
-        }
-        Ok(())
+        Ok(Assembled { trees, generations })
     }
+}
+
+/// What [`Assembler::assemble`] found.
+struct Assembled {
+    trees: Vec<ChainTree>,
+    generations: Vec<(String, u64)>,
+}
+
+/// A pass assembled and not stored yet.
+#[derive(Debug)]
+pub struct Prepared {
+    ids: Vec<String>,
+    trees: Vec<ChainTree>,
+    generations: Vec<(String, u64)>,
 }
 
 /// The hops loaded for one pass, in the batches they came in.

@@ -317,11 +317,21 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
                 _ = stop_rx.wait_for(|s| *s) => break,
                 () = tokio::time::sleep(interval) => {}
             }
+            // Passes back to back while chains wait; each pass's trees
+            // are stored while the next one is assembled.
+            let mut storing: Option<tokio::task::JoinHandle<_>> = None;
             loop {
                 let a = assembler.clone();
-                match tokio::task::spawn_blocking(move || a.pass()).await {
-                    Ok(Ok(0)) => break,
-                    Ok(Ok(_)) => {}
+                let prepared = tokio::task::spawn_blocking(move || a.prepare()).await;
+                if let Some(previous) = storing.take() {
+                    log_pass(previous.await);
+                }
+                match prepared {
+                    Ok(Ok(Some(p))) => {
+                        let a = assembler.clone();
+                        storing = Some(tokio::task::spawn_blocking(move || a.store(p)));
+                    }
+                    Ok(Ok(None)) => break,
                     Ok(Err(error)) => {
                         tracing::error!(%error, "assembly failed");
                         break;
@@ -331,6 +341,9 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
                         break;
                     }
                 }
+            }
+            if let Some(previous) = storing.take() {
+                log_pass(previous.await);
             }
         }
     }));
@@ -393,4 +406,13 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         shutdown,
         tasks,
     })
+}
+
+/// Logs a failed store of an assembly pass (its chains stay pending).
+fn log_pass(result: Result<Result<usize, crate::store::StoreError>, tokio::task::JoinError>) {
+    match result {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::error!(%error, "storing assembled chains failed"),
+        Err(error) => tracing::error!(%error, "storing assembled chains: task failed"),
+    }
 }

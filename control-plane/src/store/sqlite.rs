@@ -11,6 +11,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 
 use custody_context::api::v1::{FlowEvent, HopEvent};
 use prost::Message as _;
@@ -134,10 +135,16 @@ pub struct SqliteOptions {
 pub struct SqliteStore {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    _checkpointer: Checkpointer,
     path: PathBuf,
     hop_queue: Mutex<HopQueue>,
     /// Recently used chain numbers; only used and changed with the writer held.
     chain_seqs: Mutex<HashMap<String, i64>>,
+    /// Whether commits of hops sync the log (`sync: full`).
+    sync_full: bool,
+    /// Set while the writer's commits are not synced (for chains); commits
+    /// of hops restore syncing first if a chains write failed to.
+    sync_relaxed: std::sync::atomic::AtomicBool,
 }
 
 /// Chain numbers remembered at most; the map is emptied when full (the
@@ -189,10 +196,11 @@ impl SqliteStore {
         // 64 MiB of page cache per connection: indexes stay in memory.
         writer.pragma_update(None, "cache_size", -65_536)?;
         writer.pragma_update(None, "mmap_size", MMAP_BYTES)?;
-        // Checkpoint every 64 MiB of WAL instead of every 4 MiB: hot index
-        // pages are copied into the database once per checkpoint, not once
-        // per few batches. Readers still see every commit at once.
-        writer.pragma_update(None, "wal_autocheckpoint", 16_384)?;
+        // The log is copied into the database by a thread of its own (see
+        // [`Checkpointer`]), not by whichever commit crosses a threshold
+        // while ingest waits on the writer. The writer checkpoints only if
+        // that thread falls 1 GiB behind.
+        writer.pragma_update(None, "wal_autocheckpoint", 262_144)?;
         writer.pragma_update(None, "journal_size_limit", 128_i64 << 20)?;
         migrate(&writer)?;
         writer.execute_batch(SCHEMA)?;
@@ -202,18 +210,80 @@ impl SqliteStore {
         // Every commit of the writer empties the reader's page cache, so
         // without a mapping each read pays a `pread` and a copy per page.
         reader.pragma_update(None, "mmap_size", MMAP_BYTES)?;
+        let checkpointer = Checkpointer::start(&path)?;
         Ok(SqliteStore {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
+            _checkpointer: checkpointer,
             path,
             hop_queue: Mutex::new(HopQueue::default()),
             chain_seqs: Mutex::new(HashMap::new()),
+            sync_full: options.sync_full,
+            sync_relaxed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// How often the log is copied into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A thread that copies committed log pages into the database file
+/// (`PASSIVE` checkpoints: writers and readers go on meanwhile). Once a
+/// checkpoint has copied the whole log, the writer's next commit starts the
+/// log from its beginning again. Stopped when the store is dropped.
+struct Checkpointer {
+    stop: std::sync::Arc<(Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let stop = std::sync::Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let signal = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("custody-checkpoint".into())
+            .spawn(move || {
+                let (stopped, wake) = &*signal;
+                let mut done = lock(stopped);
+                while !*done {
+                    done = wake
+                        .wait_timeout(done, CHECKPOINT_EVERY)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                    if *done {
+                        break;
+                    }
+                    drop(done);
+                    if let Err(error) =
+                        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(%error, "store: checkpoint failed; retried");
+                    }
+                    done = lock(stopped);
+                }
+            })?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        *lock(&self.stop.0) = true;
+        self.stop.1.notify_all();
+        if let Some(thread) = self.thread.take() {
+            // A panicked thread has nothing left to stop.
+            let _ = thread.join();
+        }
     }
 }
 
@@ -408,10 +478,10 @@ impl Store for SqliteStore {
             }
             std::mem::take(&mut q.waiting)
         };
-        let written = {
+        let written = self.restore_sync(&conn).and_then(|()| {
             let mut seqs = lock(&self.chain_seqs);
             write_hop_batches(&mut conn, &group, &mut seqs)
-        };
+        });
         let mut q = lock(&self.hop_queue);
         let mut mine = None;
         match written {
@@ -440,7 +510,7 @@ impl Store for SqliteStore {
     }
 
     fn put_flows(&self, flows: &[FlowEvent]) -> Result<PutOutcome, StoreError> {
-        let mut conn = lock(&self.writer);
+        let mut conn = self.writer()?;
         let tx = conn.transaction()?;
         let mut out = PutOutcome::default();
         {
@@ -621,82 +691,19 @@ impl Store for SqliteStore {
                 ))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        let mut before = Vec::with_capacity(trees.len());
         let mut conn = lock(&self.writer);
         let seqs = lock(&self.chain_seqs);
-        let tx = conn.transaction()?;
-        {
-            let mut number = tx.prepare_cached("SELECT seq FROM chain_ids WHERE chain_id = ?1")?;
-            let mut seq_of = |id: &str| -> Result<Option<i64>, StoreError> {
-                match seqs.get(id) {
-                    Some(seq) => Ok(Some(*seq)),
-                    None => Ok(number.query_row([id], |r| r.get(0)).optional()?),
-                }
-            };
-            let mut done =
-                tx.prepare_cached("DELETE FROM pending WHERE chain_seq = ?1 AND generation = ?2")?;
-            for (id, generation) in assembled {
-                if let Some(seq) = seq_of(id)? {
-                    done.execute(params![seq, i64_of(*generation)])?;
-                }
-            }
-            drop(done);
-            let mut old = tx.prepare_cached(
-                "SELECT coverage, last_ns, summary FROM chains WHERE chain_seq = ?1",
-            )?;
-            let mut del_chain = tx.prepare_cached("DELETE FROM chains WHERE chain_seq = ?1")?;
-            for id in superseded {
-                if let Some(seq) = seq_of(id)?
-                    && let Some(stored) = stored_chain(&mut old, seq)?
-                {
-                    delete_facts(&tx, seq, &stored)?;
-                    del_chain.execute([seq])?;
-                }
-            }
-            let mut put = tx.prepare_cached(
-                "INSERT OR REPLACE INTO chains (chain_seq, coverage, first_ns, last_ns, summary, shape)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            let mut fact = tx.prepare_cached(
-                "INSERT OR IGNORE INTO chain_facts (kind, value, last_ns, chain_seq) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for (tree, (summary, shape)) in trees.iter().zip(&rows) {
-                let s = &tree.summary;
-                // Every tree is named after one of its hops' chains, so it
-                // has a number unless retention just deleted that chain.
-                let Some(seq) = seq_of(&s.chain_id)? else {
-                    before.push(None);
-                    continue;
-                };
-                let new_facts = facts(s);
-                let previous = stored_chain(&mut old, seq)?;
-                before.push(previous.as_ref().and_then(|p| Coverage::parse(&p.coverage)));
-                put.execute(params![
-                    seq,
-                    s.coverage.as_str(),
-                    i64_of(s.first_unix_nanos),
-                    i64_of(s.last_unix_nanos),
-                    summary,
-                    shape,
-                ])?;
-                if let Some(p) = &previous {
-                    // Re-assembly that changed neither the facts nor the
-                    // chain's time leaves the fact rows as they are.
-                    if p.last_ns == s.last_unix_nanos
-                        && p.facts.as_ref().is_some_and(|f| *f == new_facts)
-                    {
-                        continue;
-                    }
-                    delete_facts(&tx, seq, p)?;
-                }
-                for (kind, value) in &new_facts {
-                    fact.execute(params![kind, value, i64_of(s.last_unix_nanos), seq])?;
-                }
-            }
+        // Trees are derived data: this commit is not synced by itself (the
+        // next synced commit of hops syncs it too). Losing it to a power
+        // cut loses its deletions from the pending queue with it, so the
+        // chains are assembled again.
+        if self.sync_full {
+            self.sync_relaxed.store(true, Ordering::Relaxed);
+            conn.execute_batch("PRAGMA synchronous = NORMAL")?;
         }
-        tx.commit()?;
-        drop(seqs);
-        Ok(before)
+        let result = write_chains(&mut conn, &seqs, trees, &rows, superseded, assembled);
+        self.restore_sync(&conn)?;
+        result
     }
 
     fn pending_generations(&self, chain_ids: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
@@ -863,7 +870,7 @@ impl Store for SqliteStore {
 
     fn commit_policy(&self, state: &PolicyState, audit: &AuditEntry) -> Result<u64, StoreError> {
         let json = serde_json::to_string(state)?;
-        let mut conn = lock(&self.writer);
+        let mut conn = self.writer()?;
         let tx = conn.transaction()?;
         tx.execute(
             "INSERT OR REPLACE INTO policy_current (id, version, state) VALUES (1, ?1, ?2)",
@@ -940,7 +947,7 @@ impl Store for SqliteStore {
     }
 
     fn record_ack(&self, ack: &ClientVersion) -> Result<(), StoreError> {
-        let conn = lock(&self.writer);
+        let conn = self.writer()?;
         conn.execute(
             "INSERT OR REPLACE INTO client_versions (client, kind, version, apply_ns, acked_ns, latency_ns, error)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -979,7 +986,7 @@ impl Store for SqliteStore {
     }
 
     fn put_signing_key(&self, key: &IssuedKey) -> Result<(), StoreError> {
-        let conn = lock(&self.writer);
+        let conn = self.writer()?;
         conn.execute(
             "INSERT OR REPLACE INTO signing_keys (key_id, public, workload, not_before, not_after)
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -1142,6 +1149,91 @@ fn write_hop_batches(
     Ok(outcomes)
 }
 
+/// Writes assembled trees in one transaction; the stored coverage class of
+/// each tree's chain before (`None` if new).
+fn write_chains(
+    conn: &mut Connection,
+    seqs: &HashMap<String, i64>,
+    trees: &[ChainTree],
+    rows: &[(String, String)],
+    superseded: &[String],
+    assembled: &[(String, u64)],
+) -> Result<Vec<Option<Coverage>>, StoreError> {
+    let mut before = Vec::with_capacity(trees.len());
+    let tx = conn.transaction()?;
+
+    {
+        let mut number = tx.prepare_cached("SELECT seq FROM chain_ids WHERE chain_id = ?1")?;
+        let mut seq_of = |id: &str| -> Result<Option<i64>, StoreError> {
+            match seqs.get(id) {
+                Some(seq) => Ok(Some(*seq)),
+                None => Ok(number.query_row([id], |r| r.get(0)).optional()?),
+            }
+        };
+        let mut done =
+            tx.prepare_cached("DELETE FROM pending WHERE chain_seq = ?1 AND generation = ?2")?;
+        for (id, generation) in assembled {
+            if let Some(seq) = seq_of(id)? {
+                done.execute(params![seq, i64_of(*generation)])?;
+            }
+        }
+        drop(done);
+        let mut old = tx
+            .prepare_cached("SELECT coverage, last_ns, summary FROM chains WHERE chain_seq = ?1")?;
+        let mut del_chain = tx.prepare_cached("DELETE FROM chains WHERE chain_seq = ?1")?;
+        for id in superseded {
+            if let Some(seq) = seq_of(id)?
+                && let Some(stored) = stored_chain(&mut old, seq)?
+            {
+                delete_facts(&tx, seq, &stored)?;
+                del_chain.execute([seq])?;
+            }
+        }
+        let mut put = tx.prepare_cached(
+            "INSERT OR REPLACE INTO chains (chain_seq, coverage, first_ns, last_ns, summary, shape)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let mut fact = tx.prepare_cached(
+            "INSERT OR IGNORE INTO chain_facts (kind, value, last_ns, chain_seq) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for (tree, (summary, shape)) in trees.iter().zip(rows) {
+            let s = &tree.summary;
+            // Every tree is named after one of its hops' chains, so it
+            // has a number unless retention just deleted that chain.
+            let Some(seq) = seq_of(&s.chain_id)? else {
+                before.push(None);
+                continue;
+            };
+            let new_facts = facts(s);
+            let previous = stored_chain(&mut old, seq)?;
+            before.push(previous.as_ref().and_then(|p| Coverage::parse(&p.coverage)));
+            put.execute(params![
+                seq,
+                s.coverage.as_str(),
+                i64_of(s.first_unix_nanos),
+                i64_of(s.last_unix_nanos),
+                summary,
+                shape,
+            ])?;
+            if let Some(p) = &previous {
+                // Re-assembly that changed neither the facts nor the
+                // chain's time leaves the fact rows as they are.
+                if p.last_ns == s.last_unix_nanos
+                    && p.facts.as_ref().is_some_and(|f| *f == new_facts)
+                {
+                    continue;
+                }
+                delete_facts(&tx, seq, p)?;
+            }
+            for (kind, value) in &new_facts {
+                fact.execute(params![kind, value, i64_of(s.last_unix_nanos), seq])?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(before)
+}
+
 /// What a stored chain row says about the chain's fact rows.
 struct StoredChain {
     coverage: String,
@@ -1192,8 +1284,25 @@ fn delete_facts(conn: &Connection, chain_seq: i64, stored: &StoredChain) -> Resu
 }
 
 impl SqliteStore {
+    /// The writer, syncing its commits as configured.
+    fn writer(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
+        let conn = lock(&self.writer);
+        self.restore_sync(&conn)?;
+        Ok(conn)
+    }
+
+    /// Syncs commits again if a chains write failed to restore it: an
+    /// acknowledged hop is always synced under `sync: full`.
+    fn restore_sync(&self, conn: &Connection) -> Result<(), StoreError> {
+        if self.sync_relaxed.load(Ordering::Relaxed) {
+            conn.execute_batch("PRAGMA synchronous = FULL")?;
+            self.sync_relaxed.store(false, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     fn delete_before(&self, cutoff: u64) -> Result<RetentionOutcome, StoreError> {
-        let mut conn = lock(&self.writer);
+        let mut conn = self.writer()?;
         // Numbers of chains whose hops are all gone are deleted below.
         lock(&self.chain_seqs).clear();
         delete_before(&mut conn, cutoff)
