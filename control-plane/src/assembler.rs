@@ -24,7 +24,11 @@
 //! otherwise (hops stored before, or a restart) the chain is read from the
 //! store.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+/// Keyed by ids that sidecars report; seeded per process.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, broadcast};
@@ -100,11 +104,16 @@ impl Dirty {
             }
             if room {
                 inner.handed += 1;
-                inner
-                    .hops
-                    .entry(h.chain_id.clone())
-                    .or_insert_with(|| Vec::with_capacity(8))
-                    .push(h);
+                // Looked up by `&str` first: a chain's id is copied once, not per hop.
+                match inner.hops.get_mut(h.chain_id.as_str()) {
+                    Some(kept) => kept.push(h),
+                    None => {
+                        let mut kept = Vec::with_capacity(8);
+                        let id = h.chain_id.clone();
+                        kept.push(h);
+                        inner.hops.insert(id, kept);
+                    }
+                }
             }
         }
         drop(inner);
@@ -114,7 +123,7 @@ impl Dirty {
     fn take(&self, max: usize) -> (Vec<String>, HashMap<String, Vec<HopEvent>>) {
         let mut inner = self.lock();
         let mut ids = Vec::new();
-        let mut hops = HashMap::new();
+        let mut hops = HashMap::default();
         while ids.len() < max {
             match inner.order.pop_front() {
                 Some(id) => {
@@ -299,13 +308,13 @@ impl Assembler {
             }
             // Parents for contextless groups: same workload in time, same
             // connection, or the caller a node-agent flow names.
-            let mut by_chain: HashMap<&str, Vec<&HopEvent>> = HashMap::new();
+            let mut by_chain: HashMap<&str, Vec<&HopEvent>> = HashMap::default();
             for h in hops.iter() {
                 by_chain.entry(h.chain_id.as_str()).or_default().push(h);
             }
             // Roots of unsearched contextless groups, by the workload whose
             // inbound hops may contain them.
-            let mut roots: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+            let mut roots: HashMap<String, Vec<(u64, u64)>> = HashMap::default();
             let mut keys = Vec::new();
             let mut keyed = Vec::new();
             for (chain, members) in &by_chain {

@@ -19,7 +19,10 @@
 //! confident. Everything here is pure and deterministic: the same set of
 //! events gives the same trees whatever their order.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Keyed by ids and spans that sidecars report; seeded per process.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use custody_context::api::v1::{self, FlowEvent, HopEvent};
 use serde::{Deserialize, Serialize};
@@ -388,7 +391,7 @@ impl<'a> Index<'a> {
             .map(|h| workload_uri(h.workload.as_ref()))
             .collect();
         let mut inbound = Vec::new();
-        let mut outbound: HashMap<TupleKey<'a>, Vec<usize>> = HashMap::new();
+        let mut outbound: HashMap<TupleKey<'a>, Vec<usize>> = HashMap::default();
         for (i, h) in hops.iter().enumerate() {
             if !contextful.contains(h.chain_id.as_str()) {
                 continue;
@@ -403,7 +406,7 @@ impl<'a> Index<'a> {
                 v1::Direction::Unspecified => {}
             }
         }
-        let mut flow_map: HashMap<TupleKey<'a>, BTreeSet<String>> = HashMap::new();
+        let mut flow_map: HashMap<TupleKey<'a>, BTreeSet<String>> = HashMap::default();
         for f in flows {
             if let Some(c) = &f.connection {
                 let w = workload_uri(f.workload.as_ref());
@@ -497,7 +500,7 @@ pub fn assemble<'a>(
     let mut joined: BTreeMap<&str, Link> = BTreeMap::new();
     if groups.len() > contextful.len() {
         let index = Index::new(&hops, flows, &contextful);
-        let mut by_workload: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut by_workload: HashMap<&str, Vec<usize>> = HashMap::default();
         for &i in &index.inbound {
             by_workload
                 .entry(index.workloads[i].as_str())
@@ -516,7 +519,7 @@ pub fn assemble<'a>(
     }
 
     // The groups joined under each chain, in chain id order.
-    let mut adopted: HashMap<&str, Vec<(&str, Link)>> = HashMap::new();
+    let mut adopted: HashMap<&str, Vec<(&str, Link)>> = HashMap::default();
     for (other, link) in &joined {
         adopted
             .entry(hops[link.0].chain_id.as_str())
@@ -529,7 +532,7 @@ pub fn assemble<'a>(
             continue;
         }
         let mut all: Vec<usize> = members.clone();
-        let mut links: HashMap<usize, Link> = HashMap::new();
+        let mut links: HashMap<usize, Link> = HashMap::default();
         let mut joined_chains = Vec::new();
         for (other, link) in adopted.get(id).map_or(&[][..], Vec::as_slice) {
             let other_members = &groups[other];
@@ -584,7 +587,7 @@ fn build_tree(
 ) -> ChainTree {
     // Parent of each member: evidence link, else span parentage within the
     // hop's own reported chain, else a gap (attached to the root).
-    let mut by_span: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+    let mut by_span: HashMap<(&str, &str), Vec<usize>> = HashMap::default();
     for &i in members {
         by_span
             .entry((hops[i].chain_id.as_str(), hops[i].span_id.as_str()))
@@ -597,7 +600,7 @@ fn build_tree(
         .map(|(&i, &(_, _, c))| (hops[i].chain_id.as_str(), c))
         .collect();
     // Tree parent and join of each member; `None` parent means "no parent found".
-    let mut parent: HashMap<usize, (Option<usize>, Join)> = HashMap::new();
+    let mut parent: HashMap<usize, (Option<usize>, Join)> = HashMap::default();
     let mut roots = Vec::new();
     for &i in members {
         let h = hops[i];
@@ -657,7 +660,7 @@ fn build_tree(
             .copied()
             .find(|i| parent.get(i).is_some_and(|(p, _)| p.is_none()))
     });
-    let mut children: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut children: HashMap<usize, Vec<usize>> = HashMap::default();
     for &i in &sorted {
         if Some(i) == root {
             continue;

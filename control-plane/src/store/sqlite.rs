@@ -202,6 +202,8 @@ impl SqliteStore {
         // that thread falls 1 GiB behind.
         writer.pragma_update(None, "wal_autocheckpoint", 262_144)?;
         writer.pragma_update(None, "journal_size_limit", 128_i64 << 20)?;
+        // Room for the fact inserts of every size next to the other statements.
+        writer.set_prepared_statement_cache_capacity(64);
         migrate(&writer)?;
         writer.execute_batch(SCHEMA)?;
         let reader = Connection::open(&path)?;
@@ -1193,9 +1195,6 @@ fn write_chains(
             "INSERT OR REPLACE INTO chains (chain_seq, coverage, first_ns, last_ns, summary, shape)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
-        let mut fact = tx.prepare_cached(
-            "INSERT OR IGNORE INTO chain_facts (kind, value, last_ns, chain_seq) VALUES (?1, ?2, ?3, ?4)",
-        )?;
         for (tree, (summary, shape)) in trees.iter().zip(rows) {
             let s = &tree.summary;
             // Every tree is named after one of its hops' chains, so it
@@ -1225,13 +1224,43 @@ fn write_chains(
                 }
                 delete_facts(&tx, seq, p)?;
             }
-            for (kind, value) in &new_facts {
-                fact.execute(params![kind, value, i64_of(s.last_unix_nanos), seq])?;
-            }
+            insert_facts(&tx, &new_facts, i64_of(s.last_unix_nanos), seq)?;
         }
     }
     tx.commit()?;
     Ok(before)
+}
+
+/// Fact rows written by one statement at most.
+const FACTS_PER_INSERT: usize = 16;
+
+/// Inserts a chain's fact rows, several per statement: a chain has a
+/// handful, and each statement run costs about as much as the row.
+fn insert_facts(
+    conn: &Connection,
+    facts: &BTreeSet<(&'static str, String)>,
+    last_ns: i64,
+    chain_seq: i64,
+) -> Result<(), StoreError> {
+    let facts: Vec<&(&'static str, String)> = facts.iter().collect();
+    for chunk in facts.chunks(FACTS_PER_INSERT) {
+        let mut sql = String::from(
+            "INSERT OR IGNORE INTO chain_facts (kind, value, last_ns, chain_seq) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 {
+                "(?, ?, ?, ?)"
+            } else {
+                ", (?, ?, ?, ?)"
+            });
+        }
+        let mut args: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 4);
+        for (kind, value) in chunk {
+            args.extend([kind as &dyn rusqlite::ToSql, value, &last_ns, &chain_seq]);
+        }
+        conn.prepare_cached(&sql)?.execute(args.as_slice())?;
+    }
+    Ok(())
 }
 
 /// What a stored chain row says about the chain's fact rows.
