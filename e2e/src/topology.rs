@@ -78,9 +78,13 @@ pub const NAMESPACE: &str = "shop";
 pub const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// The audience the sidecars' projected tokens are for.
 pub const SA_AUDIENCE: &str = "custody";
-/// How long a sidecar's projected token is valid (no kubelet rotates it
-/// here; a day outlasts any demo session).
+/// How long a sidecar's projected token is valid; a long-running demo
+/// writes fresh ones every [`SA_TOKEN_REFRESH_SECS`]
+/// ([`Topology::refresh_workload_tokens`]).
 pub const SA_TOKEN_TTL_SECS: u64 = 24 * 3600;
+/// How often a long-running demo writes fresh sidecar tokens (the kubelet
+/// rotates at 80% of the lifetime; this is well before).
+pub const SA_TOKEN_REFRESH_SECS: u64 = 3600;
 /// The control plane's gRPC port.
 pub const GRPC_PORT: u16 = 7070;
 /// The control plane's HTTP port.
@@ -162,6 +166,8 @@ pub struct Topology {
     login: ed25519_dalek::SigningKey,
     /// The service-account issuer the sidecars' tokens come from.
     service_accounts: Issuer,
+    /// The workloads whose sidecars run, in start order.
+    sidecars: Vec<String>,
 }
 
 impl std::fmt::Debug for Topology {
@@ -278,6 +284,7 @@ impl Topology {
             login: ed25519_dalek::SigningKey::from_bytes(&rand_seed()),
             service_accounts: Issuer::new(KeyKind::Rsa, SA_ISSUER)
                 .context("making the service-account issuer's key")?,
+            sidecars: Vec::new(),
         };
         topology.start_control(&control)?;
         topology.start_databases(&postgres, &mariadb)?;
@@ -341,6 +348,7 @@ impl Topology {
             login: ed25519_dalek::SigningKey::from_bytes(&rand_seed()),
             service_accounts: Issuer::new(KeyKind::Rsa, SA_ISSUER)
                 .context("making the service-account issuer's key")?,
+            sidecars: Vec::new(),
         };
         topology.start_control(&control)?;
         topology.write_keys(apps.iter().map(|a| a.name.as_str()))?;
@@ -393,6 +401,16 @@ impl Topology {
         crate::cmd::run(&["chown", &self.uid.to_string(), text(&next)?])?;
         crate::cmd::run(&["chmod", "600", text(&next)?])?;
         fs::rename(&next, &path)?;
+        Ok(())
+    }
+
+    /// Writes every sidecar's own token again, valid for another
+    /// [`SA_TOKEN_TTL_SECS`], as the kubelet rotates projected tokens
+    /// before they expire.
+    pub fn refresh_workload_tokens(&self) -> anyhow::Result<()> {
+        for name in &self.sidecars {
+            self.write_workload_token(name, name)?;
+        }
         Ok(())
     }
 
@@ -639,6 +657,7 @@ impl Topology {
         crate::cmd::run(&["chown", &uid, text(&seed)?])?;
         crate::cmd::run(&["chmod", "600", text(&seed)?])?;
         self.write_workload_token(name, name)?;
+        self.sidecars.push(name.to_owned());
         let token = self.workload_token_file(name);
         let control_url = format!("http://{}:{GRPC_PORT}", control.ip);
         let config = dir.join(format!("{name}-proxy.yaml"));

@@ -224,23 +224,35 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--once") {
         println!("(--once: stopping now)");
     } else {
-        wait_for_interrupt();
+        wait_for_interrupt(&topo);
     }
     println!("\ntearing down ...");
     drop(topo);
     Ok(())
 }
 
-fn wait_for_interrupt() {
+/// Runs until Ctrl-C or SIGTERM, writing the sidecars' service-account
+/// tokens again before they expire (as the kubelet does).
+fn wait_for_interrupt(topo: &Topology) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
     if let Ok(runtime) = runtime {
         runtime.block_on(async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let refresh = async {
+                let every = Duration::from_secs(custody_e2e::topology::SA_TOKEN_REFRESH_SECS);
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Err(error) = topo.refresh_workload_tokens() {
+                        eprintln!("refreshing the sidecars' service-account tokens: {error:#}");
+                    }
+                }
+            };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                () = refresh => {}
             }
         });
     }
