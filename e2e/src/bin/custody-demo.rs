@@ -245,7 +245,7 @@ fn wait_for_interrupt(topo: &Topology) {
                 loop {
                     tokio::time::sleep(every).await;
                     if let Err(error) = topo.refresh_workload_tokens() {
-                        eprintln!("refreshing the sidecars' service-account tokens: {error:#}");
+                        println!("refreshing the sidecars' service-account tokens: {error:#}");
                     }
                 }
             };
