@@ -25,10 +25,6 @@
 //! store.
 
 use std::collections::{BTreeSet, VecDeque};
-
-/// Keyed by ids that sidecars report; seeded per process.
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, broadcast};
@@ -38,6 +34,10 @@ use custody_context::api::v1::HopEvent;
 use crate::assembly::{self, ChainSummary, ChainTree, workload_uri};
 use crate::metrics::{CoverageLabel, Metrics};
 use crate::store::{Store, StoreError};
+
+/// Keyed by ids that sidecars report; seeded per process.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// Chains assembled per pass at most.
 pub const BATCH: usize = 2_000;

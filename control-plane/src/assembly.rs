@@ -21,11 +21,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Keyed by ids and spans that sidecars report; seeded per process.
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-
 use custody_context::api::v1::{self, FlowEvent, HopEvent};
 use serde::{Deserialize, Serialize};
+
+/// Keyed by ids and spans that sidecars report; seeded per process.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Confidence at or above which a join counts as confident.
 pub const CONFIDENT: f32 = 0.8;
