@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, broadcast};
 
@@ -61,8 +62,9 @@ pub struct Dirty {
 struct DirtyInner {
     /// In the order they were marked: a pass takes chains that arrived
     /// together, so its neighbour windows stay narrow (chain ids are
-    /// random, so their own order would spread a pass over all of time).
-    order: VecDeque<String>,
+    /// random, so their own order would spread a pass over all of time),
+    /// with when they were marked.
+    order: VecDeque<(String, Instant)>,
     ids: HashSet<String>,
     hops: HashMap<String, Vec<HopEvent>>,
     handed: usize,
@@ -71,7 +73,7 @@ struct DirtyInner {
 impl DirtyInner {
     fn insert(&mut self, id: String) {
         if self.ids.insert(id.clone()) {
-            self.order.push_back(id);
+            self.order.push_back((id, Instant::now()));
         }
     }
 }
@@ -126,7 +128,7 @@ impl Dirty {
         let mut hops = HashMap::default();
         while ids.len() < max {
             match inner.order.pop_front() {
-                Some(id) => {
+                Some((id, _)) => {
                     inner.ids.remove(&id);
                     if let Some(h) = inner.hops.remove(&id) {
                         inner.handed -= h.len();
@@ -143,6 +145,16 @@ impl Dirty {
     /// Waits until something is marked.
     pub async fn wait(&self) {
         self.notify.notified().await;
+    }
+
+    /// How many chains wait, and how long the oldest has waited.
+    pub fn backlog(&self) -> (usize, Duration) {
+        let inner = self.lock();
+        let oldest = inner
+            .order
+            .front()
+            .map_or(Duration::ZERO, |(_, since)| since.elapsed());
+        (inner.order.len(), oldest)
     }
 
     /// Whether nothing waits.
@@ -217,6 +229,14 @@ impl Assembler {
                 Err(e)
             }
         }
+    }
+
+    /// Records how long a stage of a pass took (`custody_assembly_pass_seconds`).
+    pub fn observe_stage(&self, stage: &'static str, took: Duration) {
+        self.metrics
+            .assembly_pass
+            .get_or_create(&crate::metrics::StageLabel { stage })
+            .observe(took.as_secs_f64());
     }
 
     /// The second half of a pass: stores the trees and counts and announces

@@ -191,6 +191,12 @@ async fn inject(
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    // The assembly backlog as of now, not as of the last pass.
+    let (pending, waited) = shared.dirty.backlog();
+    let m = &shared.metrics;
+    m.assembly_pending
+        .set(i64::try_from(pending).unwrap_or(i64::MAX));
+    m.assembly_wait.set(waited.as_secs_f64());
     (
         [(
             header::CONTENT_TYPE,

@@ -10,7 +10,12 @@
 //! | `custody_policy_push_latency_seconds` | histogram | from a policy commit to a client's acknowledgement |
 //! | `custody_connected_clients` | gauge | `kind`: `proxy`, `agent`, `other` |
 //! | `custody_store_bytes` | gauge | bytes in use in the store |
+//! | `custody_assembly_pending_chains` | gauge | chains with new hops waiting for assembly (read at scrape time) |
+//! | `custody_assembly_wait_seconds` | gauge | how long the oldest of them has waited (0 when none waits): how far chains lag behind ingest |
+//! | `custody_assembly_pass_seconds` | histogram | `stage`: `assemble` (load and assemble a pass of chains), `store` (write its trees) |
 //! | `custody_control_auth_refused_total` | counter | `api`: `grpc`, `http`; `reason`: `missing`, `unknown_token`, a workload-token refusal (`malformed`, `disallowed_algorithm`, `unknown_key_id`, `bad_signature`, `expired`, `not_yet_valid`, `wrong_issuer`, `wrong_audience`, `claims`), `role` (authenticated, not allowed there), `workload_mismatch` (a workload token claiming another workload) |
+
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -49,6 +54,20 @@ pub struct AuthRefusedLabels {
     pub reason: &'static str,
 }
 
+/// Buckets of `custody_assembly_pass_seconds`.
+fn pass_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    ])
+}
+
+/// A label set with one label `stage`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    /// `assemble` or `store`.
+    pub stage: &'static str,
+}
+
 /// A label set with one label `kind`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -78,6 +97,12 @@ pub struct Metrics {
     pub store_bytes: Gauge,
     /// Callers refused, by API and reason.
     pub auth_refused: Family<AuthRefusedLabels, Counter>,
+    /// Chains waiting for assembly.
+    pub assembly_pending: Gauge,
+    /// How long the oldest chain waiting for assembly has waited.
+    pub assembly_wait: Gauge<f64, AtomicU64>,
+    /// Duration of assembly passes, by stage.
+    pub assembly_pass: Family<StageLabel, Histogram>,
 }
 
 impl Default for Metrics {
@@ -110,6 +135,10 @@ impl Metrics {
         let connected_clients = Family::<KindLabel, Gauge>::default();
         let store_bytes = Gauge::default();
         let auth_refused = Family::<AuthRefusedLabels, Counter>::default();
+        let assembly_pending = Gauge::default();
+        let assembly_wait = Gauge::<f64, AtomicU64>::default();
+        let assembly_pass =
+            Family::<StageLabel, Histogram>::new_with_constructor(pass_histogram as fn() -> _);
         registry.register(
             "custody_chains",
             "Chains assembled, by coverage class",
@@ -151,8 +180,26 @@ impl Metrics {
             "Callers refused: not authenticated, or not allowed what they asked",
             auth_refused.clone(),
         );
+        registry.register(
+            "custody_assembly_pending_chains",
+            "Chains with new hops waiting for assembly",
+            assembly_pending.clone(),
+        );
+        registry.register(
+            "custody_assembly_wait_seconds",
+            "How long the oldest chain waiting for assembly has waited",
+            assembly_wait.clone(),
+        );
+        registry.register(
+            "custody_assembly_pass_seconds",
+            "Duration of assembly passes, by stage",
+            assembly_pass.clone(),
+        );
         Metrics {
             registry,
+            assembly_pending,
+            assembly_wait,
+            assembly_pass,
             chains,
             hops,
             ingest_hops,

@@ -322,14 +322,18 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             let mut storing: Option<tokio::task::JoinHandle<_>> = None;
             loop {
                 let a = assembler.clone();
-                let prepared = tokio::task::spawn_blocking(move || a.prepare()).await;
+                let prepared =
+                    tokio::task::spawn_blocking(move || timed(&a, "assemble", Assembler::prepare))
+                        .await;
                 if let Some(previous) = storing.take() {
                     log_pass(previous.await);
                 }
                 match prepared {
                     Ok(Ok(Some(p))) => {
                         let a = assembler.clone();
-                        storing = Some(tokio::task::spawn_blocking(move || a.store(p)));
+                        storing = Some(tokio::task::spawn_blocking(move || {
+                            timed(&a, "store", |a| a.store(p))
+                        }));
                     }
                     Ok(Ok(None)) => break,
                     Ok(Err(error)) => {
@@ -406,6 +410,14 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         shutdown,
         tasks,
     })
+}
+
+/// Runs one stage of an assembly pass, observing how long it took.
+fn timed<T>(assembler: &Assembler, stage: &'static str, run: impl FnOnce(&Assembler) -> T) -> T {
+    let started = std::time::Instant::now();
+    let out = run(assembler);
+    assembler.observe_stage(stage, started.elapsed());
+    out
 }
 
 /// Logs a failed store of an assembly pass (its chains stay pending).

@@ -410,6 +410,11 @@ async fn new_chains_stream_and_metrics_count_coverage() {
         "custody_ingest_hops_total 9",
         "custody_ingest_rejected_total{reason=\"chain_id_bad_id\"} 1",
         "custody_store_bytes ",
+        // Every chain assembled: nothing waits.
+        "custody_assembly_pending_chains 0",
+        "custody_assembly_wait_seconds 0.0",
+        "custody_assembly_pass_seconds_count{stage=\"assemble\"}",
+        "custody_assembly_pass_seconds_count{stage=\"store\"}",
     ] {
         assert!(metrics.contains(want), "missing {want:?} in\n{metrics}");
     }

@@ -202,3 +202,21 @@ fn dirty_chains_are_taken_in_the_order_they_arrived() {
     assert_eq!(rest, vec!["b".to_owned(), "a".to_owned()]);
     assert!(dirty.is_empty());
 }
+
+#[test]
+fn the_backlog_counts_waiting_chains_and_the_oldest_wait() {
+    let dirty = Dirty::default();
+    assert_eq!(dirty.backlog(), (0, Duration::ZERO));
+    dirty.mark(["a".to_owned()]);
+    std::thread::sleep(Duration::from_millis(30));
+    dirty.mark(["b".to_owned(), "a".to_owned()]);
+    let (waiting, oldest) = dirty.backlog();
+    assert_eq!(waiting, 2);
+    // `a`, marked first, sets the wait; marking it again does not reset it.
+    assert!(oldest >= Duration::from_millis(30), "{oldest:?}");
+    let (taken, _) = dirty.take(1);
+    assert_eq!(taken, vec!["a".to_owned()]);
+    assert_eq!(dirty.backlog().0, 1);
+    let _ = dirty.take(1);
+    assert_eq!(dirty.backlog(), (0, Duration::ZERO));
+}
