@@ -26,7 +26,7 @@ mod pg;
 mod relay;
 mod tls;
 
-pub use tls::{Terminator, check_certificate};
+pub use tls::{Ends, Terminator};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,6 +69,30 @@ impl std::fmt::Debug for Engines {
 }
 
 impl Engines {
+    /// The TLS files of every terminating database, re-read on change,
+    /// with their `reload_interval_ms`, for [`crate::reload::Reloader::watch`].
+    pub(crate) fn tls_reloaders(
+        &self,
+        config: &crate::config::Config,
+    ) -> Vec<(Arc<crate::reload::Reloader<Ends>>, u64)> {
+        let mut all: Vec<(Arc<crate::reload::Reloader<Ends>>, u64)> = Vec::new();
+        for database in &config.databases {
+            if let DatabaseTls::Terminate {
+                cert_file,
+                reload_interval_ms,
+                ..
+            } = &database.tls
+                && let Some(terminator) = self.terminators.get(cert_file)
+                && !all
+                    .iter()
+                    .any(|(r, _)| Arc::ptr_eq(r, terminator.reloader()))
+            {
+                all.push((Arc::clone(terminator.reloader()), *reload_interval_ms));
+            }
+        }
+        all
+    }
+
     /// Builds them from the configuration.
     pub fn new(config: &crate::config::Config) -> Result<Self, String> {
         let mut terminators = std::collections::HashMap::new();
@@ -86,7 +110,7 @@ impl Engines {
                     key_file,
                     upstream_ca_file,
                     upstream_server_name.as_deref(),
-                    &format!("databases[{i}].tls.terminate"),
+                    &format!("databases[{i}].tls"),
                 )?;
                 terminators.insert(cert_file.clone(), Arc::new(terminator));
             }
