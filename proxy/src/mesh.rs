@@ -4,7 +4,7 @@
 //! Every sidecar holds a certificate from the mesh CA whose URI SAN is its
 //! workload's SPIFFE ID (`spiffe://<trust_domain>/ns/<ns>/sa/<sa>`); at
 //! start the sidecar checks that it names its own workload. The
-//! certificate, key and CAs are re-read while running ([`MeshTls::watch`]):
+//! certificate, key and CAs are re-read while running ([`crate::reload::Reloader::watch`]):
 //! a new set that passes the same checks is used by every new handshake,
 //! connections already open keep theirs, and a set that fails stays out.
 //!
@@ -241,7 +241,7 @@ impl Material {
 }
 
 /// The mesh's certificates: loaded and checked at start, then replaced
-/// while running when the files change (see [`MeshTls::watch`]). Every new
+/// while running when the files change (see [`crate::reload::Reloader::watch`]). Every new
 /// handshake, inbound or outbound, uses the set in force when it starts.
 pub struct MeshTls {
     /// Whether inbound connections that are not mesh mTLS are still served.
