@@ -139,8 +139,8 @@ pub struct MeshTlsConfig {
     pub mode: MeshTlsMode,
     /// How often `cert_file`, `key_file` and `ca_file` are read for a new
     /// set (certificate rotation without a restart), in milliseconds
-    /// (default 5000).
-    #[serde(default = "default_mesh_reload_interval_ms")]
+    /// (default 5000, between 10 and 86400000).
+    #[serde(default = "default_reload_interval_ms")]
     pub reload_interval_ms: u64,
     /// Outbound destinations that are mesh peers: a host (`orders`, an
     /// explicit upstream name), a host suffix (`*.svc.cluster.local` or
@@ -150,9 +150,13 @@ pub struct MeshTlsConfig {
     pub peers: Vec<MeshPeer>,
 }
 
-fn default_mesh_reload_interval_ms() -> u64 {
+/// The default `reload_interval_ms` of every block with certificate files.
+fn default_reload_interval_ms() -> u64 {
     5000
 }
+
+/// The bounds of every `reload_interval_ms`, in milliseconds.
+const RELOAD_INTERVAL_MS: std::ops::RangeInclusive<u64> = 10..=86_400_000;
 
 /// Whether inbound plaintext is accepted next to mesh mTLS.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -330,6 +334,10 @@ pub struct OriginateTls {
     pub server_name: Option<String>,
     /// The CA the server's certificate must chain to (PEM).
     pub ca_file: PathBuf,
+    /// How often `ca_file` is read for a new CA, in milliseconds (default
+    /// 5000, between 10 and 86400000).
+    #[serde(default = "default_reload_interval_ms")]
+    pub reload_interval_ms: u64,
 }
 
 /// TLS origination for one external host (any outbound mode).
@@ -348,6 +356,10 @@ pub struct OriginationConfig {
     pub server_name: Option<String>,
     /// The CA the server's certificate must chain to (PEM).
     pub ca_file: PathBuf,
+    /// How often `ca_file` is read for a new CA, in milliseconds (default
+    /// 5000, between 10 and 86400000).
+    #[serde(default = "default_reload_interval_ms")]
+    pub reload_interval_ms: u64,
 }
 
 impl OriginationConfig {
@@ -356,6 +368,7 @@ impl OriginationConfig {
         OriginateTls {
             server_name: self.server_name.clone(),
             ca_file: self.ca_file.clone(),
+            reload_interval_ms: self.reload_interval_ms,
         }
     }
 }
@@ -417,6 +430,11 @@ pub enum DatabaseTls {
         /// connection is closed and the failure recorded.
         #[serde(default = "default_tls_handshake_timeout_ms")]
         handshake_timeout_ms: u64,
+        /// How often `cert_file`, `key_file` and `upstream_ca_file` are
+        /// read for a new set (rotation without a restart), in
+        /// milliseconds (default 5000, between 10 and 86400000).
+        #[serde(default = "default_reload_interval_ms")]
+        reload_interval_ms: u64,
     },
 }
 
@@ -579,6 +597,11 @@ pub struct InboundTlsConfig {
     pub cert_file: PathBuf,
     /// Its private key (PEM).
     pub key_file: PathBuf,
+    /// How often `cert_file` and `key_file` are read for a new certificate
+    /// (rotation without a restart), in milliseconds (default 5000,
+    /// between 10 and 86400000).
+    #[serde(default = "default_reload_interval_ms")]
+    pub reload_interval_ms: u64,
 }
 
 /// Inbound traffic.
@@ -998,6 +1021,7 @@ impl Config {
         }
         self.validate_databases()?;
         self.validate_tls()?;
+        self.validate_reload_intervals()?;
         if let Some(file) = &self.signing.seed_file
             && file.as_os_str().is_empty()
         {
@@ -1106,6 +1130,63 @@ impl Config {
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return Err(ConfigError::field(name, "must be between 0 and 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every `reload_interval_ms` within [`RELOAD_INTERVAL_MS`].
+    fn validate_reload_intervals(&self) -> Result<(), ConfigError> {
+        let mut intervals: Vec<(String, u64)> = Vec::new();
+        if let Some(mesh) = &self.mesh_tls {
+            intervals.push((
+                "mesh_tls.reload_interval_ms".into(),
+                mesh.reload_interval_ms,
+            ));
+        }
+        if let Some(tls) = &self.listeners.inbound_tls {
+            intervals.push((
+                "listeners.inbound_tls.reload_interval_ms".into(),
+                tls.reload_interval_ms,
+            ));
+        }
+        for (i, db) in self.databases.iter().enumerate() {
+            if let DatabaseTls::Terminate {
+                reload_interval_ms, ..
+            } = db.tls
+            {
+                intervals.push((
+                    format!("databases[{i}].tls.reload_interval_ms"),
+                    reload_interval_ms,
+                ));
+            }
+        }
+        for (i, entry) in self.tls_origination.iter().enumerate() {
+            intervals.push((
+                format!("tls_origination[{i}].reload_interval_ms"),
+                entry.reload_interval_ms,
+            ));
+        }
+        if let OutboundMode::Explicit { upstreams, .. } = &self.outbound {
+            for (name, upstream) in upstreams {
+                if let Some(tls) = &upstream.tls {
+                    intervals.push((
+                        format!("outbound.upstreams.{name}.tls.reload_interval_ms"),
+                        tls.reload_interval_ms,
+                    ));
+                }
+            }
+        }
+        for (field, value) in intervals {
+            if !RELOAD_INTERVAL_MS.contains(&value) {
+                return Err(ConfigError::field(
+                    field,
+                    format!(
+                        "must be between {} and {}",
+                        RELOAD_INTERVAL_MS.start(),
+                        RELOAD_INTERVAL_MS.end()
+                    ),
+                ));
             }
         }
         Ok(())

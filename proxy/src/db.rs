@@ -26,7 +26,7 @@ mod pg;
 mod relay;
 mod tls;
 
-pub use tls::{Terminator, check_certificate};
+pub use tls::{Ends, Terminator};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,8 +56,9 @@ pub struct Engines {
     analyzer: Analyzer,
     classifier: Classifier,
     taint_min_confidence: f32,
-    /// TLS ends of the databases configured to terminate, by certificate file.
-    terminators: std::collections::HashMap<std::path::PathBuf, Arc<Terminator>>,
+    /// TLS ends of the databases configured to terminate, by their files
+    /// and server name (databases configured alike share one).
+    terminators: std::collections::HashMap<TerminatorKey, Arc<Terminator>>,
 }
 
 impl std::fmt::Debug for Engines {
@@ -68,28 +69,81 @@ impl std::fmt::Debug for Engines {
     }
 }
 
+/// What makes two terminating databases' TLS the same: certificate, key,
+/// upstream CA and upstream server name.
+type TerminatorKey = (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Option<String>,
+);
+
+fn terminator_key(tls: &DatabaseTls) -> Option<TerminatorKey> {
+    match tls {
+        DatabaseTls::Terminate {
+            cert_file,
+            key_file,
+            upstream_ca_file,
+            upstream_server_name,
+            ..
+        } => Some((
+            cert_file.clone(),
+            key_file.clone(),
+            upstream_ca_file.clone(),
+            upstream_server_name.clone(),
+        )),
+        DatabaseTls::Passthrough => None,
+    }
+}
+
 impl Engines {
+    /// The TLS ends of a database configured to terminate.
+    fn terminator(&self, tls: &DatabaseTls) -> Option<&Arc<Terminator>> {
+        self.terminators.get(&terminator_key(tls)?)
+    }
+
+    /// The TLS files of every terminating database, re-read on change,
+    /// with their `reload_interval_ms`, for [`crate::reload::Reloader::watch`].
+    pub(crate) fn tls_reloaders(
+        &self,
+        config: &crate::config::Config,
+    ) -> Vec<(Arc<crate::reload::Reloader<Ends>>, u64)> {
+        let mut all: Vec<(Arc<crate::reload::Reloader<Ends>>, u64)> = Vec::new();
+        for database in &config.databases {
+            if let DatabaseTls::Terminate {
+                reload_interval_ms, ..
+            } = &database.tls
+                && let Some(terminator) = self.terminator(&database.tls)
+                && !all
+                    .iter()
+                    .any(|(r, _)| Arc::ptr_eq(r, terminator.reloader()))
+            {
+                all.push((Arc::clone(terminator.reloader()), *reload_interval_ms));
+            }
+        }
+        all
+    }
+
     /// Builds them from the configuration.
     pub fn new(config: &crate::config::Config) -> Result<Self, String> {
         let mut terminators = std::collections::HashMap::new();
         for (i, database) in config.databases.iter().enumerate() {
-            if let DatabaseTls::Terminate {
-                cert_file,
-                key_file,
-                upstream_ca_file,
-                upstream_server_name,
-                ..
-            } = &database.tls
-            {
-                let terminator = Terminator::load(
-                    cert_file,
-                    key_file,
-                    upstream_ca_file,
-                    upstream_server_name.as_deref(),
-                    &format!("databases[{i}].tls.terminate"),
-                )?;
-                terminators.insert(cert_file.clone(), Arc::new(terminator));
+            let Some(key) = terminator_key(&database.tls) else {
+                continue;
+            };
+            if terminators.contains_key(&key) {
+                // Configured like an earlier database: its files are
+                // watched (and labelled) there.
+                continue;
             }
+            let terminator = Terminator::load(
+                &key.0,
+                &key.1,
+                &key.2,
+                key.3.as_deref(),
+                &format!("databases[{i}].tls"),
+            )?;
+            terminators.insert(key, Arc::new(terminator));
         }
         let mut engines = Engines::classifying(&config.classification)?;
         engines.terminators = terminators;
@@ -818,10 +872,7 @@ pub(crate) async fn serve(
     let metrics = &shared.metrics;
     let (conn, end, bytes) = match database.protocol {
         DatabaseProtocol::Postgres => {
-            let terminator = match &database.tls {
-                DatabaseTls::Terminate { cert_file, .. } => engines.terminators.get(cert_file),
-                DatabaseTls::Passthrough => None,
-            };
+            let terminator = engines.terminator(&database.tls);
             let mut client = client;
             let mut head = [0u8; 8];
             let mut asks_tls = false;
@@ -873,10 +924,7 @@ pub(crate) async fn serve(
             }
         }
         DatabaseProtocol::Mysql => {
-            let terminator = match &database.tls {
-                DatabaseTls::Terminate { cert_file, .. } => engines.terminators.get(cert_file),
-                DatabaseTls::Passthrough => None,
-            };
+            let terminator = engines.terminator(&database.tls);
             match terminator {
                 Some(terminator) => {
                     let limit = database.tls.handshake_timeout();

@@ -10,6 +10,8 @@
 //!   statement attributed, analysed and classified.
 //! - [`mesh`]: mutual TLS between sidecars (SPIFFE IDs in certificates)
 //!   and TLS origination to external servers.
+//! - [`reload`]: certificate, key and CA files re-read while running
+//!   (rotation without a restart), for every TLS the sidecar ends or opens.
 //! - [`taint`]: the data classes each chain touched in this pod.
 //! - [`inflight`]: the pod's inbound requests in flight, for stitching.
 //! - [`policy_store`]: the policy in force, hot-swapped and persisted.
@@ -33,6 +35,7 @@ pub mod metrics;
 pub mod policy_store;
 pub mod proxy;
 pub mod registration;
+pub mod reload;
 pub mod server;
 pub mod taint;
 pub mod tcp;

@@ -4,7 +4,7 @@
 //! Every sidecar holds a certificate from the mesh CA whose URI SAN is its
 //! workload's SPIFFE ID (`spiffe://<trust_domain>/ns/<ns>/sa/<sa>`); at
 //! start the sidecar checks that it names its own workload. The
-//! certificate, key and CAs are re-read while running ([`MeshTls::watch`]):
+//! certificate, key and CAs are re-read while running ([`crate::reload::Reloader::watch`]):
 //! a new set that passes the same checks is used by every new handshake,
 //! connections already open keep theirs, and a set that fails stays out.
 //!
@@ -54,7 +54,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use custody_context::workload::WorkloadId;
 use pingora::listeners::TlsAccept;
@@ -68,8 +67,7 @@ use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
 };
 use tokio_rustls::rustls::crypto::{CryptoProvider, ring};
-use tokio_rustls::rustls::pki_types::pem::PemObject as _;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::sign::{CertifiedKey, SingleCertAndKey};
 use tokio_rustls::rustls::{
@@ -78,7 +76,8 @@ use tokio_rustls::rustls::{
 use x509_parser::extensions::GeneralName;
 
 use crate::config::{MeshTlsConfig, MeshTlsMode, OriginateTls};
-use crate::metrics::{MeshTlsLabels, MeshTlsReloadLabels, Metrics, OriginationLabels};
+use crate::metrics::{MeshTlsLabels, Metrics, OriginationLabels};
+use crate::reload::{Checked, File, Reloader, parse_chain};
 
 /// The ALPN protocol a sidecar offers, next to the HTTP one, when it opens
 /// mesh mTLS: how the inbound side tells mesh mTLS from other TLS on one
@@ -123,31 +122,6 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
-fn read(path: &Path, field: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))
-}
-
-/// The certificates of a PEM file, at least one.
-fn load_chain(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = read(path, field)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{field}: {e}"))?;
-    if chain.is_empty() {
-        return Err(format!("{field}: no certificate in {}", path.display()));
-    }
-    Ok(chain)
-}
-
-/// A root store of the CA certificates in a PEM file.
-pub fn load_roots(path: &Path, field: &str) -> Result<Arc<RootCertStore>, String> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_chain(path, field)? {
-        roots.add(cert).map_err(|e| format!("{field}: {e}"))?;
-    }
-    Ok(Arc::new(roots))
-}
-
 /// What mesh mTLS verified of an inbound connection's client: stored in
 /// the connection's TLS digest, read by the HTTP proxy.
 #[derive(Debug)]
@@ -156,16 +130,7 @@ pub struct MeshPeerCert {
     pub spiffe_id: Option<String>,
 }
 
-/// The last set of files refused by [`MeshTls::reload`] (or the error
-/// reading them), so the same refusal is warned about and counted once.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RefusedSet(Result<Contents, String>);
-
-impl fmt::Debug for RefusedSet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RefusedSet").finish_non_exhaustive()
-    }
-}
+pub use crate::reload::{RefusedSet, Reload};
 
 /// Reads the client's SPIFFE ID once the inbound handshake is done.
 struct PeerIdentity {
@@ -186,26 +151,6 @@ impl TlsAccept for PeerIdentity {
     }
 }
 
-/// The bytes of `cert_file`, `key_file` and `ca_file` as last read. Never
-/// printed (the key).
-#[derive(Clone, PartialEq, Eq)]
-struct Contents {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    ca: Vec<u8>,
-}
-
-impl Contents {
-    /// Reads the three files; an error names the file.
-    fn read(config: &MeshTlsConfig) -> Result<Self, String> {
-        Ok(Contents {
-            cert: read(&config.cert_file, "mesh_tls.cert_file")?,
-            key: read(&config.key_file, "mesh_tls.key_file")?,
-            ca: read(&config.ca_file, "mesh_tls.ca_file")?,
-        })
-    }
-}
-
 /// One checked set of the sidecar's certificate, key and mesh CAs, with
 /// what every new handshake needs (the inbound acceptor, the roots and the
 /// certified key for outbound).
@@ -215,38 +160,22 @@ pub(crate) struct Material {
     tcp_acceptor: tokio_rustls::TlsAcceptor,
     roots: Arc<RootCertStore>,
     certified: Arc<CertifiedKey>,
-    /// The leaf's serial number (hex, colon-separated).
-    serial: String,
-    /// The leaf's `notAfter`, Unix seconds.
-    not_after: i64,
-    contents: Contents,
-}
-
-/// The certificates of a PEM buffer, at least one.
-fn parse_chain(pem: &[u8], field: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{field}: {e}"))?;
-    if chain.is_empty() {
-        return Err(format!("{field}: no certificate"));
-    }
-    Ok(chain)
 }
 
 impl Material {
     /// Checks a set: the leaf names `own`, the key matches it, it chains
     /// to one of the CAs (a bundle of several is accepted, as during a CA
-    /// roll). Errors name the field at fault.
+    /// roll). `contents` are those of `files` (certificate, key, CA).
+    /// Errors name the file at fault.
     fn check(
-        contents: Contents,
-        config: &MeshTlsConfig,
+        contents: &[Vec<u8>],
+        files: &[File],
         own: &str,
         prefix: &str,
-    ) -> Result<Self, String> {
-        let cert_field = format!("mesh_tls.cert_file ({})", config.cert_file.display());
-        let key_field = format!("mesh_tls.key_file ({})", config.key_file.display());
-        let ca_field = format!("mesh_tls.ca_file ({})", config.ca_file.display());
-        let chain = parse_chain(&contents.cert, &cert_field)?;
+    ) -> Result<Checked<Self>, String> {
+        let cert_field = files[0].named();
+        let ca_field = files[2].named();
+        let chain = parse_chain(&contents[0], &cert_field)?;
         match spiffe_id(chain[0].as_ref()) {
             Some(id) if id == own => {}
             Some(id) => {
@@ -260,23 +189,9 @@ impl Material {
                 ));
             }
         }
-        let (serial, not_after) = x509_parser::parse_x509_certificate(chain[0].as_ref())
-            .map(|(_, c)| {
-                (
-                    c.tbs_certificate.raw_serial_as_string(),
-                    c.validity().not_after.timestamp(),
-                )
-            })
-            .map_err(|e| format!("{cert_field}: {e}"))?;
-        let key = PrivateKeyDer::from_pem_slice(&contents.key)
-            .map_err(|e| format!("{key_field}: {e}"))?;
-        let certified = CertifiedKey::from_der(chain.clone(), key, &provider())
-            .map_err(|e| format!("{key_field}: not the key of {cert_field}: {e}"))?;
-        let mut roots = RootCertStore::empty();
-        for cert in parse_chain(&contents.ca, &ca_field)? {
-            roots.add(cert).map_err(|e| format!("{ca_field}: {e}"))?;
-        }
-        let roots = Arc::new(roots);
+        let (certified, leaf) =
+            crate::reload::certified_key(&contents[0], &contents[1], &files[0], &files[1])?;
+        let roots = Arc::new(crate::reload::parse_roots(&contents[2], &ca_field)?);
         // The own certificate must be one the peers accept.
         let own_check = WebPkiServerVerifier::builder_with_provider(Arc::clone(&roots), provider())
             .build()
@@ -313,30 +228,28 @@ impl Material {
         settings.set_cert_resolver(Arc::new(SingleCertAndKey::from(Arc::clone(&certified))));
         settings.set_client_cert_verifier(verifier);
         settings.enable_h2();
-        Ok(Material {
-            acceptor: settings.build(),
-            tcp_acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tcp)),
-            roots,
-            certified,
-            serial,
-            not_after,
-            contents,
+        Ok(Checked {
+            material: Material {
+                acceptor: settings.build(),
+                tcp_acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tcp)),
+                roots,
+                certified,
+            },
+            leaf: Some(leaf),
         })
     }
 }
 
 /// The mesh's certificates: loaded and checked at start, then replaced
-/// while running when the files change (see [`MeshTls::watch`]). Every new
+/// while running when the files change (see [`crate::reload::Reloader::watch`]). Every new
 /// handshake, inbound or outbound, uses the set in force when it starts.
 pub struct MeshTls {
     /// Whether inbound connections that are not mesh mTLS are still served.
     pub mode: MeshTlsMode,
-    config: MeshTlsConfig,
-    /// This workload's SPIFFE ID.
-    own: String,
     /// `spiffe://<trust_domain>/`.
     prefix: String,
-    current: ArcSwap<Material>,
+    /// The set in force, re-read from the files.
+    sets: Arc<Reloader<Material>>,
 }
 
 impl fmt::Debug for MeshTls {
@@ -344,20 +257,9 @@ impl fmt::Debug for MeshTls {
         f.debug_struct("MeshTls")
             .field("mode", &self.mode)
             .field("prefix", &self.prefix)
-            .field("serial", &self.current.load().serial)
+            .field("serial", &self.serial())
             .finish_non_exhaustive()
     }
-}
-
-/// What one look at the files came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reload {
-    /// The files hold the set in force.
-    Unchanged,
-    /// A new set was checked and is now in force.
-    Applied,
-    /// The files changed but do not hold a valid set; the set in force stays.
-    Refused,
 }
 
 impl MeshTls {
@@ -370,120 +272,48 @@ impl MeshTls {
     ) -> Result<Self, String> {
         let own = workload.uri();
         let prefix = format!("spiffe://{trust_domain}/");
-        let material = Material::check(Contents::read(config)?, config, &own, &prefix)?;
+        let files = vec![
+            File::new("mesh_tls.cert_file", &config.cert_file),
+            File::new("mesh_tls.key_file", &config.key_file),
+            File::new("mesh_tls.ca_file", &config.ca_file),
+        ];
+        let check_files = files.clone();
+        let check_prefix = prefix.clone();
+        let sets = Reloader::load("mesh_tls", files, move |contents| {
+            Material::check(contents, &check_files, &own, &check_prefix)
+        })?;
         Ok(MeshTls {
             mode: config.mode,
-            config: config.clone(),
-            own,
             prefix,
-            current: ArcSwap::from_pointee(material),
+            sets: Arc::new(sets),
         })
     }
 
     /// The set in force.
     pub(crate) fn current(&self) -> Arc<Material> {
-        self.current.load_full()
+        self.sets.current()
+    }
+
+    /// The certificates, re-read from the files ([`Reloader::watch`]
+    /// keeps them current).
+    pub(crate) fn reloader(&self) -> &Arc<Reloader<Material>> {
+        &self.sets
     }
 
     /// The serial number of the certificate in force (hex, colon-separated).
     pub fn serial(&self) -> String {
-        self.current.load().serial.clone()
+        self.sets.leaf().map(|l| l.serial).unwrap_or_default()
     }
 
     /// When the certificate in force expires, in Unix seconds.
     pub fn not_after(&self) -> i64 {
-        self.current.load().not_after
+        self.sets.leaf().map_or(0, |l| l.not_after)
     }
 
-    /// Reads the files once and, when they hold a new set, checks it and
-    /// puts it in force. A set that fails a check is refused with a warning
-    /// naming the file (once per distinct content: `last_refused` keeps the
-    /// last refused attempt) and counted; it is tried again at each call, so
-    /// a certificate and key written one after the other converge.
+    /// Reads the files once and puts a new, valid set in force
+    /// ([`Reloader::reload`]).
     pub fn reload(&self, metrics: &Metrics, last_refused: &mut Option<RefusedSet>) -> Reload {
-        let attempt = Contents::read(&self.config);
-        if let Ok(contents) = &attempt
-            && *contents == self.current.load().contents
-        {
-            *last_refused = None;
-            return Reload::Unchanged;
-        }
-        let result = attempt
-            .clone()
-            .and_then(|contents| Material::check(contents, &self.config, &self.own, &self.prefix));
-        match result {
-            Ok(material) => {
-                tracing::info!(
-                    message = "mesh certificate rotated",
-                    serial = %material.serial,
-                    not_after = material.not_after,
-                    spiffe_id = %self.own,
-                    previous_serial = %self.current.load().serial,
-                );
-                metrics.mesh_tls_cert_expiry.set(material.not_after);
-                self.current.store(Arc::new(material));
-                metrics
-                    .mesh_tls_reloads
-                    .get_or_create(&MeshTlsReloadLabels { result: "applied" })
-                    .inc();
-                *last_refused = None;
-                Reload::Applied
-            }
-            Err(error) => {
-                let seen = RefusedSet(attempt);
-                if last_refused.as_ref() != Some(&seen) {
-                    tracing::warn!(
-                        message = "new mesh certificate refused, the one in force stays",
-                        %error,
-                        serial = %self.current.load().serial,
-                    );
-                    metrics
-                        .mesh_tls_reloads
-                        .get_or_create(&MeshTlsReloadLabels { result: "refused" })
-                        .inc();
-                    *last_refused = Some(seen);
-                }
-                Reload::Refused
-            }
-        }
-    }
-
-    /// Looks at `cert_file`, `key_file` and `ca_file` every `interval`
-    /// (their contents, which follows Kubernetes' symlink swaps of secret
-    /// volumes) and reloads them on change ([`MeshTls::reload`]), until
-    /// `stop`.
-    pub async fn watch(
-        self: Arc<Self>,
-        metrics: Arc<Metrics>,
-        interval: Duration,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
-        let mut last_refused = None;
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                changed = stop.changed() => {
-                    if changed.is_err() || *stop.borrow() {
-                        return;
-                    }
-                }
-            }
-            let mesh = Arc::clone(&self);
-            let metrics = Arc::clone(&metrics);
-            let mut refused = last_refused.take();
-            // File reads and signature checks: off the async workers.
-            let Ok(refused) = tokio::task::spawn_blocking(move || {
-                mesh.reload(&metrics, &mut refused);
-                refused
-            })
-            .await
-            else {
-                return;
-            };
-            last_refused = refused;
-        }
+        self.sets.reload(metrics, last_refused)
     }
 
     /// Ends mesh mTLS on an inbound connection; `None` when the handshake
@@ -1073,7 +903,7 @@ impl Tunnel {
                         route: route.clone(),
                         server_name,
                     },
-                    Arc::clone(roots),
+                    roots,
                     h2,
                 ))
             }
@@ -1167,13 +997,25 @@ impl pingora::apps::ServerApp for Tunnel {
     }
 }
 
-/// The CAs of TLS origination, loaded at start.
+/// The CAs of TLS origination: loaded at start, re-read on change.
 #[derive(Debug, Default)]
 pub struct OriginationRoots {
     /// For `tls_origination[i]`.
-    entries: Vec<Arc<RootCertStore>>,
+    entries: Vec<Arc<Reloader<RootCertStore>>>,
     /// For explicit upstreams with `tls`, by name.
-    upstreams: HashMap<String, Arc<RootCertStore>>,
+    upstreams: HashMap<String, Arc<Reloader<RootCertStore>>>,
+}
+
+/// A CA file (`<block>.ca_file`), re-read on change.
+fn rotating_roots(block: String, ca_file: &Path) -> Result<Reloader<RootCertStore>, String> {
+    let file = File::new(format!("{block}.ca_file"), ca_file);
+    let named = file.named();
+    Reloader::load(block, vec![file], move |contents| {
+        Ok(Checked {
+            material: crate::reload::parse_roots(&contents[0], &named)?,
+            leaf: None,
+        })
+    })
 }
 
 impl OriginationRoots {
@@ -1181,31 +1023,54 @@ impl OriginationRoots {
     pub fn load(config: &crate::Config) -> Result<Self, String> {
         let mut roots = OriginationRoots::default();
         for (i, entry) in config.tls_origination.iter().enumerate() {
-            roots.entries.push(load_roots(
+            roots.entries.push(Arc::new(rotating_roots(
+                format!("tls_origination[{i}]"),
                 &entry.ca_file,
-                &format!("tls_origination[{i}].ca_file"),
-            )?);
+            )?));
         }
         if let crate::config::OutboundMode::Explicit { upstreams, .. } = &config.outbound {
             for (name, upstream) in upstreams {
                 if let Some(tls) = &upstream.tls {
-                    let field = format!("outbound.upstreams.{name}.tls.ca_file");
+                    let block = format!("outbound.upstreams.{name}.tls");
                     roots
                         .upstreams
-                        .insert(name.clone(), load_roots(&tls.ca_file, &field)?);
+                        .insert(name.clone(), Arc::new(rotating_roots(block, &tls.ca_file)?));
                 }
             }
         }
         Ok(roots)
     }
 
-    /// The CA at `route` (`upstream:<name>` or `tls_origination:<index>`).
-    pub(crate) fn route(&self, route: &str) -> Option<&Arc<RootCertStore>> {
+    /// The CA in force at `route` (`upstream:<name>` or
+    /// `tls_origination:<index>`).
+    pub(crate) fn route(&self, route: &str) -> Option<Arc<RootCertStore>> {
         if let Some(name) = route.strip_prefix("upstream:") {
-            return self.upstreams.get(name);
+            return self.upstreams.get(name).map(|r| r.current());
         }
         let index: usize = route.strip_prefix("tls_origination:")?.parse().ok()?;
-        self.entries.get(index)
+        self.entries.get(index).map(|r| r.current())
+    }
+
+    /// Every CA file, with its `reload_interval_ms` in `config`, for
+    /// [`Reloader::watch`].
+    pub(crate) fn reloaders(
+        &self,
+        config: &crate::Config,
+    ) -> Vec<(Arc<Reloader<RootCertStore>>, u64)> {
+        let mut all: Vec<_> = self
+            .entries
+            .iter()
+            .zip(&config.tls_origination)
+            .map(|(r, c)| (Arc::clone(r), c.reload_interval_ms))
+            .collect();
+        if let crate::config::OutboundMode::Explicit { upstreams, .. } = &config.outbound {
+            for (name, reloader) in &self.upstreams {
+                if let Some(tls) = upstreams.get(name).and_then(|u| u.tls.as_ref()) {
+                    all.push((Arc::clone(reloader), tls.reload_interval_ms));
+                }
+            }
+        }
+        all
     }
 }
 

@@ -121,12 +121,25 @@ pub struct MeshTlsLabels {
     pub result: &'static str,
 }
 
-/// Labels of `custody_proxy_mesh_tls_reloads_total`.
+/// Labels of `custody_proxy_tls_reloads_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MeshTlsReloadLabels {
-    /// `applied` (a new certificate, key and CA set in force) or `refused`
+pub struct TlsReloadLabels {
+    /// The configuration block whose files changed: `mesh_tls`,
+    /// `listeners.inbound_tls`, `databases[<i>].tls`,
+    /// `tls_origination[<i>]` or `outbound.upstreams.<name>.tls` (bounded
+    /// by the configuration).
+    pub material: String,
+    /// `applied` (a new set in force for new handshakes) or `refused`
     /// (the files changed but failed a check; the set in force stays).
     pub result: &'static str,
+}
+
+/// Labels of `custody_proxy_tls_cert_expiry_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsMaterialLabels {
+    /// The configuration block of the certificate, as in
+    /// [`TlsReloadLabels::material`].
+    pub material: String,
 }
 
 /// Labels of `custody_proxy_tls_origination_connections_total`.
@@ -172,10 +185,11 @@ pub struct Metrics {
     pub data_classes: Family<ClassLabels, Counter>,
     /// Mesh mTLS connections, by direction and result.
     pub mesh_tls_connections: Family<MeshTlsLabels, Counter>,
-    /// Reloads of the mesh certificate files, by result.
-    pub mesh_tls_reloads: Family<MeshTlsReloadLabels, Counter>,
-    /// When the mesh certificate in force expires, in Unix seconds.
-    pub mesh_tls_cert_expiry: Gauge,
+    /// Changes of TLS material files seen while running, by material and
+    /// result.
+    pub tls_reloads: Family<TlsReloadLabels, Counter>,
+    /// When each certificate in force expires, in Unix seconds.
+    pub tls_cert_expiry: Family<TlsMaterialLabels, Gauge>,
     /// TLS connections opened to external servers, by result.
     pub tls_origination_connections: Family<OriginationLabels, Counter>,
 }
@@ -265,15 +279,15 @@ impl Metrics {
             self.mesh_tls_connections.clone(),
         );
         r.register(
-            "mesh_tls_reloads",
-            "Reloads of the mesh certificate, key and CA files, by result",
-            self.mesh_tls_reloads.clone(),
+            "tls_reloads",
+            "Changes of certificate, key and CA files seen while running, by material and result",
+            self.tls_reloads.clone(),
         );
         r.register_with_unit(
-            "mesh_tls_cert_expiry",
-            "When the mesh certificate in force expires, in Unix seconds",
+            "tls_cert_expiry",
+            "When each certificate in force expires, in Unix seconds, by material",
             prometheus_client::registry::Unit::Seconds,
-            self.mesh_tls_cert_expiry.clone(),
+            self.tls_cert_expiry.clone(),
         );
         r.register(
             "tls_origination_connections",

@@ -70,6 +70,8 @@ pub struct Shared {
     pub db: crate::db::Engines,
     /// Mesh mTLS, when configured.
     pub mesh: Option<Arc<crate::mesh::MeshTls>>,
+    /// The certificate of `listeners.inbound_tls`, re-read on change.
+    pub inbound_tls: Option<Arc<crate::reload::Reloader<tokio_rustls::rustls::sign::CertifiedKey>>>,
     /// The CAs of TLS origination.
     pub origination: crate::mesh::OriginationRoots,
     /// The Unix socket of the TLS tunnel (with mesh mTLS or TLS origination).

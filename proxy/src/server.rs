@@ -104,17 +104,7 @@ impl BackgroundService for Tasks {
                 shutdown.clone(),
             ))
         });
-        let rotation = config
-            .mesh_tls
-            .as_ref()
-            .zip(self.shared.mesh.as_ref())
-            .map(|(c, mesh)| {
-                tokio::spawn(Arc::clone(mesh).watch(
-                    Arc::clone(&self.shared.metrics),
-                    Duration::from_millis(c.reload_interval_ms.max(10)),
-                    shutdown.clone(),
-                ))
-            });
+        let rotation = self.rotation(&shutdown);
         let renewal = match (config.policy.control_plane.clone(), self.key_not_after) {
             (Some(address), Some(not_after)) => Some(tokio::spawn(crate::registration::renew(
                 Arc::clone(&self.shared),
@@ -135,12 +125,54 @@ impl BackgroundService for Tasks {
                 )
                 .await;
         }
-        for task in [watcher, subscription, renewal, rotation]
+        for task in [watcher, subscription, renewal]
             .into_iter()
             .flatten()
+            .chain(rotation)
         {
             task.abort();
         }
+    }
+}
+
+impl Tasks {
+    /// Starts watching every file of TLS material the sidecar holds
+    /// (certificate rotation without a restart).
+    fn rotation(&self, shutdown: &ShutdownWatch) -> Vec<tokio::task::JoinHandle<()>> {
+        let shared = &self.shared;
+        let config = &shared.config;
+        let interval = |ms: u64| Duration::from_millis(ms.max(10));
+        let metrics = || Arc::clone(&shared.metrics);
+        let mut tasks = Vec::new();
+        if let (Some(c), Some(mesh)) = (&config.mesh_tls, &shared.mesh) {
+            tasks.push(tokio::spawn(Arc::clone(mesh.reloader()).watch(
+                metrics(),
+                interval(c.reload_interval_ms),
+                shutdown.clone(),
+            )));
+        }
+        if let (Some(c), Some(certificate)) = (&config.listeners.inbound_tls, &shared.inbound_tls) {
+            tasks.push(tokio::spawn(Arc::clone(certificate).watch(
+                metrics(),
+                interval(c.reload_interval_ms),
+                shutdown.clone(),
+            )));
+        }
+        for (reloader, ms) in shared.db.tls_reloaders(config) {
+            tasks.push(tokio::spawn(reloader.watch(
+                metrics(),
+                interval(ms),
+                shutdown.clone(),
+            )));
+        }
+        for (reloader, ms) in shared.origination.reloaders(config) {
+            tasks.push(tokio::spawn(reloader.watch(
+                metrics(),
+                interval(ms),
+                shutdown.clone(),
+            )));
+        }
+        tasks
     }
 }
 
@@ -245,10 +277,17 @@ impl Sidecar {
                 _ => Ok(None),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(tls) = &config.listeners.inbound_tls {
-            crate::db::check_certificate(&tls.cert_file, &tls.key_file, "listeners.inbound_tls")
-                .map_err(BuildError::Tls)?;
-        }
+        let inbound_tls = match &config.listeners.inbound_tls {
+            Some(tls) => Some(Arc::new(
+                crate::reload::server_certificate(
+                    "listeners.inbound_tls",
+                    &tls.cert_file,
+                    &tls.key_file,
+                )
+                .map_err(BuildError::Tls)?,
+            )),
+            None => None,
+        };
         let mesh = match &config.mesh_tls {
             Some(mesh) => Some(Arc::new(
                 crate::mesh::MeshTls::load(mesh, &workload, &config.workload.trust_domain)
@@ -256,14 +295,6 @@ impl Sidecar {
             )),
             None => None,
         };
-        if let Some(mesh) = &mesh {
-            metrics.mesh_tls_cert_expiry.set(mesh.not_after());
-            tracing::info!(
-                message = "mesh certificate loaded",
-                serial = %mesh.serial(),
-                not_after = mesh.not_after(),
-            );
-        }
         let origination = crate::mesh::OriginationRoots::load(&config).map_err(BuildError::Tls)?;
         let tls_upstreams = matches!(&config.outbound, crate::config::OutboundMode::Explicit { upstreams, .. }
             if upstreams.values().any(|u| u.tls.is_some()));
@@ -272,12 +303,22 @@ impl Sidecar {
             false => None,
         };
         let db = crate::db::Engines::new(&config).map_err(BuildError::Database)?;
+        if let Some(mesh) = &mesh {
+            mesh.reloader().publish(&metrics);
+        }
+        if let Some(certificate) = &inbound_tls {
+            certificate.publish(&metrics);
+        }
+        for (reloader, _) in db.tls_reloaders(&config) {
+            reloader.publish(&metrics);
+        }
         let taint_ttl =
             std::time::Duration::from_secs(config.signing.token_ttl_secs.unwrap_or(300).max(60));
         let shared = Arc::new(Shared {
             taint: crate::taint::TaintTable::new(16_384, taint_ttl),
             db,
             mesh,
+            inbound_tls,
             origination,
             tunnel,
             bearer,
@@ -310,11 +351,15 @@ impl Sidecar {
                 Sniffing::new(http, Arc::clone(&shared), direction),
             );
             service.add_tcp(&addr.to_string());
-            if let (Direction::Inbound, Some(tls)) = (direction, &listeners.inbound_tls) {
-                let cert = tls.cert_file.to_string_lossy();
-                let key = tls.key_file.to_string_lossy();
-                let mut settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
+            if let (Direction::Inbound, Some(tls), Some(certificate)) =
+                (direction, &listeners.inbound_tls, &shared.inbound_tls)
+            {
+                // Each handshake takes the certificate in force.
+                let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
                     .map_err(|e| BuildError::Tls(format!("listeners.inbound_tls: {e}")))?;
+                settings.set_cert_resolver(Arc::new(crate::reload::CertResolver(Arc::clone(
+                    certificate,
+                ))));
                 settings.enable_h2();
                 service.add_tls_with_settings(&tls.address.to_string(), None, settings);
             }

@@ -391,3 +391,73 @@ fn every_listener_has_an_address_of_its_own() {
     let other_ip = MINIMAL.replace(r#"admin: "127.0.0.1:3""#, r#"admin: "127.0.0.2:1""#);
     assert!(Config::from_yaml(&other_ip).is_ok());
 }
+
+#[test]
+fn every_reload_interval_defaults_to_5000_and_is_checked_with_the_field_named() {
+    let blocks = r#"
+mesh_tls: { cert_file: /c, key_file: /k, ca_file: /ca }
+databases:
+  - protocol: postgres
+    ports: [5432]
+    tls: { mode: terminate, cert_file: /c, key_file: /k, upstream_ca_file: /ca }
+tls_origination:
+  - { host: api.partner.example, ca_file: /ca }
+"#;
+    let text = MINIMAL.replace(
+        r#"admin: "127.0.0.1:3" }"#,
+        r#"admin: "127.0.0.1:3", inbound_tls: { address: "127.0.0.1:5", cert_file: /c, key_file: /k } }"#,
+    ) + blocks;
+    let config = Config::from_yaml(&text).unwrap();
+    assert_eq!(config.mesh_tls.unwrap().reload_interval_ms, 5000);
+    assert_eq!(
+        config.listeners.inbound_tls.unwrap().reload_interval_ms,
+        5000
+    );
+    assert!(matches!(
+        config.databases[0].tls,
+        DatabaseTls::Terminate {
+            reload_interval_ms: 5000,
+            ..
+        }
+    ));
+    assert_eq!(config.tls_origination[0].reload_interval_ms, 5000);
+
+    for (from, to, field) in [
+        (
+            "ca_file: /ca }\ndatabases",
+            "ca_file: /ca, reload_interval_ms: 0 }\ndatabases",
+            "mesh_tls.reload_interval_ms",
+        ),
+        (
+            "key_file: /k } }",
+            "key_file: /k, reload_interval_ms: 5 } }",
+            "listeners.inbound_tls.reload_interval_ms",
+        ),
+        (
+            "upstream_ca_file: /ca }",
+            "upstream_ca_file: /ca, reload_interval_ms: 86400001 }",
+            "databases[0].tls.reload_interval_ms",
+        ),
+        (
+            "example, ca_file: /ca }",
+            "example, ca_file: /ca, reload_interval_ms: 9 }",
+            "tls_origination[0].reload_interval_ms",
+        ),
+    ] {
+        assert!(text.contains(from), "{from}");
+        let error = err(&text.replace(from, to));
+        assert_eq!(
+            error,
+            format!("{field}: must be between 10 and 86400000"),
+            "{to}"
+        );
+    }
+    let upstream = MINIMAL.replace(
+        "outbound: { mode: transparent }",
+        r#"outbound: { mode: explicit, upstreams: { partner: { address: "127.0.0.1:9", tls: { ca_file: /ca, reload_interval_ms: 0 } } } }"#,
+    );
+    assert_eq!(
+        err(&upstream),
+        "outbound.upstreams.partner.tls.reload_interval_ms: must be between 10 and 86400000"
+    );
+}

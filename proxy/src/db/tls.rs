@@ -25,18 +25,27 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls::crypto::ring;
-use tokio_rustls::rustls::pki_types::pem::PemObject as _;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::sign::SingleCertAndKey;
+use tokio_rustls::rustls::{ClientConfig, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::reload::{Checked, File, Reloader};
 
 /// The `SSLRequest` packet.
 pub(crate) const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
-/// Both TLS ends of a terminating sidecar.
-pub struct Terminator {
+/// Both TLS ends of a terminating sidecar, from one set of files.
+pub struct Ends {
     acceptor: TlsAcceptor,
     connector: TlsConnector,
+}
+
+/// A terminating sidecar's TLS: the certificate and key shown to clients
+/// and the CA the server's certificate must chain to, re-read on change
+/// (each session takes the set in force when it starts).
+pub struct Terminator {
+    sets: Arc<Reloader<Ends>>,
     server_name: Option<ServerName<'static>>,
 }
 
@@ -44,74 +53,66 @@ impl std::fmt::Debug for Terminator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Terminator")
             .field("server_name", &self.server_name)
+            .field("sets", &self.sets)
             .finish_non_exhaustive()
     }
 }
 
-fn read(path: &Path, field: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))
-}
-
-/// Checks that a certificate chain and its key load and match.
-pub fn check_certificate(cert_file: &Path, key_file: &Path, field: &str) -> Result<(), String> {
-    server_config(cert_file, key_file, field).map(|_| ())
-}
-
-fn server_config(cert_file: &Path, key_file: &Path, field: &str) -> Result<ServerConfig, String> {
-    let cert_pem = read(cert_file, &format!("{field}.cert_file"))?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{field}.cert_file: {e}"))?;
-    if chain.is_empty() {
-        return Err(format!("{field}.cert_file: no certificate"));
-    }
-    let key_pem = read(key_file, &format!("{field}.key_file"))?;
-    let key =
-        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| format!("{field}.key_file: {e}"))?;
-    ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("{field}: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| format!("{field}.key_file: {e}"))
-}
-
 impl Terminator {
     /// Loads the certificate and key shown to clients and the CA that the
-    /// server's certificate must chain to. `field` prefixes errors.
+    /// server's certificate must chain to. `block` (`databases[0].tls`)
+    /// prefixes errors and is the `material` label of its reloads.
     pub fn load(
         cert_file: &Path,
         key_file: &Path,
         upstream_ca_file: &Path,
         upstream_server_name: Option<&str>,
-        field: &str,
+        block: &str,
     ) -> Result<Self, String> {
-        let server = server_config(cert_file, key_file, field)?;
-        let provider = Arc::new(ring::default_provider());
-        let ca_pem = read(upstream_ca_file, &format!("{field}.upstream_ca_file"))?;
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&ca_pem) {
-            let cert = cert.map_err(|e| format!("{field}.upstream_ca_file: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{field}.upstream_ca_file: {e}"))?;
-        }
-        let client = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("{field}: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         let server_name = upstream_server_name
             .map(|n| {
                 ServerName::try_from(n.to_owned())
-                    .map_err(|e| format!("{field}.upstream_server_name: {e}"))
+                    .map_err(|e| format!("{block}.upstream_server_name: {e}"))
             })
             .transpose()?;
+        let files = vec![
+            File::new(format!("{block}.cert_file"), cert_file),
+            File::new(format!("{block}.key_file"), key_file),
+            File::new(format!("{block}.upstream_ca_file"), upstream_ca_file),
+        ];
+        let named = files.clone();
+        let sets = Reloader::load(block, files, move |contents| {
+            let (certified, leaf) =
+                crate::reload::certified_key(&contents[0], &contents[1], &named[0], &named[1])?;
+            let roots = crate::reload::parse_roots(&contents[2], &named[2].named())?;
+            let provider = Arc::new(ring::default_provider());
+            let server = ServerConfig::builder_with_provider(Arc::clone(&provider))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("{}: {e}", named[0].field))?
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+            let client = ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("{}: {e}", named[2].field))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(Checked {
+                material: Ends {
+                    acceptor: TlsAcceptor::from(Arc::new(server)),
+                    connector: TlsConnector::from(Arc::new(client)),
+                },
+                leaf: Some(leaf),
+            })
+        })?;
         Ok(Terminator {
-            acceptor: TlsAcceptor::from(Arc::new(server)),
-            connector: TlsConnector::from(Arc::new(client)),
+            sets: Arc::new(sets),
             server_name,
         })
+    }
+
+    /// The files, re-read on change ([`Reloader::watch`]).
+    pub fn reloader(&self) -> &Arc<Reloader<Ends>> {
+        &self.sets
     }
 }
 
@@ -222,6 +223,8 @@ pub(crate) async fn negotiate(
         Ok(answer)
     })
     .await?;
+    // The set in force when the negotiation starts, for both ends.
+    let ends = terminator.sets.current();
     if answer[0] != b'S' {
         client.write_all(&answer).await.map_err(Failure::ClientIo)?;
         client.flush().await.map_err(Failure::ClientIo)?;
@@ -232,8 +235,7 @@ pub(crate) async fn negotiate(
         .clone()
         .unwrap_or_else(|| ServerName::IpAddress(dest.ip().into()));
     let server = bounded(limit, Failure::ServerTimeout, async {
-        terminator
-            .connector
+        ends.connector
             .connect(name, server)
             .await
             .map_err(Failure::ServerTls)
@@ -242,8 +244,7 @@ pub(crate) async fn negotiate(
     client.write_all(b"S").await.map_err(Failure::ClientIo)?;
     client.flush().await.map_err(Failure::ClientIo)?;
     let client = bounded(limit, Failure::ClientTimeout, async {
-        terminator
-            .acceptor
+        ends.acceptor
             .accept(client)
             .await
             .map_err(Failure::ClientTls)
@@ -380,21 +381,21 @@ pub(crate) async fn negotiate_mysql(
             negotiated: Negotiated::Plain(client, server),
         });
     }
+    // The set in force when TLS starts, for both ends.
+    let ends = terminator.sets.current();
     let name = terminator
         .server_name
         .clone()
         .unwrap_or_else(|| ServerName::IpAddress(dest.ip().into()));
     let server = bounded(limit, Failure::ServerTimeout, async {
-        terminator
-            .connector
+        ends.connector
             .connect(name, server)
             .await
             .map_err(Failure::ServerTls)
     })
     .await?;
     let client = bounded(limit, Failure::ClientTimeout, async {
-        terminator
-            .acceptor
+        ends.acceptor
             .accept(client)
             .await
             .map_err(Failure::ClientTls)

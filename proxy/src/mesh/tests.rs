@@ -72,6 +72,7 @@ fn tls_settings_ask_the_tunnel_with_headers_of_their_own() {
         &crate::config::OriginateTls {
             server_name: None,
             ca_file: "/ca".into(),
+            reload_interval_ms: 5000,
         },
         "tls_origination:0".into(),
         "api.example",

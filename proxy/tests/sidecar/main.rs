@@ -22,5 +22,6 @@ mod registration;
 mod rotation;
 mod shutdown;
 mod tls;
+mod tls_rotation;
 mod traffic;
 mod transparent;

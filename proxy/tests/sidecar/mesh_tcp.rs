@@ -851,7 +851,7 @@ async fn raw_tcp_handshakes_take_a_rotated_certificate_both_ways() {
         std::fs::copy(d.join(from), l.join(to)).unwrap();
     }
     let trust = Trust::new(&["client", "server"]);
-    let applied = "custody_proxy_mesh_tls_reloads_total{result=\"applied\"}";
+    let applied = "custody_proxy_tls_reloads_total{material=\"mesh_tls\",result=\"applied\"}";
 
     // Inbound: the server sidecar's raw-TCP acceptor.
     let app = echo().await;

@@ -624,3 +624,76 @@ async fn a_server_that_never_greets_costs_a_terminating_client_its_connection() 
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminating_sidecar_takes_a_replaced_certificate_while_a_mysql_session_stays() {
+    let certs = tempfile::tempdir().unwrap();
+    let server = mariadb_with_tls(certs.path());
+    // The sidecar's certificates: `old` from CA `front1`, `new` from CA
+    // `front2`, so a client trusting one CA only tells which it was shown.
+    let front = tempfile::tempdir().unwrap();
+    let f = front.path();
+    mesh_ca(f, "front1");
+    mesh_ca(f, "front2");
+    dns_cert(f, "front1", "old", "orders-db.test");
+    dns_cert(f, "front2", "new", "orders-db.test");
+    let live = tempfile::tempdir().unwrap();
+    let (cert, key) = (live.path().join("tls.crt"), live.path().join("tls.key"));
+    std::fs::copy(f.join("old.crt"), &cert).unwrap();
+    std::fs::copy(f.join("old.key"), &key).unwrap();
+    let trust = Trust::new(&["reports"]);
+    let listen = free_port();
+    let extra = format!(
+        "databases:\n  - protocol: mysql\n    listen: \"{listen}\"\n    upstream: \"{}\"\n    \
+         tls: {{ mode: terminate, cert_file: \"{}\", key_file: \"{}\", upstream_ca_file: \"{}\", \
+         upstream_server_name: db.test, reload_interval_ms: 50 }}\n",
+        server.addr(),
+        cert.display(),
+        key.display(),
+        certs.path().join("ca.crt").display(),
+    );
+    let mut spec = Spec::new("reports", free_port());
+    spec.extra = &extra;
+    let sc = start(spec, &trust).await;
+    wait_listening(listen).await;
+    let trusting = |ca: &str| {
+        opts(&server, listen).ssl_opts(
+            mysql_async::SslOpts::default()
+                .with_root_certs(vec![f.join(format!("{ca}.crt")).into()])
+                .with_disable_built_in_roots(true)
+                .with_danger_tls_hostname_override(Some("orders-db.test")),
+        )
+    };
+
+    let mut established = Conn::new(trusting("front1")).await.unwrap();
+    assert!(!server_cipher(&mut established).await.is_empty());
+    assert!(Conn::new(trusting("front2")).await.is_err());
+
+    std::fs::write(
+        cert.with_extension("next"),
+        std::fs::read(f.join("new.crt")).unwrap(),
+    )
+    .unwrap();
+    std::fs::rename(cert.with_extension("next"), &cert).unwrap();
+    std::fs::write(
+        key.with_extension("next"),
+        std::fs::read(f.join("new.key")).unwrap(),
+    )
+    .unwrap();
+    std::fs::rename(key.with_extension("next"), &key).unwrap();
+    wait_metric(
+        &sc,
+        "custody_proxy_tls_reloads_total{material=\"databases[0].tls\",result=\"applied\"}",
+        1.0,
+    )
+    .await;
+
+    // New sessions are shown the new certificate.
+    let mut fresh = Conn::new(trusting("front2")).await.unwrap();
+    assert!(!server_cipher(&mut fresh).await.is_empty());
+    fresh.disconnect().await.unwrap();
+    assert!(Conn::new(trusting("front1")).await.is_err());
+    // The session opened before goes on.
+    assert!(!server_cipher(&mut established).await.is_empty());
+    established.disconnect().await.unwrap();
+}

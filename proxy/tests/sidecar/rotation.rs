@@ -151,25 +151,9 @@ async fn get(sender: &mut hyper::client::conn::http1::SendRequest<Body>) -> u16 
     body_string(resp).await.0
 }
 
-/// Waits until `sample` of `proxy` reaches `value`.
-async fn wait_metric(proxy: &Proxy, sample: &str, value: f64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let now = proxy.metric(sample).await;
-        if now == value {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{sample} is {now}, expected {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-const APPLIED: &str = "custody_proxy_mesh_tls_reloads_total{result=\"applied\"}";
-const REFUSED: &str = "custody_proxy_mesh_tls_reloads_total{result=\"refused\"}";
-const EXPIRY: &str = "custody_proxy_mesh_tls_cert_expiry_seconds";
+const APPLIED: &str = "custody_proxy_tls_reloads_total{material=\"mesh_tls\",result=\"applied\"}";
+const REFUSED: &str = "custody_proxy_tls_reloads_total{material=\"mesh_tls\",result=\"refused\"}";
+const EXPIRY: &str = "custody_proxy_tls_cert_expiry_seconds{material=\"mesh_tls\"}";
 
 /// A Kubernetes secret volume: `tls.crt`, `tls.key`, `ca.crt` are links
 /// through `..data` to a versioned directory, swapped in one rename.

@@ -527,7 +527,7 @@ pub(crate) fn tls_certificates(dir: &Path, dns_name: &str) {
     ]);
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
+pub(crate) fn openssl(dir: &Path, args: &[&str]) {
     let out = std::process::Command::new("openssl")
         .current_dir(dir)
         .args(args)
@@ -620,4 +620,122 @@ pub(crate) fn mesh_tls_yaml(dir: &Path, ca: &str, name: &str, more: &str) -> Str
         dir.join(format!("{name}.key")).display(),
         dir.join(format!("{ca}.crt")).display(),
     )
+}
+
+/// A certificate `<name>.crt` / `<name>.key` signed by `ca` (see
+/// [`mesh_ca`]) for the DNS name `dns`, with `CN=<name>`.
+pub(crate) fn dns_cert(dir: &Path, ca: &str, name: &str, dns: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    std::fs::write(
+        dir.join(format!("{name}.ext")),
+        format!("subjectAltName=DNS:{dns}\n"),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.crt"),
+        ],
+    );
+}
+
+/// Warnings logged in this process (every sidecar the tests run), kept
+/// once [`capture_warnings`] was called.
+static WARNINGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct WarningSink;
+
+impl std::io::Write for WarningSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        WARNINGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Keeps every warning the sidecars of this process log from now on (see
+/// [`warnings`]).
+pub(crate) fn capture_warnings() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(|| WarningSink)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+    });
+}
+
+/// The warnings logged since [`capture_warnings`], one a line.
+pub(crate) fn warnings() -> String {
+    String::from_utf8_lossy(&WARNINGS.lock().unwrap()).into_owned()
+}
+
+/// Waits until `sample` of `proxy` reaches `value`.
+pub(crate) async fn wait_metric(proxy: &Proxy, sample: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = proxy.metric(sample).await;
+        if now == value {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sample} is {now}, expected {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until a warning logged contains every one of `parts`; the line.
+pub(crate) async fn wait_warning(parts: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(line) = warnings()
+            .lines()
+            .find(|l| parts.iter().all(|p| l.contains(p)))
+        {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no warning with {parts:?}:\n{}",
+            warnings()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
