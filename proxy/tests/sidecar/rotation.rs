@@ -139,16 +139,7 @@ async fn connect(
 }
 
 async fn get(sender: &mut hyper::client::conn::http1::SendRequest<Body>) -> u16 {
-    let resp = sender
-        .send_request(
-            Request::get("/rotation")
-                .header("host", "server")
-                .body(full(""))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    body_string(resp).await.0
+    get_rotation(sender, "server").await
 }
 
 const APPLIED: &str = "custody_proxy_tls_reloads_total{material=\"mesh_tls\",result=\"applied\"}";

@@ -425,6 +425,24 @@ pub(crate) async fn call_out(
     Response::from_parts(parts, full(body))
 }
 
+/// The status of `GET /rotation` with `Host: host` on an open HTTP/1.1
+/// connection (the rotation tests' upstreams answer 200).
+pub(crate) async fn get_rotation(
+    sender: &mut hyper::client::conn::http1::SendRequest<Body>,
+    host: &str,
+) -> u16 {
+    let resp = sender
+        .send_request(
+            Request::get("/rotation")
+                .header("host", host)
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    body_string(resp).await.0
+}
+
 pub(crate) async fn body_string(resp: Response<Incoming>) -> (u16, String) {
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -567,6 +585,16 @@ pub(crate) fn mesh_ca(dir: &Path, ca: &str) {
 /// A workload certificate `<name>.crt` / `<name>.key` signed by `ca`, whose
 /// URI SAN is `uri` (a SPIFFE ID) when given.
 pub(crate) fn mesh_cert(dir: &Path, ca: &str, name: &str, uri: Option<&str>) {
+    let mut ext = String::from("extendedKeyUsage=serverAuth,clientAuth\n");
+    if let Some(uri) = uri {
+        ext.push_str(&format!("subjectAltName=URI:{uri}\n"));
+    }
+    signed_cert(dir, ca, name, &ext);
+}
+
+/// A P-256 key `<name>.key` and its certificate `<name>.crt` with
+/// `CN=<name>` and the extensions `ext`, signed by `ca` for a day.
+fn signed_cert(dir: &Path, ca: &str, name: &str, ext: &str) {
     openssl(
         dir,
         &[
@@ -584,10 +612,6 @@ pub(crate) fn mesh_cert(dir: &Path, ca: &str, name: &str, uri: Option<&str>) {
             &format!("{name}.csr"),
         ],
     );
-    let mut ext = String::from("extendedKeyUsage=serverAuth,clientAuth\n");
-    if let Some(uri) = uri {
-        ext.push_str(&format!("subjectAltName=URI:{uri}\n"));
-    }
     std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
     openssl(
         dir,
@@ -625,48 +649,7 @@ pub(crate) fn mesh_tls_yaml(dir: &Path, ca: &str, name: &str, more: &str) -> Str
 /// A certificate `<name>.crt` / `<name>.key` signed by `ca` (see
 /// [`mesh_ca`]) for the DNS name `dns`, with `CN=<name>`.
 pub(crate) fn dns_cert(dir: &Path, ca: &str, name: &str, dns: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-subj",
-            &format!("/CN={name}"),
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-        ],
-    );
-    std::fs::write(
-        dir.join(format!("{name}.ext")),
-        format!("subjectAltName=DNS:{dns}\n"),
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.crt"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            &format!("{name}.ext"),
-            "-out",
-            &format!("{name}.crt"),
-        ],
-    );
+    signed_cert(dir, ca, name, &format!("subjectAltName=DNS:{dns}\n"));
 }
 
 /// Warnings logged in this process (every sidecar the tests run), kept

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use custody_testkit::Postgres;
-use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_rustls::TlsConnector;
@@ -128,16 +127,7 @@ async fn https(
 }
 
 async fn get(sender: &mut hyper::client::conn::http1::SendRequest<Body>) -> u16 {
-    let resp = sender
-        .send_request(
-            Request::get("/rotation")
-                .header("host", "orders.test")
-                .body(full(""))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    body_string(resp).await.0
+    get_rotation(sender, "orders.test").await
 }
 
 fn reloads(material: &str, result: &str) -> String {
