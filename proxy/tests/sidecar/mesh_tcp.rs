@@ -748,12 +748,7 @@ fn serial(der: &[u8]) -> String {
 }
 
 fn file_serial(path: &Path) -> String {
-    let cert = CertificateDer::pem_file_iter(path)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
-    serial(cert.as_ref())
+    serial(leaf_of(path).as_ref())
 }
 
 /// Replaces `to` with a copy of `from` in one step (write, then rename).

@@ -35,23 +35,8 @@ fn serial_of(der: &[u8]) -> String {
 
 /// The serial number of the leaf of a PEM file.
 fn file_serial(path: &Path) -> String {
-    let cert = CertificateDer::pem_file_iter(path)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
+    let cert = leaf_of(path);
     serial_of(cert.as_ref())
-}
-
-/// `notAfter` of the leaf of a PEM file, in Unix seconds.
-fn file_not_after(path: &Path) -> i64 {
-    let cert = CertificateDer::pem_file_iter(path)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).unwrap();
-    parsed.validity().not_after.timestamp()
 }
 
 fn roots_of(ca_file: &Path) -> Arc<RootCertStore> {

@@ -635,6 +635,23 @@ fn signed_cert(dir: &Path, ca: &str, name: &str, ext: &str) {
     );
 }
 
+/// The first certificate of a PEM file (its leaf).
+pub(crate) fn leaf_of(path: &Path) -> tokio_rustls::rustls::pki_types::CertificateDer<'static> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    tokio_rustls::rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+}
+
+/// `notAfter` of the leaf of a PEM file, in Unix seconds.
+pub(crate) fn file_not_after(path: &Path) -> i64 {
+    let cert = leaf_of(path);
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).unwrap();
+    parsed.validity().not_after.timestamp()
+}
+
 /// The `mesh_tls` section for certificate `name` under CA `ca` in `dir`,
 /// with `more` fields (`mode`, `peers`).
 pub(crate) fn mesh_tls_yaml(dir: &Path, ca: &str, name: &str, more: &str) -> String {

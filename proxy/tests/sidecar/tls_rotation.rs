@@ -39,23 +39,8 @@ fn serial_and_name(der: &[u8]) -> (String, String) {
 
 /// The serial number and common name of the leaf of a PEM file.
 fn file_identity(path: &Path) -> (String, String) {
-    let cert = CertificateDer::pem_file_iter(path)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
+    let cert = leaf_of(path);
     serial_and_name(cert.as_ref())
-}
-
-/// `notAfter` of the leaf of a PEM file, in Unix seconds.
-fn file_not_after(path: &Path) -> i64 {
-    let cert = CertificateDer::pem_file_iter(path)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).unwrap();
-    parsed.validity().not_after.timestamp()
 }
 
 /// Replaces `to` with `bytes` in one step: written aside, renamed over.
