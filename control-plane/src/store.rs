@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::assembly::{ChainSummary, ChainTree, Coverage};
 
 mod common;
+mod compact;
 mod postgres;
 mod sqlite;
 
@@ -41,6 +42,9 @@ pub enum StoreError {
     /// The data directory could not be prepared.
     #[error("data directory: {0}")]
     Io(#[from] std::io::Error),
+    /// A stored chain record (summary or tree shape) did not decode.
+    #[error("stored chain record does not decode: {0}")]
+    Compact(&'static str),
     /// A stored value is out of range.
     #[error("stored value out of range: {0}")]
     Range(&'static str),

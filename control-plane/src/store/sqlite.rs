@@ -15,10 +15,11 @@ use std::sync::atomic::Ordering;
 
 use custody_context::api::v1::{FlowEvent, HopEvent};
 use prost::Message as _;
-use rusqlite::types::Value;
+use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OptionalExtension as _, params, params_from_iter};
 
-use super::common::{HopRow, NodeShape, fact_filters, facts, i64_of, shape, u64_of};
+use super::common::{HopRow, fact_filters, facts, i64_of, shape, u64_of};
+use super::compact::{encode_shape, encode_summary, stored_shape, stored_summary};
 use super::{
     AuditEntry, ChainQuery, ClientVersion, IssuedKey, PolicyState, PutOutcome, Retention,
     RetentionOutcome, Store, StoreError, contains_any,
@@ -627,13 +628,8 @@ impl Store for SqliteStore {
         // Encoded before the writer is taken: ingest waits on it.
         let rows = trees
             .iter()
-            .map(|t| {
-                Ok((
-                    serde_json::to_string(&t.summary)?,
-                    serde_json::to_string(&shape(t))?,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+            .map(|t| (encode_summary(&t.summary), encode_shape(&shape(t))))
+            .collect::<Vec<_>>();
         let mut conn = lock(&self.writer);
         let seqs = lock(&self.chain_seqs);
         // Trees are derived data: this commit is not synced by itself (the
@@ -737,11 +733,9 @@ impl Store for SqliteStore {
         let conn = lock(&self.reader);
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt
-            .query_map(params_from_iter(args), |r| r.get::<_, String>(0))?
+            .query_map(params_from_iter(args), |r| document(r, 0))?
             .collect::<Result<Vec<_>, _>>()?;
-        rows.iter()
-            .map(|s| serde_json::from_str(s).map_err(StoreError::from))
-            .collect()
+        rows.iter().map(|s| stored_summary(s)).collect()
     }
 
     fn chain(&self, chain_id: &str) -> Result<Option<ChainTree>, StoreError> {
@@ -755,15 +749,13 @@ impl Store for SqliteStore {
                  )
                  LIMIT 1",
             )?
-            .query_row([chain_id], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })
+            .query_row([chain_id], |r| Ok((document(r, 0)?, document(r, 1)?)))
             .optional()?;
         let Some((summary, shape)) = row else {
             return Ok(None);
         };
-        let shape: Vec<NodeShape> = serde_json::from_str(&shape)?;
-        let summary: ChainSummary = serde_json::from_str(&summary)?;
+        let shape = stored_shape(&shape)?;
+        let summary = stored_summary(&summary)?;
         // Every hop of the tree was reported under the chain or one joined into it.
         let mut stored: HashMap<String, HopEvent> = HashMap::with_capacity(shape.len());
         let mut by_chain = conn.prepare_cached(HOPS_OF_CHAIN)?;
@@ -1098,7 +1090,7 @@ fn write_chains(
     conn: &mut Connection,
     seqs: &HashMap<String, i64>,
     trees: &[ChainTree],
-    rows: &[(String, String)],
+    rows: &[(Vec<u8>, Vec<u8>)],
     superseded: &[String],
     assembled: &[(String, u64)],
 ) -> Result<Vec<Option<Coverage>>, StoreError> {
@@ -1219,20 +1211,27 @@ fn stored_chain(
 ) -> Result<Option<StoredChain>, StoreError> {
     let row = stmt
         .query_row([chain_seq], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-            ))
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, document(r, 2)?))
         })
         .optional()?;
     Ok(row.map(|(coverage, last_ns, summary)| StoredChain {
         coverage,
         last_ns: u64_of(last_ns),
-        facts: serde_json::from_str::<ChainSummary>(&summary)
-            .ok()
-            .map(|s| facts(&s)),
+        facts: stored_summary(&summary).ok().map(|s| facts(&s)),
     }))
+}
+
+/// A stored summary or shape, whichever way it was stored: the compact
+/// record as a blob, or the JSON of older stores as text.
+fn document(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Vec<u8>> {
+    match row.get_ref(i)? {
+        ValueRef::Blob(b) | ValueRef::Text(b) => Ok(b.to_vec()),
+        other => Err(rusqlite::Error::InvalidColumnType(
+            i,
+            "summary or shape".into(),
+            other.data_type(),
+        )),
+    }
 }
 
 /// Deletes the fact rows of a stored chain, by their primary key.
@@ -1297,14 +1296,12 @@ fn delete_before(conn: &mut Connection, cutoff: u64) -> Result<RetentionOutcome,
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, i64>(2)?,
-                    r.get::<_, String>(3)?,
+                    document(r, 3)?,
                 ))
             })?
             .map(|row| {
                 row.map(|(id, coverage, last_ns, summary)| {
-                    let facts = serde_json::from_str::<ChainSummary>(&summary)
-                        .ok()
-                        .map(|s| facts(&s));
+                    let facts = stored_summary(&summary).ok().map(|s| facts(&s));
                     (
                         id,
                         StoredChain {

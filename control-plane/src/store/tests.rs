@@ -532,6 +532,67 @@ fn sqlite_chains_of_the_earlier_layout_are_assembled_again() {
     assert!(store.pending_chains(10).unwrap().is_empty());
 }
 
+#[test]
+fn sqlite_chains_stored_as_json_are_read_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let hops = [
+        hop("a", C1, "1111111111111111", "", 100),
+        hop("b", C1, "2222222222222222", "1111111111111111", 101),
+    ];
+    let tree = assemble(&hops, &[]).remove(0);
+    {
+        let store = open(dir.path());
+        store.put_hops(&hops).unwrap();
+        store
+            .put_chains(std::slice::from_ref(&tree), &[], &[])
+            .unwrap();
+    }
+    let db = || rusqlite::Connection::open(dir.path().join("custody.db")).unwrap();
+    let stored_as = || -> String {
+        db().query_row(
+            "SELECT typeof(summary) || ' ' || typeof(shape) FROM chains",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(stored_as(), "blob blob");
+    // The row as earlier versions wrote it: summary and shape as JSON text.
+    db().execute(
+        "UPDATE chains SET summary = ?1, shape = ?2",
+        [
+            serde_json::to_string(&tree.summary).unwrap(),
+            serde_json::to_string(&common::shape(&tree)).unwrap(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(stored_as(), "text text");
+    let store = open(dir.path());
+    assert_eq!(store.chain(C1).unwrap(), Some(tree.clone()));
+    let by_initiator = ChainQuery {
+        initiator: Some("alice".into()),
+        ..ChainQuery::default()
+    };
+    assert_eq!(store.chains(&by_initiator).unwrap(), vec![tree.summary]);
+    // Assembled again with a later hop: the facts written for the JSON
+    // summary are found from it and replaced, and the row is now compact.
+    let later = hop("c", C1, "3333333333333333", "2222222222222222", 500);
+    store.put_hops(std::slice::from_ref(&later)).unwrap();
+    let all = store.hops_of_chains(&[C1.to_owned()]).unwrap();
+    let again = assemble(&all, &[]).remove(0);
+    store
+        .put_chains(std::slice::from_ref(&again), &[], &[])
+        .unwrap();
+    assert_eq!(stored_as(), "blob blob");
+    let last = i64::try_from(again.summary.last_unix_nanos).unwrap();
+    assert_eq!(fact_rows_not_at(dir.path(), C1, last), 0);
+    assert_eq!(
+        store.chains(&by_initiator).unwrap(),
+        vec![again.summary.clone()]
+    );
+    assert_eq!(store.chain(C1).unwrap(), Some(again));
+}
+
 /// Fact rows of one chain carrying another time than `last_ns`.
 fn fact_rows_not_at(dir: &std::path::Path, chain: &str, last_ns: i64) -> i64 {
     rusqlite::Connection::open(dir.join("custody.db"))

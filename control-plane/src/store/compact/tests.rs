@@ -1,0 +1,167 @@
+use super::*;
+
+fn summary() -> ChainSummary {
+    let web = "spiffe://td/ns/shop/sa/web".to_owned();
+    let orders = "spiffe://td/ns/shop/sa/orders".to_owned();
+    ChainSummary {
+        chain_id: "c9ed992411bbb6617d8836583a3122a7".into(),
+        coverage: Coverage::Stitched,
+        confidence: 0.9,
+        initiator: Some(InitiatorView {
+            subject: "alice@example.com".into(),
+            kind: "human".into(),
+            actors: vec!["agent://planner".into(), "agent://router".into()],
+            scope: "orders.read".into(),
+        }),
+        services: vec![web.clone(), orders.clone()],
+        tools: vec!["GET /web".into(), "tools/call lookup".into()],
+        identities: vec![
+            IdentityUse {
+                kind: "database_user".into(),
+                value: "postgresql/shop/app".into(),
+            },
+            IdentityUse {
+                kind: "workload".into(),
+                value: orders,
+            },
+            IdentityUse {
+                kind: "workload".into(),
+                value: web,
+            },
+        ],
+        data_classes: vec![ClassCount {
+            class: "pii.email".into(),
+            count: 300,
+        }],
+        destinations: vec![DestinationView {
+            host: "api.example.net".into(),
+            ip: "10.0.0.7".into(),
+            port: 443,
+            verdict: "block".into(),
+            policy: "no-exfil".into(),
+            rule: "deny-pii".into(),
+        }],
+        joined_chains: vec!["33b2c40b7a7d5232863d6c7979a9a78c".into(), "ABC".into()],
+        hop_count: 5,
+        first_unix_nanos: 1_795_847_291_908_392_123,
+        last_unix_nanos: u64::MAX,
+    }
+}
+
+fn shape() -> Vec<NodeShape> {
+    vec![
+        (
+            "e9fb109b840134ffecb34fbeea0aee04".into(),
+            -1,
+            0,
+            Evidence::Root,
+            1.0,
+        ),
+        ("986e6ecc".into(), 0, 1, Evidence::SpanParent, 1.0),
+        ("not-hex-Event".into(), 1, 2, Evidence::TimeContainment, 0.9),
+        (String::new(), 1, 2, Evidence::Gap, 0.3),
+        ("0".into(), 0, 1, Evidence::FlowContainment, 0.85),
+    ]
+}
+
+#[test]
+fn summaries_and_shapes_come_back_as_they_were_stored() {
+    let s = summary();
+    assert_eq!(decode_summary(&encode_summary(&s)), Ok(s));
+    let bare = ChainSummary {
+        initiator: None,
+        services: vec![],
+        tools: vec![],
+        identities: vec![],
+        data_classes: vec![],
+        destinations: vec![],
+        joined_chains: vec![],
+        chain_id: String::new(),
+        ..summary()
+    };
+    assert_eq!(decode_summary(&encode_summary(&bare)), Ok(bare));
+    let shape = shape();
+    assert_eq!(decode_shape(&encode_shape(&shape)), Ok(shape));
+    assert_eq!(decode_shape(&encode_shape(&[])), Ok(vec![]));
+}
+
+#[test]
+fn records_are_far_smaller_than_json() {
+    let s = summary();
+    let compact = encode_summary(&s);
+    let json = serde_json::to_vec(&s).unwrap();
+    assert!(is_compact(&compact) && !is_compact(&json));
+    // Ids packed to half, repeated workload URIs stored once, no field names.
+    assert!(
+        compact.len() * 2 < json.len(),
+        "{} vs {}",
+        compact.len(),
+        json.len()
+    );
+    let shape = shape();
+    assert!(encode_shape(&shape).len() * 2 < serde_json::to_vec(&shape).unwrap().len());
+}
+
+#[test]
+fn every_cut_short_record_is_an_error() {
+    for record in [encode_summary(&summary()), encode_shape(&shape())] {
+        for end in 0..record.len() {
+            let prefix = &record[..end];
+            assert!(
+                decode_summary(prefix).is_err(),
+                "summary prefix of {end} bytes"
+            );
+            assert!(decode_shape(prefix).is_err(), "shape prefix of {end} bytes");
+        }
+    }
+}
+
+#[test]
+fn any_changed_byte_decodes_or_is_refused_without_panicking() {
+    let records = [encode_summary(&summary()), encode_shape(&shape())];
+    for record in &records {
+        for i in 0..record.len() {
+            for value in [0x00, 0x01, 0x02, 0x03, 0x7f, 0x80, 0xfe, 0xff] {
+                let mut changed = record.clone();
+                changed[i] = value;
+                let _ = decode_summary(&changed);
+                let _ = decode_shape(&changed);
+            }
+        }
+    }
+    let mut longer = records[0].clone();
+    longer.push(0);
+    assert_eq!(
+        decode_summary(&longer),
+        Err(CompactError("bytes left after the record"))
+    );
+}
+
+#[test]
+fn hostile_headers_are_refused_before_allocating() {
+    // A count of 2^62 strings, a string of 2^61 bytes, an 11-byte varint,
+    // a back-reference to nothing, and JSON in place of a record.
+    let huge_count = [FORMAT, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x3f];
+    assert_eq!(
+        decode_shape(&huge_count),
+        Err(CompactError("count larger than the record"))
+    );
+    let huge_string = [FORMAT, 0xfc, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x3f];
+    assert_eq!(
+        decode_summary(&huge_string),
+        Err(CompactError("record cut short"))
+    );
+    let long_varint = [
+        FORMAT, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01,
+    ];
+    assert!(decode_shape(&long_varint).is_err());
+    assert_eq!(
+        decode_summary(&[FORMAT, 0x05]),
+        Err(CompactError("back-reference to no earlier string"))
+    );
+    assert_eq!(
+        decode_summary(b"{\"chain_id\":\"x\"}"),
+        Err(CompactError("unknown record format"))
+    );
+    assert_eq!(decode_shape(&[]), Err(CompactError("empty record")));
+}
