@@ -1,9 +1,13 @@
 //! A small blocking client of the investigation and policy API, for the
 //! `custody` CLI and for tests.
 
+use std::io::BufRead as _;
 use std::time::Duration;
 
 use serde_json::Value;
+
+/// The longest line of a server-sent event read.
+const MAX_EVENT_LINE: u64 = 16 << 20;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +128,90 @@ impl Client {
             req = req.header("authorization", a);
         }
         Self::finish(req.send(body))
+    }
+
+    /// Follows the server-sent events of `GET path?query`: calls
+    /// `connected` once the server has accepted the request, then `each`
+    /// with the data of every event named `event`, until `each` returns
+    /// `false`. The stream ending is an error: a follower expects it to
+    /// last.
+    pub fn follow(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        event: &str,
+        connected: impl FnOnce(),
+        mut each: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
+        let transport = |e: &dyn std::fmt::Display| ClientError::Transport(e.to_string());
+        // No overall timeout: the stream lasts; the server's keep-alive
+        // comments keep it from looking idle.
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(None)
+            .timeout_connect(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        let mut req = agent
+            .get(format!("{}{path}", self.base))
+            .header("accept", "text/event-stream");
+        for (k, v) in query {
+            req = req.query(*k, v);
+        }
+        if let Some(a) = self.auth() {
+            req = req.header("authorization", a);
+        }
+        let resp = req.call().map_err(|e| transport(&e))?;
+        if !resp.status().is_success() {
+            return Self::finish(Ok(resp)).map(|_| ());
+        }
+        connected();
+        let mut reader = std::io::BufReader::new(resp.into_body().into_reader());
+        let (mut name, mut data) = (String::new(), String::new());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = std::io::Read::take(&mut reader, MAX_EVENT_LINE)
+                .read_line(&mut line)
+                .map_err(|e| transport(&e))?;
+            if n == 0 {
+                return Err(ClientError::Transport(
+                    "the control plane closed the stream".into(),
+                ));
+            }
+            if !line.ends_with('\n') && n as u64 == MAX_EVENT_LINE {
+                return Err(ClientError::Transport(
+                    "an event line longer than 16 MiB".into(),
+                ));
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
+            if line.is_empty() {
+                // A blank line ends an event (unnamed events are `message`).
+                let named = if name.is_empty() { "message" } else { &name };
+                if named == event && !each(&data) {
+                    return Ok(());
+                }
+                name.clear();
+                data.clear();
+                continue;
+            }
+            if line.starts_with(':') {
+                continue; // a comment: the keep-alive
+            }
+            let (field, value) = line
+                .split_once(':')
+                .map_or((line, ""), |(f, v)| (f, v.strip_prefix(' ').unwrap_or(v)));
+            match field {
+                "event" => value.clone_into(&mut name),
+                "data" => {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(value);
+                }
+                _ => {}
+            }
+        }
     }
 
     /// `DELETE path`.

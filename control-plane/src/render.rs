@@ -42,28 +42,37 @@ pub fn chains(list: &[ChainSummary]) -> String {
     if list.is_empty() {
         return "no chains\n".to_owned();
     }
-    let mut out = format!(
-        "{:<32}  {:<10}  {:>4}  {:<20}  {:<24}  {}\n",
-        "CHAIN", "COVERAGE", "HOPS", "LAST SEEN", "INITIATOR", "SERVICES"
-    );
+    let mut out = chains_header();
     for c in list {
-        let who = c
-            .initiator
-            .as_ref()
-            .map_or_else(|| "-".to_owned(), |i| format!("{} ({})", i.subject, i.kind));
-        let services: Vec<String> = c.services.iter().map(|s| short_workload(s)).collect();
-        let _ = writeln!(
-            out,
-            "{:<32}  {:<10}  {:>4}  {:<20}  {:<24}  {}",
-            c.chain_id,
-            c.coverage.as_str(),
-            c.hop_count,
-            when(c.last_unix_nanos),
-            who,
-            services.join(" > ")
-        );
+        out.push_str(&chain_row(c));
     }
     out
+}
+
+/// The header line of a table of chains.
+pub fn chains_header() -> String {
+    format!(
+        "{:<32}  {:<10}  {:>4}  {:<20}  {:<24}  {}\n",
+        "CHAIN", "COVERAGE", "HOPS", "LAST SEEN", "INITIATOR", "SERVICES"
+    )
+}
+
+/// One line of a table of chains.
+pub fn chain_row(c: &ChainSummary) -> String {
+    let who = c
+        .initiator
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), |i| format!("{} ({})", i.subject, i.kind));
+    let services: Vec<String> = c.services.iter().map(|s| short_workload(s)).collect();
+    format!(
+        "{:<32}  {:<10}  {:>4}  {:<20}  {:<24}  {}\n",
+        c.chain_id,
+        c.coverage.as_str(),
+        c.hop_count,
+        when(c.last_unix_nanos),
+        who,
+        services.join(" > ")
+    )
 }
 
 fn hop_line(h: &HopNode) -> String {

@@ -551,3 +551,99 @@ async fn chain_hops_show_their_transport_and_its_warnings() {
         "{human}"
     );
 }
+
+/// Waits up to a minute for `child` to exit by itself; kills it and fails
+/// otherwise.
+fn exits(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `custody chains --follow`: the chains matching its filters as they are
+/// assembled, as JSON lines or as table rows, until `--limit` of them;
+/// refused without a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_follows_new_chains() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Binary::start(dir.path());
+    let base = server.base();
+    let refused = custody(&base, None, &["chains", "--follow"]);
+    assert_eq!(refused.code, 4, "{}", refused.stderr);
+    let zero = custody(&base, Some(ADMIN), &["chains", "-f", "--limit", "0"]);
+    assert_eq!(zero.code, 2, "{}", zero.stderr);
+
+    let follow = |args: &[&str]| -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_custody"))
+            .arg("--server")
+            .arg(&base)
+            .args(args)
+            .env("CUSTODY_TOKEN", ADMIN)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut bob = follow(&[
+        "chains",
+        "-f",
+        "--initiator",
+        "bob@example.com",
+        "--limit",
+        "1",
+        "-o",
+        "json",
+    ]);
+    let mut ssn = follow(&[
+        "chains",
+        "--follow",
+        "--data-class",
+        "pii.ssn",
+        "--limit",
+        "1",
+    ]);
+    // Each says so on stderr once it follows: from then on no chain is missed.
+    let mut stderrs = Vec::new();
+    for child in [&mut bob, &mut ssn] {
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        assert_eq!(
+            line.trim(),
+            "custody: following new chains (Ctrl-C to stop)"
+        );
+        stderrs.push(stderr);
+    }
+    let s = ingest_scenario(server.grpc).await;
+    let (bob_out, ssn_out) = tokio::task::spawn_blocking(move || {
+        let read = |child: &mut std::process::Child, what: &str| {
+            assert!(exits(child, what).success(), "{what} failed");
+            std::io::read_to_string(child.stdout.take().unwrap()).unwrap()
+        };
+        (
+            read(&mut bob, "follow bob"),
+            read(&mut ssn, "follow pii.ssn"),
+        )
+    })
+    .await
+    .unwrap();
+    // JSON: one object per line, bob's chain only.
+    let lines: Vec<&str> = bob_out.lines().collect();
+    assert_eq!(lines.len(), 1, "{bob_out}");
+    let summary: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(summary["chain_id"], s.bob.as_str());
+    // Table: the header, then the one chain that touched SSNs (Alice's).
+    let rows: Vec<&str> = ssn_out.lines().collect();
+    assert_eq!(rows.len(), 2, "{ssn_out}");
+    assert!(rows[0].starts_with("CHAIN"), "{ssn_out}");
+    assert!(rows[1].starts_with(&s.alice), "{ssn_out}");
+    assert!(!ssn_out.contains(&s.bob), "{ssn_out}");
+}

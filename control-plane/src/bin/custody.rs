@@ -112,9 +112,13 @@ struct ChainFilters {
     /// Until (same forms).
     #[arg(long)]
     until: Option<String>,
-    /// At most this many.
-    #[arg(long, default_value_t = 50)]
-    limit: u32,
+    /// At most this many (default 50; with --follow, no limit).
+    #[arg(long)]
+    limit: Option<u32>,
+    /// Keep running and print each chain as it is assembled (new chains
+    /// and chains that changed), until interrupted or --limit chains.
+    #[arg(long, short = 'f')]
+    follow: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -245,7 +249,13 @@ fn run(cli: Cli) -> Result<String, Failure> {
                     q.push((k, v));
                 }
             }
-            q.push(("limit", f.limit.to_string()));
+            if f.follow {
+                if f.limit == Some(0) {
+                    return Err(usage("--limit: at least 1"));
+                }
+                return follow_chains(&client, &q, f.limit, json_out);
+            }
+            q.push(("limit", f.limit.unwrap_or(50).to_string()));
             let v = client.get("/v1/chains", &q)?;
             if json_out {
                 return Ok(pretty(&v));
@@ -425,6 +435,64 @@ fn run(cli: Cli) -> Result<String, Failure> {
             }
             Ok(out)
         }
+    }
+}
+
+/// `custody chains --follow`: one line per chain as it is assembled (a
+/// table row, or a JSON object per line), written as it arrives; stops
+/// after `limit` chains or when stdout is closed.
+fn follow_chains(
+    client: &Client,
+    query: &[(&str, String)],
+    limit: Option<u32>,
+    json_out: bool,
+) -> Result<String, Failure> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let mut left = limit;
+    let mut failed: Option<Failure> = None;
+    let connected = || {
+        // Said on stderr, so that stdout holds only chains.
+        let mut stderr = std::io::stderr().lock();
+        let _ = writeln!(stderr, "custody: following new chains (Ctrl-C to stop)");
+    };
+    let mut header = !json_out;
+    client.follow("/v1/chains/stream", query, "chain", connected, |data| {
+        let line = if json_out {
+            // One object per line, as the server sent it.
+            format!("{data}\n")
+        } else {
+            match serde_json::from_str::<ChainSummary>(data) {
+                Ok(c) if std::mem::take(&mut header) => {
+                    render::chains_header() + &render::chain_row(&c)
+                }
+                Ok(c) => render::chain_row(&c),
+                Err(e) => {
+                    failed = Some(Failure {
+                        code: 1,
+                        message: format!("unexpected event from the server: {e}"),
+                    });
+                    return false;
+                }
+            }
+        };
+        // A closed stdout (`| head`) ends the follow quietly.
+        if stdout
+            .write_all(line.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return false;
+        }
+        if let Some(n) = &mut left {
+            *n = n.saturating_sub(1);
+            return *n > 0;
+        }
+        true
+    })?;
+    match failed {
+        Some(f) => Err(f),
+        None => Ok(String::new()),
     }
 }
 
