@@ -495,5 +495,8 @@ fn window<'a>(hops: impl Iterator<Item = &'a HopEvent> + Clone) -> Option<(u64, 
     ))
 }
 
+mod background;
+pub(crate) use background::{ASSEMBLY_NICE, Background};
+
 #[cfg(test)]
 mod tests;

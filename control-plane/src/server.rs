@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
-use crate::assembler::{Assembler, Dirty};
+use crate::assembler::{ASSEMBLY_NICE, Assembler, Background, Dirty};
 use crate::assembly::ChainSummary;
 use crate::auth::{AuthError, Authenticator, Caller};
 use crate::config::{Config, ConfigError};
@@ -118,6 +118,9 @@ pub enum StartError {
     /// The HTTPS certificate could not be loaded.
     #[error("https: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// The assembly thread could not be started.
+    #[error("assembly thread: {0}")]
+    Thread(std::io::Error),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -311,6 +314,8 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     ));
     let interval = Duration::from_millis(config.assembly.interval_millis);
     let mut stop_rx = stop.clone();
+    let background =
+        Background::spawn("custody-assembly", ASSEMBLY_NICE).map_err(StartError::Thread)?;
     tasks.push(tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -322,26 +327,26 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             let mut storing: Option<tokio::task::JoinHandle<_>> = None;
             loop {
                 let a = assembler.clone();
-                let prepared =
-                    tokio::task::spawn_blocking(move || timed(&a, "assemble", Assembler::prepare))
-                        .await;
+                let prepared = background
+                    .run(move || timed(&a, "assemble", Assembler::prepare))
+                    .await;
                 if let Some(previous) = storing.take() {
                     log_pass(previous.await);
                 }
                 match prepared {
-                    Ok(Ok(Some(p))) => {
+                    Some(Ok(Some(p))) => {
                         let a = assembler.clone();
                         storing = Some(tokio::task::spawn_blocking(move || {
                             timed(&a, "store", |a| a.store(p))
                         }));
                     }
-                    Ok(Ok(None)) => break,
-                    Ok(Err(error)) => {
+                    Some(Ok(None)) => break,
+                    Some(Err(error)) => {
                         tracing::error!(%error, "assembly failed");
                         break;
                     }
-                    Err(error) => {
-                        tracing::error!(%error, "assembly task failed");
+                    None => {
+                        tracing::error!("assembly pass panicked");
                         break;
                     }
                 }
