@@ -93,7 +93,10 @@ mod tests {
         assert_eq!(name.as_deref(), Some("custody-test-background"));
         assert_eq!(nice, (mine + 7).min(19));
         // The caller's own thread keeps its priority.
-        assert_eq!(rustix::process::getpriority_process(Some(me)).unwrap(), mine);
+        assert_eq!(
+            rustix::process::getpriority_process(Some(me)).unwrap(),
+            mine
+        );
         let panicked: Option<()> = bg.run(|| panic!("a failing pass")).await;
         assert_eq!(panicked, None);
         assert_eq!(bg.run(|| 2 + 2).await, Some(4));
