@@ -23,6 +23,8 @@ use crate::assembly::{
     ChainSummary, ClassCount, Coverage, DestinationView, Evidence, IdentityUse, InitiatorView,
 };
 
+use std::collections::HashMap;
+
 use super::StoreError;
 use super::common::NodeShape;
 
@@ -268,10 +270,16 @@ fn nibble(b: u8) -> u8 {
     }
 }
 
+/// Strings a record holds before its writer looks them up by hash rather
+/// than one by one (a chain of thousands of hops has thousands of ids).
+const SCAN_LIMIT: usize = 32;
+
 struct Writer<'a> {
     out: Vec<u8>,
     /// Non-empty strings written so far, by position: back-reference targets.
     seen: Vec<&'a str>,
+    /// The same, by string, once there are more than [`SCAN_LIMIT`].
+    index: HashMap<&'a str, usize, foldhash::fast::RandomState>,
 }
 
 impl<'a> Writer<'a> {
@@ -281,6 +289,32 @@ impl<'a> Writer<'a> {
         Writer {
             out,
             seen: Vec::new(),
+            index: HashMap::default(),
+        }
+    }
+
+    /// The position of `s` among the strings written so far, remembering
+    /// it if new.
+    fn remember(&mut self, s: &'a str) -> Option<usize> {
+        if self.seen.len() < SCAN_LIMIT {
+            let found = self.seen.iter().position(|seen| *seen == s);
+            if found.is_none() {
+                self.seen.push(s);
+            }
+            return found;
+        }
+        if self.index.is_empty() {
+            // First time past the limit: index what was scanned so far.
+            self.index = self.seen.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+        }
+        let next = self.seen.len();
+        match self.index.entry(s) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(next);
+                self.seen.push(s);
+                None
+            }
         }
     }
 
@@ -310,11 +344,10 @@ impl<'a> Writer<'a> {
             self.varint(RAW);
             return;
         }
-        if let Some(i) = self.seen.iter().position(|seen| *seen == s) {
+        if let Some(i) = self.remember(s) {
             self.varint((i as u64) << 2 | BACK_REFERENCE);
             return;
         }
-        self.seen.push(s);
         if packable_hex(s) {
             self.varint(((s.len() / 2) as u64) << 2 | HEX);
             for pair in s.as_bytes().chunks_exact(2) {

@@ -276,3 +276,29 @@ fn generated_records_come_back_as_they_were_stored() {
         assert_eq!(decode_shape(&encode_shape(&shape)).unwrap(), shape);
     }
 }
+
+#[test]
+fn long_records_refer_back_past_the_first_strings() {
+    // Thousands of ids, each used twice, and a few strings repeated from
+    // the start: back-references found by hash once past the scan limit.
+    let ids: Vec<String> = (0..5_000).map(|i| format!("{:032x}", i * 7_919)).collect();
+    let shape: Vec<NodeShape> = ids
+        .iter()
+        .chain(&ids)
+        .enumerate()
+        .map(|(i, id)| (id.clone(), i as i64 - 1, 3, Evidence::SpanParent, 1.0))
+        .collect();
+    let record = encode_shape(&shape);
+    assert_eq!(decode_shape(&record).unwrap(), shape);
+    // The repeats cost a back-reference of a few bytes, not 17 bytes of id.
+    assert!(
+        record.len() < 5_000 * (17 + 8) + 5_000 * (3 + 8),
+        "{}",
+        record.len()
+    );
+    let mut s = summary();
+    s.tools = (0..100).map(|i| format!("GET /r{}", i % 40)).collect();
+    s.joined_chains = ids[..50].to_vec();
+    s.joined_chains.push(s.chain_id.clone());
+    assert_eq!(decode_summary(&encode_summary(&s)).unwrap(), s);
+}
