@@ -886,12 +886,16 @@ impl Topology {
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
-            if let Some(found) = chains.into_iter().find(|c| want(c)) {
-                return Ok(found);
+            if let Some(found) = chains.iter().find(|c| want(c)) {
+                return Ok(found.clone());
             }
             self.mesh.check_alive()?;
             if Instant::now() > deadline {
-                bail!("no chain matching the expectation after {within:?} (filter {filter:?})");
+                // What was listed last tells a slow report from a wrong one.
+                bail!(
+                    "no chain matching the expectation after {within:?} (filter {filter:?}); last listed: {:#}",
+                    serde_json::Value::Array(chains)
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }

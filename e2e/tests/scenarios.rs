@@ -375,13 +375,15 @@ fn sidecars_keep_enforcing_and_chains_complete_across_a_control_plane_restart() 
     std::thread::sleep(Duration::from_millis(500));
     topo.start_control_again().unwrap();
 
-    // The hops of the outage arrive once it is back.
-    let chain = topo
-        .wait_chain(&["--initiator", "dave@example.com"], WITHIN, |c| {
-            destination(c, "api.partner.example").is_some() && strings(c, "services").len() >= 2
-        })
-        .unwrap();
-    assert_eq!(chain["coverage"], "propagated", "{chain:#}");
+    // The hops of the outage arrive once it is back. Each sidecar reports
+    // on its own schedule, so the chain may be listed partial until the
+    // last of them has: propagated is what it must become.
+    topo.wait_chain(&["--initiator", "dave@example.com"], WITHIN, |c| {
+        destination(c, "api.partner.example").is_some()
+            && strings(c, "services").len() >= 2
+            && c["coverage"] == "propagated"
+    })
+    .unwrap();
     topo.wait_chain(&["--initiator", "dave@example.com"], WITHIN, |c| {
         destination(c, "paste.risky.example").is_some_and(|d| d["verdict"] == "block")
     })
