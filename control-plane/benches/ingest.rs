@@ -24,7 +24,8 @@
 //! through the store API in batches of 50,000 (and assembled by the
 //! server's assembler), the last `CUSTODY_BENCH_INGEST_HOPS` (default: all
 //! of them, at most 1,000,000) are sent over gRPC in batches of 1,000 hops
-//! from 4 concurrent clients and timed, `sync: full`
+//! from 4 concurrent clients (`CUSTODY_BENCH_CLIENTS` to change: a mesh
+//! has a connection per sidecar) and timed, `sync: full`
 //! (`CUSTODY_BENCH_SYNC=normal` to compare). Prints ingest-only and
 //! ingest-with-assembly rates, the process CPU time (user + system, the
 //! benchmark's clients included) per hop over that timed part, then p50/p99
@@ -44,6 +45,7 @@ const ADMIN: &str = "admin-token-0123456789";
 const NODE: &str = "node-token-0123456789";
 const HOPS_PER_CHAIN: u64 = 5;
 const BATCH: u64 = 1_000;
+/// Concurrent gRPC clients unless `CUSTODY_BENCH_CLIENTS` says otherwise.
 const CLIENTS: u64 = 4;
 
 fn wl(sa: &str) -> v1::WorkloadId {
@@ -312,6 +314,11 @@ fn run(store: &str, server_cpu: Option<&dyn Fn() -> Duration>) -> Figures {
         .unwrap_or_else(|| hops.min(1_000_000))
         .min(hops);
     let preload_chains = (hops - ingest_hops) / HOPS_PER_CHAIN;
+    let clients: u64 = std::env::var("CUSTODY_BENCH_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(CLIENTS);
     rt.block_on(async move {
         let server = custody_control::server::start(&config).await.unwrap();
         let base_time = custody_control::unix_nanos() - chains * 1_000_000 - 3_600_000_000_000;
@@ -353,7 +360,7 @@ fn run(store: &str, server_cpu: Option<&dyn Fn() -> Duration>) -> Figures {
         let cpu_started = process_cpu();
         let server_cpu_started = server_cpu.map(|f| f());
         let mut tasks = Vec::new();
-        for c in 0..CLIENTS {
+        for c in 0..clients {
             let addr = server.grpc_addr;
             tasks.push(tokio::spawn(async move {
                 let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
@@ -375,7 +382,7 @@ fn run(store: &str, server_cpu: Option<&dyn Fn() -> Duration>) -> Figures {
                         .unwrap()
                         .into_inner();
                     assert_eq!(u64::from(ack.accepted), (to - from) * HOPS_PER_CHAIN);
-                    b += CLIENTS;
+                    b += clients;
                 }
             }));
         }
@@ -391,7 +398,7 @@ fn run(store: &str, server_cpu: Option<&dyn Fn() -> Duration>) -> Figures {
             .map(|(f, started)| f() - started);
         let total = (chains - preload_chains) * HOPS_PER_CHAIN;
         println!(
-            "stored hops: {} ({chains} chains), {total} of them over gRPC",
+            "stored hops: {} ({chains} chains), {total} of them over gRPC from {clients} clients",
             chains * HOPS_PER_CHAIN
         );
         println!(
