@@ -18,6 +18,10 @@ use prost::Message as _;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OptionalExtension as _, params, params_from_iter};
 
+mod chain_numbers;
+
+use chain_numbers::ChainNumbers;
+
 use super::common::{HopRow, fact_filters, facts, i64_of, shape, u64_of};
 use super::compact::{encode_shape, encode_summary, stored_shape, stored_summary};
 use super::{
@@ -117,9 +121,8 @@ CREATE TABLE IF NOT EXISTS signing_keys (
 /// are read with `pread`.
 const MMAP_BYTES: i64 = 1 << 30;
 
-/// The stored hops of one chain id.
-const HOPS_OF_CHAIN: &str =
-    "SELECT h.body FROM chain_ids c JOIN hops h ON h.chain_seq = c.seq WHERE c.chain_id = ?1";
+/// The stored hops of one chain number.
+const HOPS_OF_CHAIN: &str = "SELECT body FROM hops WHERE chain_seq = ?1";
 
 /// How the embedded store is opened.
 #[derive(Clone, Debug)]
@@ -140,6 +143,9 @@ pub struct SqliteStore {
     hop_queue: Mutex<HopQueue>,
     /// Recently used chain numbers; only used and changed with the writer held.
     chain_seqs: Mutex<HashMap<String, i64>>,
+    /// Chain numbers not yet in the chain-id index; given and written with
+    /// the writer held, read by every lookup by chain id.
+    numbers: Mutex<ChainNumbers>,
     /// Whether commits of hops sync the log (`sync: full`).
     sync_full: bool,
     /// Set while the writer's commits are not synced (for chains); commits
@@ -177,7 +183,7 @@ impl SqliteStore {
     pub fn open(options: &SqliteOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&options.data_dir)?;
         let path = options.data_dir.join("custody.db");
-        let writer = Connection::open(&path)?;
+        let mut writer = Connection::open(&path)?;
         writer.pragma_update(None, "journal_mode", "WAL")?;
         // An ingest acknowledgement means "durable": in WAL mode `FULL`
         // syncs the log at every commit, so an acknowledged batch survives
@@ -208,6 +214,7 @@ impl SqliteStore {
         writer.set_prepared_statement_cache_capacity(64);
         migrate(&writer)?;
         writer.execute_batch(SCHEMA)?;
+        let numbers = chain_numbers::recover(&mut writer)?;
         let reader = Connection::open(&path)?;
         reader.busy_timeout(std::time::Duration::from_secs(10))?;
         reader.pragma_update(None, "cache_size", -65_536)?;
@@ -220,6 +227,7 @@ impl SqliteStore {
             path,
             hop_queue: Mutex::new(HopQueue::default()),
             chain_seqs: Mutex::new(HashMap::new()),
+            numbers: Mutex::new(numbers),
             sync_full: options.sync_full,
             sync_relaxed: std::sync::atomic::AtomicBool::new(false),
         })
@@ -228,6 +236,12 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Writes new chain ids to the index after `n` new chains.
+    #[cfg(test)]
+    pub(crate) fn flush_chain_numbers_every(&self, n: usize) {
+        lock(&self.numbers).flush_every(n);
     }
 }
 
@@ -424,7 +438,7 @@ impl Store for SqliteStore {
         };
         let written = self.restore_sync(&conn).and_then(|()| {
             let mut seqs = lock(&self.chain_seqs);
-            write_hop_batches(&mut conn, &group, &mut seqs)
+            write_hop_batches(&mut conn, &group, &mut seqs, &self.numbers)
         });
         let mut q = lock(&self.hop_queue);
         let mut mine = None;
@@ -488,7 +502,10 @@ impl Store for SqliteStore {
         let mut stmt = conn.prepare_cached(HOPS_OF_CHAIN)?;
         let mut out = Vec::with_capacity(chain_ids.len() * 4);
         for id in chain_ids {
-            let mut rows = stmt.query([id])?;
+            let Some(seq) = self.seq_of(&conn, id)? else {
+                continue;
+            };
+            let mut rows = stmt.query([seq])?;
             while let Some(row) = rows.next()? {
                 // Decoded in place, without copying the blob first.
                 let body = row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
@@ -501,12 +518,13 @@ impl Store for SqliteStore {
     fn chain_hop_counts(&self, chain_ids: &[String]) -> Result<Vec<u64>, StoreError> {
         let conn = lock(&self.reader);
         // Answered from the chain index alone.
-        let mut stmt = conn.prepare_cached(
-            "SELECT count(*) FROM chain_ids c JOIN hops h ON h.chain_seq = c.seq WHERE c.chain_id = ?1",
-        )?;
+        let mut stmt = conn.prepare_cached("SELECT count(*) FROM hops WHERE chain_seq = ?1")?;
         chain_ids
             .iter()
-            .map(|id| Ok(u64_of(stmt.query_row([id], |r| r.get::<_, i64>(0))?)))
+            .map(|id| match self.seq_of(&conn, id)? {
+                Some(seq) => Ok(u64_of(stmt.query_row([seq], |r| r.get::<_, i64>(0))?)),
+                None => Ok(0),
+            })
             .collect()
     }
 
@@ -640,20 +658,29 @@ impl Store for SqliteStore {
             self.sync_relaxed.store(true, Ordering::Relaxed);
             conn.execute_batch("PRAGMA synchronous = NORMAL")?;
         }
-        let result = write_chains(&mut conn, &seqs, trees, &rows, superseded, assembled);
+        let result = write_chains(
+            &mut conn,
+            &seqs,
+            &self.numbers,
+            trees,
+            &rows,
+            superseded,
+            assembled,
+        );
         self.restore_sync(&conn)?;
         result
     }
 
     fn pending_generations(&self, chain_ids: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
         let conn = lock(&self.reader);
-        let mut stmt = conn.prepare_cached(
-            "SELECT p.generation FROM chain_ids i JOIN pending p ON p.chain_seq = i.seq
-             WHERE i.chain_id = ?1",
-        )?;
+        let mut stmt =
+            conn.prepare_cached("SELECT generation FROM pending WHERE chain_seq = ?1")?;
         let mut out = Vec::new();
         for id in chain_ids {
-            if let Some(g) = stmt.query_row([id], |r| r.get::<_, i64>(0)).optional()? {
+            let Some(seq) = self.seq_of(&conn, id)? else {
+                continue;
+            };
+            if let Some(g) = stmt.query_row([seq], |r| r.get::<_, i64>(0)).optional()? {
                 out.push((id.clone(), u64_of(g)));
             }
         }
@@ -664,13 +691,30 @@ impl Store for SqliteStore {
         let conn = lock(&self.reader);
         // Oldest first: chains are numbered in order of first sight.
         let mut stmt = conn.prepare_cached(
-            "SELECT i.chain_id FROM pending p JOIN chain_ids i ON i.seq = p.chain_seq
+            "SELECT p.chain_seq, i.chain_id FROM pending p LEFT JOIN chain_ids i ON i.seq = p.chain_seq
              ORDER BY p.chain_seq LIMIT ?1",
         )?;
         let rows = stmt
-            .query_map([i64::from(limit)], |r| r.get::<_, String>(0))?
+            .query_map([i64::from(limit)], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+            })?
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        if rows.iter().all(|(_, id)| id.is_some()) {
+            return Ok(rows.into_iter().filter_map(|(_, id)| id).collect());
+        }
+        // Chains numbered since the index was last written are named from
+        // memory, or from the index if a flush wrote them since the read.
+        let unflushed = lock(&self.numbers).by_seq();
+        let mut indexed = conn.prepare_cached("SELECT chain_id FROM chain_ids WHERE seq = ?1")?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (seq, id) in rows {
+            let id = match id.or_else(|| unflushed.get(&seq).cloned()) {
+                Some(id) => Some(id),
+                None => indexed.query_row([seq], |r| r.get(0)).optional()?,
+            };
+            out.extend(id);
+        }
+        Ok(out)
     }
 
     fn chains(&self, q: &ChainQuery) -> Result<Vec<ChainSummary>, StoreError> {
@@ -740,16 +784,19 @@ impl Store for SqliteStore {
 
     fn chain(&self, chain_id: &str) -> Result<Option<ChainTree>, StoreError> {
         let conn = lock(&self.reader);
+        let seq = self.seq_of(&conn, chain_id)?;
         let row = conn
             .prepare_cached(
                 "SELECT summary, shape FROM chains WHERE chain_seq IN (
-                     SELECT seq FROM chain_ids WHERE chain_id = ?1
+                     SELECT ?2
                      UNION ALL
                      SELECT chain_seq FROM chain_facts WHERE kind = 'joined' AND value = ?1
                  )
                  LIMIT 1",
             )?
-            .query_row([chain_id], |r| Ok((document(r, 0)?, document(r, 1)?)))
+            .query_row(params![chain_id, seq], |r| {
+                Ok((document(r, 0)?, document(r, 1)?))
+            })
             .optional()?;
         let Some((summary, shape)) = row else {
             return Ok(None);
@@ -760,7 +807,10 @@ impl Store for SqliteStore {
         let mut stored: HashMap<String, HopEvent> = HashMap::with_capacity(shape.len());
         let mut by_chain = conn.prepare_cached(HOPS_OF_CHAIN)?;
         for id in std::iter::once(&summary.chain_id).chain(&summary.joined_chains) {
-            let mut rows = by_chain.query([id])?;
+            let Some(seq) = self.seq_of(&conn, id)? else {
+                continue;
+            };
+            let mut rows = by_chain.query([seq])?;
             while let Some(row) = rows.next()? {
                 let body = row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
                 let hop = HopEvent::decode(body)?;
@@ -1008,12 +1058,15 @@ fn write_hop_batches(
     conn: &mut Connection,
     group: &[(u64, Vec<HopRow>)],
     seqs: &mut HashMap<String, i64>,
+    numbers: &Mutex<ChainNumbers>,
 ) -> Result<Vec<PutOutcome>, StoreError> {
     let mut outcomes = Vec::with_capacity(group.len());
     // Numbers of the chains with hops stored by this transaction.
     let mut chains: BTreeSet<i64> = BTreeSet::new();
-    // Numbers given in this transaction: remembered only once it commits.
+    // Numbers found or given in this transaction: cached once it commits.
     let mut numbered: HashMap<&str, i64> = HashMap::new();
+    // Numbers given to new chains by this transaction.
+    let mut given: Vec<(&str, i64)> = Vec::new();
     let tx = conn.transaction()?;
     {
         let mut stmt = tx.prepare_cached(
@@ -1021,7 +1074,6 @@ fn write_hop_batches(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
         let mut find = tx.prepare_cached("SELECT seq FROM chain_ids WHERE chain_id = ?1")?;
-        let mut add = tx.prepare_cached("INSERT INTO chain_ids (chain_id) VALUES (?1)")?;
         for (_, rows) in group {
             let mut out = PutOutcome {
                 fresh: Vec::with_capacity(rows.len()),
@@ -1033,12 +1085,18 @@ fn write_hop_batches(
                 let seq = match seqs.get(id).or_else(|| numbered.get(id)) {
                     Some(seq) => *seq,
                     None => {
-                        let seq = match find.query_row([id], |r| r.get(0)).optional()? {
+                        let known = lock(numbers).get(id);
+                        let seq = match known {
                             Some(seq) => seq,
-                            None => {
-                                add.execute([id])?;
-                                tx.last_insert_rowid()
-                            }
+                            None => match find.query_row([id], |r| r.get(0)).optional()? {
+                                Some(seq) => seq,
+                                // A new chain: in the index with the next flush.
+                                None => {
+                                    let seq = lock(numbers).take_next();
+                                    given.push((id, seq));
+                                    seq
+                                }
+                            },
                         };
                         numbered.insert(id, seq);
                         seq
@@ -1076,7 +1134,27 @@ fn write_hop_batches(
             pending.execute([seq])?;
         }
     }
-    tx.commit()?;
+    // Known before the hops are visible, so no reader finds a hop whose
+    // chain it cannot name; forgotten if the commit fails.
+    let flush = {
+        let mut numbers = lock(numbers);
+        numbers.extend(given.iter().copied());
+        numbers.due()
+    };
+    let committed = if flush {
+        let sorted = lock(numbers).sorted();
+        chain_numbers::write(&tx, &sorted).and_then(|()| Ok(tx.commit()?))
+    } else {
+        tx.commit().map_err(StoreError::from)
+    };
+    match committed {
+        Ok(()) if flush => lock(numbers).flushed(),
+        Ok(()) => {}
+        Err(e) => {
+            lock(numbers).forget(given.iter().map(|(id, _)| *id));
+            return Err(e);
+        }
+    }
     if seqs.len() + numbered.len() > CHAIN_SEQ_CACHE {
         seqs.clear();
     }
@@ -1089,6 +1167,7 @@ fn write_hop_batches(
 fn write_chains(
     conn: &mut Connection,
     seqs: &HashMap<String, i64>,
+    numbers: &Mutex<ChainNumbers>,
     trees: &[ChainTree],
     rows: &[(Vec<u8>, Vec<u8>)],
     superseded: &[String],
@@ -1100,8 +1179,8 @@ fn write_chains(
     {
         let mut number = tx.prepare_cached("SELECT seq FROM chain_ids WHERE chain_id = ?1")?;
         let mut seq_of = |id: &str| -> Result<Option<i64>, StoreError> {
-            match seqs.get(id) {
-                Some(seq) => Ok(Some(*seq)),
+            match seqs.get(id).copied().or_else(|| lock(numbers).get(id)) {
+                Some(seq) => Ok(Some(seq)),
                 None => Ok(number.query_row([id], |r| r.get(0)).optional()?),
             }
         };
@@ -1274,7 +1353,52 @@ impl SqliteStore {
         let mut conn = self.writer()?;
         // Numbers of chains whose hops are all gone are deleted below.
         lock(&self.chain_seqs).clear();
+        // The index is written whole first, so that it alone says which
+        // numbers are still in use.
+        flush_chain_numbers(&mut conn, &self.numbers)?;
         delete_before(&mut conn, cutoff)
+    }
+
+    /// The number of chain `chain_id`, if it has one.
+    fn seq_of(&self, conn: &Connection, chain_id: &str) -> Result<Option<i64>, StoreError> {
+        if let Some(seq) = lock(&self.numbers).get(chain_id) {
+            return Ok(Some(seq));
+        }
+        Ok(conn
+            .prepare_cached("SELECT seq FROM chain_ids WHERE chain_id = ?1")?
+            .query_row([chain_id], |r| r.get(0))
+            .optional()?)
+    }
+}
+
+/// Writes the chain numbers given since the last flush to the index; the
+/// caller holds the writer.
+fn flush_chain_numbers(
+    conn: &mut Connection,
+    numbers: &Mutex<ChainNumbers>,
+) -> Result<(), StoreError> {
+    let sorted = lock(numbers).sorted();
+    if sorted.is_empty() {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    chain_numbers::write(&tx, &sorted)?;
+    tx.commit()?;
+    lock(numbers).flushed();
+    Ok(())
+}
+
+impl Drop for SqliteStore {
+    /// Writes the chain numbers given since the last flush, so that the
+    /// next open has none to read back from the hops.
+    fn drop(&mut self) {
+        let conn = self
+            .writer
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(error) = flush_chain_numbers(conn, &self.numbers) {
+            tracing::warn!(%error, "store: chain numbers not written at close (read back at the next open)");
+        }
     }
 }
 

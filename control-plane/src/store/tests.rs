@@ -10,6 +10,7 @@ use custody_context::policy::EgressPolicy;
 
 use super::*;
 use crate::assembly::assemble;
+use rusqlite::OptionalExtension as _;
 
 /// A backend under test: stores over the same data, and a raw look at it.
 trait Backend {
@@ -595,15 +596,165 @@ fn sqlite_chains_stored_as_json_are_read_and_replaced() {
 
 /// Fact rows of one chain carrying another time than `last_ns`.
 fn fact_rows_not_at(dir: &std::path::Path, chain: &str, last_ns: i64) -> i64 {
-    rusqlite::Connection::open(dir.join("custody.db"))
-        .unwrap()
+    let conn = rusqlite::Connection::open(dir.join("custody.db")).unwrap();
+    let Some(seq) = raw_chain_seq(&conn, chain) else {
+        return 0;
+    };
+    conn.query_row(
+        "SELECT count(*) FROM chain_facts WHERE chain_seq = ?1 AND last_ns != ?2",
+        rusqlite::params![seq, last_ns],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// The number of `chain` as the database file says: from the chain-id
+/// index, or from its hops while the open store has not written it there.
+fn raw_chain_seq(conn: &rusqlite::Connection, chain: &str) -> Option<i64> {
+    let indexed = conn
         .query_row(
-            "SELECT count(*) FROM chain_facts f JOIN chain_ids i ON i.seq = f.chain_seq
-             WHERE i.chain_id = ?1 AND f.last_ns != ?2",
-            rusqlite::params![chain, last_ns],
+            "SELECT seq FROM chain_ids WHERE chain_id = ?1",
+            [chain],
             |r| r.get(0),
         )
+        .optional()
+        .unwrap();
+    indexed.or_else(|| {
+        let mut stmt = conn.prepare("SELECT chain_seq, body FROM hops").unwrap();
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .unwrap();
+        rows.map(Result::unwrap)
+            .find(|(_, body)| {
+                <HopEvent as prost::Message>::decode(body.as_slice())
+                    .unwrap()
+                    .chain_id
+                    == chain
+            })
+            .map(|(seq, _)| seq)
+    })
+}
+
+/// Rows of the chain-id index, read from the database file.
+fn indexed_chain_ids(dir: &std::path::Path) -> i64 {
+    rusqlite::Connection::open(dir.join("custody.db"))
         .unwrap()
+        .query_row("SELECT count(*) FROM chain_ids", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn event_ids(mut hops: Vec<HopEvent>) -> Vec<String> {
+    hops.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+    hops.into_iter().map(|h| h.event_id).collect()
+}
+
+#[test]
+fn sqlite_new_chain_ids_are_indexed_in_batches_and_found_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.flush_chain_numbers_every(3);
+    let c3 = "33333333333333333333333333333333";
+    let first = [
+        hop("a", C1, "1111111111111111", "", 100),
+        hop("b", C1, "2222222222222222", "1111111111111111", 101),
+        hop("c", C2, "3333333333333333", "", 200),
+    ];
+    store.put_hops(&first).unwrap();
+    // Two new chains: not in the index yet, and found by every lookup.
+    assert_eq!(indexed_chain_ids(dir.path()), 0);
+    let ids = [C1.to_owned(), C2.to_owned()];
+    assert_eq!(
+        event_ids(store.hops_of_chains(&ids[..1]).unwrap()),
+        ["a", "b"]
+    );
+    assert_eq!(store.chain_hop_counts(&ids).unwrap(), vec![2, 1]);
+    assert_eq!(
+        store.pending_generations(&ids).unwrap(),
+        vec![(C1.to_owned(), 1), (C2.to_owned(), 1)]
+    );
+    assert_eq!(store.pending_chains(10).unwrap(), ids.to_vec());
+    let trees = assemble(&first, &[]);
+    store
+        .put_chains(&trees, &[], &[(C1.to_owned(), 1), (C2.to_owned(), 1)])
+        .unwrap();
+    let c1_tree = trees.iter().find(|t| t.summary.chain_id == C1).unwrap();
+    assert_eq!(store.chain(C1).unwrap().as_ref(), Some(c1_tree));
+    // A late hop of a chain not yet indexed joins it rather than a new number.
+    store
+        .put_hops(&[hop("d", C1, "4444444444444444", "1111111111111111", 102)])
+        .unwrap();
+    assert_eq!(indexed_chain_ids(dir.path()), 0);
+    assert_eq!(store.chain_hop_counts(&ids[..1]).unwrap(), vec![3]);
+    // The third new chain writes all three, each under its own number.
+    store
+        .put_hops(&[hop("e", c3, "5555555555555555", "", 300)])
+        .unwrap();
+    assert_eq!(indexed_chain_ids(dir.path()), 3);
+    assert_eq!(
+        event_ids(store.hops_of_chains(&ids[..1]).unwrap()),
+        ["a", "b", "d"]
+    );
+    assert_eq!(
+        event_ids(store.hops_of_chains(&[c3.to_owned()]).unwrap()),
+        ["e"]
+    );
+    assert_eq!(store.chain(C1).unwrap().as_ref(), Some(c1_tree));
+    assert_eq!(
+        store.pending_chains(10).unwrap(),
+        vec![C1.to_owned(), c3.to_owned()]
+    );
+}
+
+#[test]
+fn sqlite_chain_ids_not_yet_indexed_are_recovered_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let hops = [
+        hop("a", C1, "1111111111111111", "", 100),
+        hop("b", C1, "2222222222222222", "1111111111111111", 101),
+        hop("c", C2, "3333333333333333", "", 200),
+    ];
+    let trees = assemble(&hops[..2], &[]);
+    {
+        let store = open(dir.path());
+        store.put_hops(&hops).unwrap();
+        store
+            .put_chains(&trees, &[], &[(C1.to_owned(), 1)])
+            .unwrap();
+        assert_eq!(indexed_chain_ids(dir.path()), 0);
+        // A crash: the store never closes, so nothing is written at close.
+        std::mem::forget(store);
+    }
+    assert_eq!(indexed_chain_ids(dir.path()), 0);
+    let store = open(dir.path());
+    assert_eq!(indexed_chain_ids(dir.path()), 2);
+    assert_eq!(store.chain(C1).unwrap().as_ref(), trees.first());
+    assert_eq!(store.pending_chains(10).unwrap(), vec![C2.to_owned()]);
+    // Numbers go on after the recovered ones: a new chain gets its own,
+    // and a late hop of a recovered chain joins it.
+    let c3 = "33333333333333333333333333333333";
+    store
+        .put_hops(&[
+            hop("d", c3, "4444444444444444", "", 300),
+            hop("e", C2, "5555555555555555", "3333333333333333", 201),
+        ])
+        .unwrap();
+    assert_eq!(
+        event_ids(store.hops_of_chains(&[c3.to_owned()]).unwrap()),
+        ["d"]
+    );
+    assert_eq!(
+        event_ids(store.hops_of_chains(&[C2.to_owned()]).unwrap()),
+        ["c", "e"]
+    );
+    assert_eq!(
+        store
+            .chain_hop_counts(&[C1.to_owned(), C2.to_owned(), c3.to_owned()])
+            .unwrap(),
+        vec![2, 2, 1]
+    );
+    drop(store);
+    // Closed cleanly: every id is indexed, nothing to recover.
+    assert_eq!(indexed_chain_ids(dir.path()), 3);
 }
 
 fn facts_follow_reassembly_supersession_and_retention(backend: &dyn Backend) {
