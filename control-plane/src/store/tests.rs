@@ -706,6 +706,35 @@ fn sqlite_new_chain_ids_are_indexed_in_batches_and_found_before() {
 }
 
 #[test]
+fn sqlite_a_hop_that_does_not_decode_does_not_stop_the_recovery_of_chain_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        store
+            .put_hops(&[
+                hop("a", C1, "1111111111111111", "", 100),
+                hop("b", C1, "2222222222222222", "1111111111111111", 101),
+                hop("c", C2, "3333333333333333", "", 200),
+            ])
+            .unwrap();
+        std::mem::forget(store);
+    }
+    // C1's first hop, the one recovery reads first, is damaged on disk.
+    rusqlite::Connection::open(dir.path().join("custody.db"))
+        .unwrap()
+        .execute("UPDATE hops SET body = x'ffff' WHERE event_id = 'a'", [])
+        .unwrap();
+    let store = open(dir.path());
+    assert_eq!(indexed_chain_ids(dir.path()), 2);
+    assert_eq!(
+        store
+            .chain_hop_counts(&[C1.to_owned(), C2.to_owned()])
+            .unwrap(),
+        vec![2, 1]
+    );
+}
+
+#[test]
 fn sqlite_chain_ids_not_yet_indexed_are_recovered_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let hops = [

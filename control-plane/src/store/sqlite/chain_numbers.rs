@@ -122,6 +122,7 @@ pub(super) fn write(tx: &Connection, sorted: &[(String, i64)]) -> Result<(), Sto
 /// the numbers to continue from. Runs when the store is opened, before
 /// anything else writes.
 pub(super) fn recover(conn: &mut Connection) -> Result<ChainNumbers, StoreError> {
+    let started = std::time::Instant::now();
     let indexed: i64 = conn.query_row("SELECT coalesce(max(seq), 0) FROM chain_ids", [], |r| {
         r.get(0)
     })?;
@@ -139,17 +140,18 @@ pub(super) fn recover(conn: &mut Connection) -> Result<ChainNumbers, StoreError>
                 continue;
             }
             let body = row.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
-            let hop = HopEvent::decode(body)?;
-            lost.insert(hop.chain_id, seq);
-            last = Some(seq);
+            match HopEvent::decode(body) {
+                Ok(hop) => {
+                    lost.insert(hop.chain_id, seq);
+                    last = Some(seq);
+                }
+                // The chain's next hop may still name it; the store opens either way.
+                Err(error) => tracing::warn!(%error, seq, "store: a stored hop does not decode"),
+            }
         }
         lost
     };
     if !lost.is_empty() {
-        tracing::info!(
-            chains = lost.len(),
-            "store: writing the ids of chains numbered before the last stop"
-        );
         let tx = conn.transaction()?;
         {
             let mut add =
@@ -159,6 +161,11 @@ pub(super) fn recover(conn: &mut Connection) -> Result<ChainNumbers, StoreError>
             }
         }
         tx.commit()?;
+        tracing::info!(
+            chains = lost.len(),
+            took_ms = started.elapsed().as_millis(),
+            "store: wrote the ids of chains numbered before the last stop"
+        );
     }
     // Numbers are never given twice, whatever still uses them.
     let highest: i64 = conn
