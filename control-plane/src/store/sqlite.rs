@@ -1141,14 +1141,24 @@ fn write_hop_batches(
         numbers.extend(given.iter().copied());
         numbers.due()
     };
-    let committed = if flush {
+    let started = std::time::Instant::now();
+    let (committed, flushed) = if flush {
         let sorted = lock(numbers).sorted();
-        chain_numbers::write(&tx, &sorted).and_then(|()| Ok(tx.commit()?))
+        let done = chain_numbers::write(&tx, &sorted).and_then(|()| Ok(tx.commit()?));
+        (done, sorted.len())
     } else {
-        tx.commit().map_err(StoreError::from)
+        (tx.commit().map_err(StoreError::from), 0)
     };
     match committed {
-        Ok(()) if flush => lock(numbers).flushed(),
+        Ok(()) if flush => {
+            lock(numbers).flushed();
+            // The batches of this commit waited for it: worth seeing.
+            tracing::debug!(
+                chains = flushed,
+                took_ms = started.elapsed().as_millis(),
+                "store: new chain ids written to the index"
+            );
+        }
         Ok(()) => {}
         Err(e) => {
             lock(numbers).forget(given.iter().map(|(id, _)| *id));
