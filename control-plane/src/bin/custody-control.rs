@@ -14,6 +14,11 @@ use anyhow::Context as _;
 use clap::Parser;
 use custody_control::{config::Config, server};
 
+// Ingest and assembly allocate and free many small strings per event;
+// glibc's allocator took an eighth of the server's CPU time there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Custody control plane.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -367,9 +367,17 @@ impl<'a> Writer<'a> {
     }
 }
 
+/// Bytes of strings one record may decode to at most. Back-references
+/// let a few bytes stand for a long string, so without a bound a small
+/// corrupt record could decode to gigabytes; real summaries and shapes are
+/// a few kilobytes.
+const MAX_DECODED_BYTES: usize = 16 << 20;
+
 struct Reader<'a> {
     bytes: &'a [u8],
     seen: Vec<String>,
+    /// Bytes of strings decoded so far.
+    decoded: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -378,6 +386,7 @@ impl<'a> Reader<'a> {
             Some((&FORMAT, rest)) => Ok(Reader {
                 bytes: rest,
                 seen: Vec::new(),
+                decoded: 0,
             }),
             Some(_) => Err(CompactError("unknown record format")),
             None => Err(CompactError("empty record")),
@@ -428,6 +437,15 @@ impl<'a> Reader<'a> {
             .ok_or(CompactError("count larger than the record"))
     }
 
+    /// Counts `len` more decoded bytes against [`MAX_DECODED_BYTES`].
+    fn decode(&mut self, len: usize) -> Result<()> {
+        self.decoded = self.decoded.saturating_add(len);
+        if self.decoded > MAX_DECODED_BYTES {
+            return Err(CompactError("record expands past 16 MiB"));
+        }
+        Ok(())
+    }
+
     fn str(&mut self) -> Result<String> {
         let header = self.varint()?;
         let n = usize::try_from(header >> 2).map_err(|_| CompactError("string too long"))?;
@@ -437,16 +455,20 @@ impl<'a> Reader<'a> {
                 .map_err(|_| CompactError("string is not UTF-8"))?
                 .to_owned(),
             BACK_REFERENCE => {
-                return self
+                let len = self
                     .seen
                     .get(n)
-                    .cloned()
-                    .ok_or(CompactError("back-reference to no earlier string"));
+                    .ok_or(CompactError("back-reference to no earlier string"))?
+                    .len();
+                self.decode(len)?;
+                return Ok(self.seen[n].clone());
             }
             HEX if n > 0 => {
                 const DIGITS: &[u8; 16] = b"0123456789abcdef";
+                // Taken before allocating: `n` is checked against the bytes left.
+                let packed = self.take(n)?;
                 let mut s = String::with_capacity(2 * n);
-                for b in self.take(n)? {
+                for b in packed {
                     s.push(char::from(DIGITS[usize::from(b >> 4)]));
                     s.push(char::from(DIGITS[usize::from(b & 0xf)]));
                 }
@@ -454,6 +476,7 @@ impl<'a> Reader<'a> {
             }
             _ => return Err(CompactError("unknown string form")),
         };
+        self.decode(s.len())?;
         self.seen.push(s.clone());
         Ok(s)
     }

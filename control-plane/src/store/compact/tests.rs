@@ -151,6 +151,13 @@ fn hostile_headers_are_refused_before_allocating() {
         decode_summary(&huge_string),
         Err(CompactError("record cut short"))
     );
+    // The same length as packed hex (found by `cargo fuzz`: the string
+    // was allocated before its length was checked).
+    let huge_hex = [FORMAT, 0x8a, 0xb2, 0x8a, 0xd3, 0x8a, 0xd3, 0x5b];
+    assert_eq!(
+        decode_summary(&huge_hex),
+        Err(CompactError("record cut short"))
+    );
     let long_varint = [
         FORMAT, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01,
     ];
@@ -300,5 +307,23 @@ fn long_records_refer_back_past_the_first_strings() {
     s.tools = (0..100).map(|i| format!("GET /r{}", i % 40)).collect();
     s.joined_chains = ids[..50].to_vec();
     s.joined_chains.push(s.chain_id.clone());
+    assert_eq!(decode_summary(&encode_summary(&s)).unwrap(), s);
+}
+
+#[test]
+fn a_small_record_cannot_decode_to_more_than_16_mib() {
+    // 20,000 back-references to one 1,000-byte string: about 20 KB of
+    // record standing for 20 MB of strings.
+    let long = "a".repeat(1_000);
+    let mut s = summary();
+    s.services = vec![long.clone(); 20_000];
+    let record = encode_summary(&s);
+    assert!(record.len() < 64 << 10, "{}", record.len());
+    assert_eq!(
+        decode_summary(&record),
+        Err(CompactError("record expands past 16 MiB"))
+    );
+    // Within the bound, the same form decodes.
+    s.services = vec![long; 10_000];
     assert_eq!(decode_summary(&encode_summary(&s)).unwrap(), s);
 }
