@@ -19,8 +19,13 @@ use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OptionalExtension as _, params, params_from_iter};
 
 mod chain_numbers;
+mod fact_ids;
 
 use chain_numbers::ChainNumbers;
+use fact_ids::FactIds;
+
+/// Keyed by chain ids that sidecars report; seeded per process.
+type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 use super::common::{HopRow, fact_filters, facts, i64_of, shape, u64_of};
 use super::compact::{encode_shape, encode_summary, stored_shape, stored_summary};
@@ -73,11 +78,10 @@ CREATE TABLE IF NOT EXISTS chains (
 CREATE INDEX IF NOT EXISTS chains_time ON chains (last_ns);
 CREATE INDEX IF NOT EXISTS chains_coverage ON chains (coverage, last_ns);
 CREATE TABLE IF NOT EXISTS chain_facts (
-    kind TEXT NOT NULL,
-    value TEXT NOT NULL,
+    fact INTEGER NOT NULL,
     last_ns INTEGER NOT NULL,
     chain_seq INTEGER NOT NULL,
-    PRIMARY KEY (kind, value, last_ns, chain_seq)
+    PRIMARY KEY (fact, last_ns, chain_seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS policy_current (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -142,10 +146,12 @@ pub struct SqliteStore {
     path: PathBuf,
     hop_queue: Mutex<HopQueue>,
     /// Recently used chain numbers; only used and changed with the writer held.
-    chain_seqs: Mutex<HashMap<String, i64>>,
+    chain_seqs: Mutex<IdMap<String, i64>>,
     /// Chain numbers not yet in the chain-id index; given and written with
     /// the writer held, read by every lookup by chain id.
     numbers: Mutex<ChainNumbers>,
+    /// Numbers of fact values; only used and changed with the writer held.
+    fact_ids: Mutex<FactIds>,
     /// Whether commits of hops sync the log (`sync: full`).
     sync_full: bool,
     /// Set while the writer's commits are not synced (for chains); commits
@@ -214,6 +220,7 @@ impl SqliteStore {
         writer.set_prepared_statement_cache_capacity(64);
         migrate(&writer)?;
         writer.execute_batch(SCHEMA)?;
+        writer.execute_batch(fact_ids::VALUES_TABLE)?;
         let numbers = chain_numbers::recover(&mut writer)?;
         let reader = Connection::open(&path)?;
         reader.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -226,8 +233,9 @@ impl SqliteStore {
             reader: Mutex::new(reader),
             path,
             hop_queue: Mutex::new(HopQueue::default()),
-            chain_seqs: Mutex::new(HashMap::new()),
+            chain_seqs: Mutex::new(IdMap::default()),
             numbers: Mutex::new(numbers),
+            fact_ids: Mutex::new(FactIds::default()),
             sync_full: options.sync_full,
             sync_relaxed: std::sync::atomic::AtomicBool::new(false),
         })
@@ -279,7 +287,8 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         "DROP INDEX IF EXISTS hops_workload_time;
          DROP INDEX IF EXISTS chain_facts_chain;",
     )?;
-    migrate_chain_keys(conn)
+    migrate_chain_keys(conn)?;
+    fact_ids::migrate(conn)
 }
 
 /// Chains, their facts and the pending queue were keyed by chain id, a
@@ -650,6 +659,7 @@ impl Store for SqliteStore {
             .collect::<Vec<_>>();
         let mut conn = lock(&self.writer);
         let seqs = lock(&self.chain_seqs);
+        let mut fact_ids = lock(&self.fact_ids);
         // Trees are derived data: this commit is not synced by itself (the
         // next synced commit of hops syncs it too). Losing it to a power
         // cut loses its deletions from the pending queue with it, so the
@@ -662,10 +672,13 @@ impl Store for SqliteStore {
             &mut conn,
             &seqs,
             &self.numbers,
-            trees,
-            &rows,
-            superseded,
-            assembled,
+            &mut fact_ids,
+            &ChainWrite {
+                trees,
+                rows: &rows,
+                superseded,
+                assembled,
+            },
         );
         self.restore_sync(&conn)?;
         result
@@ -731,8 +744,8 @@ impl Store for SqliteStore {
                 (
                     String::from(
                         "SELECT c.summary FROM chain_facts f CROSS JOIN chains c
-                         WHERE f.kind = ? AND f.value = ? AND c.chain_seq = f.chain_seq
-                         AND c.last_ns = f.last_ns",
+                         WHERE f.fact = (SELECT id FROM fact_values WHERE kind = ? AND value = ?)
+                         AND c.chain_seq = f.chain_seq AND c.last_ns = f.last_ns",
                     ),
                     " ORDER BY f.last_ns DESC, f.chain_seq LIMIT ?",
                 )
@@ -748,7 +761,8 @@ impl Store for SqliteStore {
             {
                 // A point lookup per candidate chain: facts carry its time.
                 sql.push_str(
-                    " AND EXISTS (SELECT 1 FROM chain_facts g WHERE g.kind = ? AND g.value = ?
+                    " AND EXISTS (SELECT 1 FROM chain_facts g
+                      WHERE g.fact = (SELECT id FROM fact_values WHERE kind = ? AND value = ?)
                       AND g.last_ns = c.last_ns AND g.chain_seq = c.chain_seq)",
                 );
                 args.push(Value::Text((*kind).to_owned()));
@@ -790,7 +804,8 @@ impl Store for SqliteStore {
                 "SELECT summary, shape FROM chains WHERE chain_seq IN (
                      SELECT ?2
                      UNION ALL
-                     SELECT chain_seq FROM chain_facts WHERE kind = 'joined' AND value = ?1
+                     SELECT chain_seq FROM chain_facts WHERE fact =
+                         (SELECT id FROM fact_values WHERE kind = 'joined' AND value = ?1)
                  )
                  LIMIT 1",
             )?
@@ -1057,14 +1072,14 @@ impl Store for SqliteStore {
 fn write_hop_batches(
     conn: &mut Connection,
     group: &[(u64, Vec<HopRow>)],
-    seqs: &mut HashMap<String, i64>,
+    seqs: &mut IdMap<String, i64>,
     numbers: &Mutex<ChainNumbers>,
 ) -> Result<Vec<PutOutcome>, StoreError> {
     let mut outcomes = Vec::with_capacity(group.len());
     // Numbers of the chains with hops stored by this transaction.
     let mut chains: BTreeSet<i64> = BTreeSet::new();
     // Numbers found or given in this transaction: cached once it commits.
-    let mut numbered: HashMap<&str, i64> = HashMap::new();
+    let mut numbered: IdMap<&str, i64> = IdMap::default();
     // Numbers given to new chains by this transaction.
     let mut given: Vec<(&str, i64)> = Vec::new();
     let tx = conn.transaction()?;
@@ -1172,18 +1187,34 @@ fn write_hop_batches(
     Ok(outcomes)
 }
 
+/// One pass's trees to store.
+struct ChainWrite<'a> {
+    trees: &'a [ChainTree],
+    /// Each tree's encoded summary and shape.
+    rows: &'a [(Vec<u8>, Vec<u8>)],
+    /// Chains joined into another, deleted as chains of their own.
+    superseded: &'a [String],
+    /// Chains assembled, with the pending generation they were read at.
+    assembled: &'a [(String, u64)],
+}
+
 /// Writes assembled trees in one transaction; the stored coverage class of
 /// each tree's chain before (`None` if new).
 fn write_chains(
     conn: &mut Connection,
-    seqs: &HashMap<String, i64>,
+    seqs: &IdMap<String, i64>,
     numbers: &Mutex<ChainNumbers>,
-    trees: &[ChainTree],
-    rows: &[(Vec<u8>, Vec<u8>)],
-    superseded: &[String],
-    assembled: &[(String, u64)],
+    fact_ids: &mut FactIds,
+    pass: &ChainWrite<'_>,
 ) -> Result<Vec<Option<Coverage>>, StoreError> {
+    let ChainWrite {
+        trees,
+        rows,
+        superseded,
+        assembled,
+    } = *pass;
     let mut before = Vec::with_capacity(trees.len());
+    let mut given = fact_ids::Given::default();
     let tx = conn.transaction()?;
 
     {
@@ -1209,7 +1240,7 @@ fn write_chains(
             if let Some(seq) = seq_of(id)?
                 && let Some(stored) = stored_chain(&mut old, seq)?
             {
-                delete_facts(&tx, seq, &stored)?;
+                delete_facts(&tx, fact_ids, &mut given, seq, &stored)?;
                 del_chain.execute([seq])?;
             }
         }
@@ -1244,12 +1275,22 @@ fn write_chains(
                 {
                     continue;
                 }
-                delete_facts(&tx, seq, p)?;
+                delete_facts(&tx, fact_ids, &mut given, seq, p)?;
             }
-            insert_facts(&tx, &new_facts, i64_of(s.last_unix_nanos), seq)?;
+            let numbered = new_facts
+                .iter()
+                .map(|(kind, value)| {
+                    fact_ids::fact_id(&tx, fact_ids, &mut given, (kind, value), true)
+                })
+                .collect::<Result<Vec<Option<i64>>, _>>()?
+                .into_iter()
+                .flatten()
+                .collect::<Vec<i64>>();
+            insert_facts(&tx, &numbered, i64_of(s.last_unix_nanos), seq)?;
         }
     }
     tx.commit()?;
+    fact_ids.extend(given);
     Ok(before)
 }
 
@@ -1260,25 +1301,19 @@ const FACTS_PER_INSERT: usize = 16;
 /// handful, and each statement run costs about as much as the row.
 fn insert_facts(
     conn: &Connection,
-    facts: &BTreeSet<(&'static str, String)>,
+    facts: &[i64],
     last_ns: i64,
     chain_seq: i64,
 ) -> Result<(), StoreError> {
-    let facts: Vec<&(&'static str, String)> = facts.iter().collect();
     for chunk in facts.chunks(FACTS_PER_INSERT) {
-        let mut sql = String::from(
-            "INSERT OR IGNORE INTO chain_facts (kind, value, last_ns, chain_seq) VALUES ",
-        );
+        let mut sql =
+            String::from("INSERT OR IGNORE INTO chain_facts (fact, last_ns, chain_seq) VALUES ");
         for i in 0..chunk.len() {
-            sql.push_str(if i == 0 {
-                "(?, ?, ?, ?)"
-            } else {
-                ", (?, ?, ?, ?)"
-            });
+            sql.push_str(if i == 0 { "(?, ?, ?)" } else { ", (?, ?, ?)" });
         }
-        let mut args: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 4);
-        for (kind, value) in chunk {
-            args.extend([kind as &dyn rusqlite::ToSql, value, &last_ns, &chain_seq]);
+        let mut args: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 3);
+        for fact in chunk {
+            args.extend([fact as &dyn rusqlite::ToSql, &last_ns, &chain_seq]);
         }
         conn.prepare_cached(&sql)?.execute(args.as_slice())?;
     }
@@ -1324,14 +1359,23 @@ fn document(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Vec<u8>> {
 }
 
 /// Deletes the fact rows of a stored chain, by their primary key.
-fn delete_facts(conn: &Connection, chain_seq: i64, stored: &StoredChain) -> Result<(), StoreError> {
+fn delete_facts(
+    conn: &Connection,
+    known: &FactIds,
+    given: &mut fact_ids::Given,
+    chain_seq: i64,
+    stored: &StoredChain,
+) -> Result<(), StoreError> {
     match &stored.facts {
         Some(facts) => {
             let mut del = conn.prepare_cached(
-                "DELETE FROM chain_facts WHERE kind = ?1 AND value = ?2 AND last_ns = ?3 AND chain_seq = ?4",
+                "DELETE FROM chain_facts WHERE fact = ?1 AND last_ns = ?2 AND chain_seq = ?3",
             )?;
             for (kind, value) in facts {
-                del.execute(params![kind, value, i64_of(stored.last_ns), chain_seq])?;
+                // A value never numbered has no rows to delete.
+                if let Some(fact) = fact_ids::fact_id(conn, known, given, (kind, value), false)? {
+                    del.execute(params![fact, i64_of(stored.last_ns), chain_seq])?;
+                }
             }
         }
         None => {
@@ -1366,7 +1410,11 @@ impl SqliteStore {
         // The index is written whole first, so that it alone says which
         // numbers are still in use.
         flush_chain_numbers(&mut conn, &self.numbers)?;
-        delete_before(&mut conn, cutoff)
+        let mut fact_ids = lock(&self.fact_ids);
+        let outcome = delete_before(&mut conn, &fact_ids, cutoff);
+        // Values no chain uses any more were deleted with them.
+        fact_ids.clear();
+        outcome
     }
 
     /// The number of chain `chain_id`, if it has one.
@@ -1412,8 +1460,13 @@ impl Drop for SqliteStore {
     }
 }
 
-fn delete_before(conn: &mut Connection, cutoff: u64) -> Result<RetentionOutcome, StoreError> {
+fn delete_before(
+    conn: &mut Connection,
+    fact_ids: &FactIds,
+    cutoff: u64,
+) -> Result<RetentionOutcome, StoreError> {
     let cutoff = i64_of(cutoff);
+    let mut given = fact_ids::Given::default();
     let tx = conn.transaction()?;
     let hops = tx.execute("DELETE FROM hops WHERE start_ns < ?1", [cutoff])?;
     let flows = tx.execute("DELETE FROM flows WHERE at_ns < ?1", [cutoff])?;
@@ -1453,10 +1506,11 @@ fn delete_before(conn: &mut Connection, cutoff: u64) -> Result<RetentionOutcome,
         }
         let mut del_chain = tx.prepare_cached("DELETE FROM chains WHERE chain_seq = ?1")?;
         for (seq, stored) in &old {
-            delete_facts(&tx, *seq, stored)?;
+            delete_facts(&tx, fact_ids, &mut given, *seq, stored)?;
             chains += del_chain.execute([seq])?;
         }
     }
+    fact_ids::delete_unused(&tx)?;
     // Chains are numbered in order of first sight: numbers below the
     // smallest one still used by a hop, a chain or the queue name nothing.
     tx.execute(

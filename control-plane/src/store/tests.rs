@@ -177,6 +177,7 @@ fn hop(id: &str, chain: &str, span: &str, parent: &str, start: u64) -> HopEvent 
 
 const C1: &str = "11111111111111111111111111111111";
 const C2: &str = "22222222222222222222222222222222";
+const C3: &str = "33333333333333333333333333333333";
 
 fn put_idempotent(store: &dyn Store) {
     let a = [
@@ -919,13 +920,15 @@ fn sqlite_chains_keyed_by_id_are_rekeyed_by_number_and_kept() {
              CREATE TABLE old_facts (kind TEXT NOT NULL, value TEXT NOT NULL,
                  last_ns INTEGER NOT NULL, chain_id TEXT NOT NULL,
                  PRIMARY KEY (kind, value, last_ns, chain_id)) WITHOUT ROWID;
-             INSERT INTO old_facts SELECT f.kind, f.value, f.last_ns, i.chain_id
-                 FROM chain_facts f JOIN chain_ids i ON i.seq = f.chain_seq;
+             INSERT INTO old_facts SELECT v.kind, v.value, f.last_ns, i.chain_id
+                 FROM chain_facts f JOIN chain_ids i ON i.seq = f.chain_seq
+                 JOIN fact_values v ON v.id = f.fact;
              CREATE TABLE old_pending (chain_id TEXT PRIMARY KEY, generation INTEGER NOT NULL)
                  WITHOUT ROWID;
              INSERT INTO old_pending SELECT i.chain_id, p.generation
                  FROM pending p JOIN chain_ids i ON i.seq = p.chain_seq;
              DROP TABLE chains; DROP TABLE chain_facts; DROP TABLE pending;
+             DROP TABLE fact_values;
              ALTER TABLE old_chains RENAME TO chains;
              ALTER TABLE old_facts RENAME TO chain_facts;
              ALTER TABLE old_pending RENAME TO pending;
@@ -998,6 +1001,94 @@ fn sqlite_chains_keyed_by_id_are_rekeyed_by_number_and_kept() {
     let last = i64::try_from(trees[0].summary.last_unix_nanos).unwrap();
     assert!(fact_rows_not_at(dir.path(), C1, -1) > 0);
     assert_eq!(fact_rows_not_at(dir.path(), C1, last), 0, "no stale facts");
+}
+
+#[test]
+fn sqlite_facts_keyed_by_value_are_numbered_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let hops = [hop("a", C1, "1111111111111111", "", 100)];
+    let other = [hop("z", C2, "3333333333333333", "", 200)];
+    {
+        let store = open(dir.path());
+        store.put_hops(&hops).unwrap();
+        store.put_hops(&other).unwrap();
+        store.put_chains(&assemble(&hops, &[]), &[], &[]).unwrap();
+        store.put_chains(&assemble(&other, &[]), &[], &[]).unwrap();
+    }
+    let db = || rusqlite::Connection::open(dir.path().join("custody.db")).unwrap();
+    let count = |sql: &str| -> i64 { db().query_row(sql, [], |r| r.get(0)).unwrap() };
+    let rows = count("SELECT count(*) FROM chain_facts");
+    assert!(rows > 0);
+    // The earlier layout: each fact row keyed by its kind and value.
+    db().execute_batch(
+        "CREATE TABLE old_facts (kind TEXT NOT NULL, value TEXT NOT NULL,
+             last_ns INTEGER NOT NULL, chain_seq INTEGER NOT NULL,
+             PRIMARY KEY (kind, value, last_ns, chain_seq)) WITHOUT ROWID;
+         INSERT INTO old_facts SELECT v.kind, v.value, f.last_ns, f.chain_seq
+             FROM chain_facts f JOIN fact_values v ON v.id = f.fact;
+         DROP TABLE chain_facts; DROP TABLE fact_values;
+         ALTER TABLE old_facts RENAME TO chain_facts;",
+    )
+    .unwrap();
+    let store = open(dir.path());
+    assert_eq!(
+        count("SELECT count(*) FROM pragma_table_info('chain_facts') WHERE name = 'kind'"),
+        0
+    );
+    assert_eq!(count("SELECT count(*) FROM chain_facts"), rows);
+    let ids = |q: ChainQuery| -> Vec<String> {
+        let mut ids: Vec<String> = store
+            .chains(&q)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.chain_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let by_alice = ChainQuery {
+        initiator: Some("alice".into()),
+        ..ChainQuery::default()
+    };
+    assert_eq!(ids(by_alice.clone()), vec![C1, C2]);
+    // A value numbered before the move is found by its number afterwards:
+    // re-assembly replaces the chain's facts instead of adding to them.
+    let mut later = hops[0].clone();
+    later.event_id = "b".into();
+    later.span_id = "2222222222222222".into();
+    later.parent_span_id = "1111111111111111".into();
+    later.start_unix_nanos = 500;
+    let both = [hops[0].clone(), later];
+    store.put_hops(&both).unwrap();
+    let trees = assemble(&both, &[]);
+    store.put_chains(&trees, &[], &[]).unwrap();
+    let last = i64::try_from(trees[0].summary.last_unix_nanos).unwrap();
+    assert!(fact_rows_not_at(dir.path(), C1, -1) > 0);
+    assert_eq!(fact_rows_not_at(dir.path(), C1, last), 0, "no stale facts");
+    assert_eq!(
+        ids(ChainQuery {
+            since: Some(505),
+            ..by_alice.clone()
+        }),
+        vec![C1]
+    );
+    // Retention deletes the values no chain uses any more; a value used
+    // again afterwards is numbered again and found.
+    store
+        .retain(
+            Retention {
+                max_age_secs: 1,
+                max_bytes: u64::MAX,
+            },
+            10_000_000_000,
+        )
+        .unwrap();
+    assert_eq!(count("SELECT count(*) FROM chain_facts"), 0);
+    assert_eq!(count("SELECT count(*) FROM fact_values"), 0);
+    let fresh = [hop("n", C3, "4444444444444444", "", 20_000_000_000)];
+    store.put_hops(&fresh).unwrap();
+    store.put_chains(&assemble(&fresh, &[]), &[], &[]).unwrap();
+    assert_eq!(ids(by_alice), vec![C3]);
 }
 
 #[test]

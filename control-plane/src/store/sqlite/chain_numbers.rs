@@ -22,6 +22,9 @@ use rusqlite::{Connection, OptionalExtension as _};
 
 use crate::store::StoreError;
 
+/// Keyed by chain ids that sidecars report; seeded per process.
+type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// New chains numbered between two writes of the index. Each costs about
 /// 100 bytes of memory, and at most this many chains' hops are read back
 /// when the store is opened after a crash.
@@ -30,7 +33,7 @@ pub(super) const FLUSH_AT: usize = 100_000;
 /// Numbers given and not yet in the index, and the next number to give.
 #[derive(Debug)]
 pub(super) struct ChainNumbers {
-    unflushed: HashMap<String, i64>,
+    unflushed: IdMap<String, i64>,
     next: i64,
     flush_at: usize,
 }
@@ -39,7 +42,7 @@ impl ChainNumbers {
     /// Numbers continue after `highest`, the highest one in use.
     pub(super) fn after(highest: i64) -> Self {
         ChainNumbers {
-            unflushed: HashMap::new(),
+            unflushed: IdMap::default(),
             next: highest.saturating_add(1),
             flush_at: FLUSH_AT,
         }
@@ -98,7 +101,7 @@ impl ChainNumbers {
     /// The numbers [`write`] wrote are committed (the writer was held
     /// since [`ChainNumbers::sorted`], so no other number was given).
     pub(super) fn flushed(&mut self) {
-        self.unflushed = HashMap::new();
+        self.unflushed = IdMap::default();
     }
 
     /// Flushes after `n` new chains instead of [`FLUSH_AT`].
