@@ -249,10 +249,12 @@ pub trait Store: Send + Sync {
         ended_by: u64,
     ) -> Result<Vec<HopEvent>, StoreError>;
     /// Hops with identity context of `workload` whose interval contains one
-    /// of `spans` (`(start, end)`, Unix nanoseconds, sorted by start) and
-    /// that started at most `max_request_nanos` before it: the candidate
-    /// parents of contextless hops. The default filters
-    /// [`Store::hops_in_window`]; a backend may filter before decoding.
+    /// of `spans` (`(start, end)`, Unix nanoseconds, sorted by start), that
+    /// started at most `max_request_nanos` before the first span and ended
+    /// at most that long after the last one started (a request lasts at
+    /// most that long): the candidate parents of contextless hops. The
+    /// default filters [`Store::hops_in_window`]; a backend may filter
+    /// before decoding.
     fn hops_containing(
         &self,
         workload: &str,
@@ -269,12 +271,10 @@ pub trait Store: Send + Sync {
             last.0,
             ended_by,
         )?;
+        let ended_at_most = last.0.saturating_add(max_request_nanos);
         hops.retain(|h| {
-            contains_any(
-                spans,
-                h.start_unix_nanos,
-                h.start_unix_nanos.saturating_add(h.duration_nanos),
-            )
+            let end = h.start_unix_nanos.saturating_add(h.duration_nanos);
+            end <= ended_at_most && contains_any(spans, h.start_unix_nanos, end)
         });
         Ok(hops)
     }

@@ -895,6 +895,7 @@ impl Store for PostgresStore {
         let ended_by = i64_of(spans.iter().map(|s| s.1).min().unwrap_or(0));
         let earliest = i64_of(first.0.saturating_sub(max_request_nanos));
         let latest = i64_of(last.0);
+        let ended_at_most = i64_of(last.0.saturating_add(max_request_nanos));
         let workload = workload.to_owned();
         let spans = spans.to_vec();
         self.run(|pool| async move {
@@ -905,8 +906,8 @@ impl Store for PostgresStore {
             let rows = client
                 .query(
                     "SELECT event_id, start_ns, end_ns FROM hops WHERE workload = $1
-                     AND start_ns BETWEEN $2 AND $3 AND end_ns >= $4 AND context",
-                    &[&workload, &earliest, &latest, &ended_by],
+                     AND start_ns BETWEEN $2 AND $3 AND end_ns BETWEEN $4 AND $5 AND context",
+                    &[&workload, &earliest, &latest, &ended_by, &ended_at_most],
                 )
                 .await
                 .map_err(pg)?;

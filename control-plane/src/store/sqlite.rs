@@ -54,7 +54,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS hops_event ON hops (start_ns, event_id);
 CREATE INDEX IF NOT EXISTS hops_chain ON hops (chain_seq);
 CREATE INDEX IF NOT EXISTS hops_contextless ON hops (start_ns) WHERE context = 0;
 CREATE INDEX IF NOT EXISTS hops_conn ON hops (conn) WHERE conn != '';
-CREATE INDEX IF NOT EXISTS hops_parents ON hops (workload, start_ns, end_ns) WHERE context = 1;
+CREATE INDEX IF NOT EXISTS hops_parents_by_end ON hops (workload, end_ns, start_ns) WHERE context = 1;
 CREATE TABLE IF NOT EXISTS pending (
     chain_seq INTEGER PRIMARY KEY,
     generation INTEGER NOT NULL
@@ -287,6 +287,19 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         "DROP INDEX IF EXISTS hops_workload_time;
          DROP INDEX IF EXISTS chain_facts_chain;",
     )?;
+    // Parents were searched by start time: 10 s of one workload's earlier
+    // hops per search. By end time, what is searched is what ended after
+    // the contextless hop did, which in a stream arriving in time order is
+    // the few hops ingested since (see `hops_containing`).
+    let by_start: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE name = 'hops_parents'",
+        [],
+        |r| r.get(0),
+    )?;
+    if by_start > 0 {
+        tracing::info!("store: indexing parent candidates by end time (one-time migration)");
+        conn.execute_batch("DROP INDEX hops_parents;")?;
+    }
     migrate_chain_keys(conn)?;
     fact_ids::migrate(conn)
 }
@@ -572,15 +585,21 @@ impl Store for SqliteStore {
         };
         let ended_by = spans.iter().map(|s| s.1).min().unwrap_or(0);
         let conn = lock(&self.reader);
+        // A parent lasts at most `max_request_nanos`, so it ended at most
+        // that long after the last span started: both its start and its
+        // end lie in windows that wide. The index goes by end, the side
+        // of the spans that holds only hops ingested after them when
+        // hops arrive in time order.
         let mut stmt = conn.prepare_cached(
-            "SELECT start_ns, end_ns, body FROM hops WHERE workload = ?1 AND start_ns BETWEEN ?2 AND ?3
-             AND end_ns >= ?4 AND context = 1",
+            "SELECT start_ns, end_ns, body FROM hops WHERE workload = ?1
+             AND end_ns BETWEEN ?2 AND ?3 AND start_ns BETWEEN ?4 AND ?5 AND context = 1",
         )?;
         let mut rows = stmt.query(params![
             workload,
+            i64_of(ended_by),
+            i64_of(last.0.saturating_add(max_request_nanos)),
             i64_of(first.0.saturating_sub(max_request_nanos)),
             i64_of(last.0),
-            i64_of(ended_by)
         ])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {

@@ -130,6 +130,7 @@ both!(
     client_versions_and_keys_are_kept,
     retention_deletes_by_age_then_by_size,
     neighbours_are_found_by_context_and_connection,
+    parents_are_requests_that_contain_a_span_and_last_at_most_the_longest_request,
     facts_follow_reassembly_supersession_and_retention,
     concurrent_batches_are_each_answered_for_their_own_hops,
     a_chain_is_found_by_an_id_joined_into_it,
@@ -438,6 +439,49 @@ fn retention_deletes_by_age_then_by_size(b: &dyn Backend) {
             .unwrap()
             .len(),
         1
+    );
+}
+
+fn parents_are_requests_that_contain_a_span_and_last_at_most_the_longest_request(b: &dyn Backend) {
+    let store = b.open();
+    let store = store.as_ref();
+    const SEC: u64 = 1_000_000_000;
+    let web = "spiffe://td/ns/shop/sa/web";
+    // Requests of `web` around a contextless call made at 100 s for 1 ms.
+    let request = |id: &str, start: u64, duration: u64| {
+        let mut h = hop(id, &format!("{id:0>32}"), "1111111111111111", "", start);
+        h.duration_nanos = duration;
+        h
+    };
+    let hops = [
+        // Contains it: started 5 s before, lasted 6 s.
+        request("a", 95 * SEC, 6 * SEC),
+        // Contains it, a longer request than the longest one (10 s).
+        request("b", 99 * SEC, 12 * SEC),
+        // Started too long before it.
+        request("c", 89 * SEC, 20 * SEC),
+        // Ended before it did, or started after it.
+        request("d", 99 * SEC, SEC),
+        request("e", 100 * SEC + 1, SEC),
+        // Contains it, just within both bounds.
+        request("f", 90 * SEC, 10 * SEC + 2 * 1_000_000),
+    ];
+    store.put_hops(&hops).unwrap();
+    let span = (100 * SEC, 100 * SEC + 1_000_000);
+    let mut found: Vec<String> = store
+        .hops_containing(web, &[span], 10 * SEC)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.event_id)
+        .collect();
+    found.sort();
+    assert_eq!(found, ["a", "f"]);
+    // Another workload's requests are never candidates.
+    assert!(
+        store
+            .hops_containing("spiffe://td/ns/shop/sa/orders", &[span], 10 * SEC)
+            .unwrap()
+            .is_empty()
     );
 }
 
@@ -1001,6 +1045,36 @@ fn sqlite_chains_keyed_by_id_are_rekeyed_by_number_and_kept() {
     let last = i64::try_from(trees[0].summary.last_unix_nanos).unwrap();
     assert!(fact_rows_not_at(dir.path(), C1, -1) > 0);
     assert_eq!(fact_rows_not_at(dir.path(), C1, last), 0, "no stale facts");
+}
+
+#[test]
+fn sqlite_parent_index_by_start_is_replaced_by_one_by_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = hop("a", C1, "1111111111111111", "", 100);
+    open(dir.path())
+        .put_hops(std::slice::from_ref(&parent))
+        .unwrap();
+    let db = || rusqlite::Connection::open(dir.path().join("custody.db")).unwrap();
+    db().execute_batch(
+        "DROP INDEX hops_parents_by_end;
+         CREATE INDEX hops_parents ON hops (workload, start_ns, end_ns) WHERE context = 1;",
+    )
+    .unwrap();
+    let store = open(dir.path());
+    let indexes: Vec<String> = db()
+        .prepare("SELECT name FROM sqlite_schema WHERE name LIKE 'hops_parents%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(indexes, ["hops_parents_by_end"]);
+    assert_eq!(
+        store
+            .hops_containing("spiffe://td/ns/shop/sa/web", &[(101, 105)], 50)
+            .unwrap(),
+        vec![parent]
+    );
 }
 
 #[test]
