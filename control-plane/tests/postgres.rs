@@ -65,7 +65,7 @@ async fn chains_ingested_on_postgres_survive_a_restart() {
     assert_eq!(before, chain_ids);
     server.kill();
     assert!(
-        !dir.path().join("custody.db").exists(),
+        !dir.path().join("custody.db").exists() && !dir.path().join("chains.db").exists(),
         "nothing stored in SQLite"
     );
 

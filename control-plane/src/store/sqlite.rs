@@ -11,7 +11,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::Ordering;
 
 use custody_context::api::v1::{FlowEvent, HopEvent};
 use prost::Message as _;
@@ -67,22 +66,6 @@ CREATE TABLE IF NOT EXISTS flows (
 );
 CREATE INDEX IF NOT EXISTS flows_conn ON flows (conn) WHERE conn != '';
 CREATE INDEX IF NOT EXISTS flows_time ON flows (at_ns);
-CREATE TABLE IF NOT EXISTS chains (
-    chain_seq INTEGER PRIMARY KEY,
-    coverage TEXT NOT NULL,
-    first_ns INTEGER NOT NULL,
-    last_ns INTEGER NOT NULL,
-    summary TEXT NOT NULL,
-    shape TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS chains_time ON chains (last_ns);
-CREATE INDEX IF NOT EXISTS chains_coverage ON chains (coverage, last_ns);
-CREATE TABLE IF NOT EXISTS chain_facts (
-    fact INTEGER NOT NULL,
-    last_ns INTEGER NOT NULL,
-    chain_seq INTEGER NOT NULL,
-    PRIMARY KEY (fact, last_ns, chain_seq)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS policy_current (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     version INTEGER NOT NULL,
@@ -121,6 +104,28 @@ CREATE TABLE IF NOT EXISTS signing_keys (
 );
 ";
 
+/// The chains' file (`chains.db`): assembled trees and the facts they are
+/// found by, written by a writer of their own so that storing a pass of
+/// trees never holds up a commit of hops, nor the other way round.
+const CHAINS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS chains (
+    chain_seq INTEGER PRIMARY KEY,
+    coverage TEXT NOT NULL,
+    first_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    summary TEXT NOT NULL,
+    shape TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chains_time ON chains (last_ns);
+CREATE INDEX IF NOT EXISTS chains_coverage ON chains (coverage, last_ns);
+CREATE TABLE IF NOT EXISTS chain_facts (
+    fact INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    chain_seq INTEGER NOT NULL,
+    PRIMARY KEY (fact, last_ns, chain_seq)
+) WITHOUT ROWID;
+";
+
 /// The database file is mapped up to this size (1 GiB); beyond it, pages
 /// are read with `pread`.
 const MMAP_BYTES: i64 = 1 << 30;
@@ -141,7 +146,12 @@ pub struct SqliteOptions {
 
 /// The embedded SQLite store.
 pub struct SqliteStore {
+    /// Writes `custody.db`: events, chain numbers, the pending queue,
+    /// policy; reads `chains.db` (attached) only for retention.
     writer: Mutex<Connection>,
+    /// Writes `chains.db`; reads chain numbers from `custody.db` (attached).
+    chains_writer: Mutex<Connection>,
+    /// Reads both files.
     reader: Mutex<Connection>,
     path: PathBuf,
     hop_queue: Mutex<HopQueue>,
@@ -152,11 +162,10 @@ pub struct SqliteStore {
     numbers: Mutex<ChainNumbers>,
     /// Numbers of fact values; only used and changed with the writer held.
     fact_ids: Mutex<FactIds>,
-    /// Whether commits of hops sync the log (`sync: full`).
-    sync_full: bool,
-    /// Set while the writer's commits are not synced (for chains); commits
-    /// of hops restore syncing first if a chains write failed to.
-    sync_relaxed: std::sync::atomic::AtomicBool,
+    /// Chains whose trees are stored, with the pending generation they
+    /// were assembled at: taken off the pending queue by the next commit
+    /// of the events' writer.
+    assembled: Mutex<Vec<Assembled>>,
 }
 
 /// Chain numbers remembered at most; the map is emptied when full (the
@@ -189,8 +198,8 @@ impl SqliteStore {
     pub fn open(options: &SqliteOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&options.data_dir)?;
         let path = options.data_dir.join("custody.db");
+        let chains_path = options.data_dir.join("chains.db");
         let mut writer = Connection::open(&path)?;
-        writer.pragma_update(None, "journal_mode", "WAL")?;
         // An ingest acknowledgement means "durable": in WAL mode `FULL`
         // syncs the log at every commit, so an acknowledged batch survives
         // a power loss as well as a crash. `NORMAL` syncs only at
@@ -199,49 +208,46 @@ impl SqliteStore {
         // is an explicit choice (`sync: normal`), never the default. The
         // sync costs little here: each commit covers a whole batch, and
         // profiles put `fsync` at 1-2% of the CPU time of ingest.
-        writer.pragma_update(
-            None,
-            "synchronous",
-            if options.sync_full { "FULL" } else { "NORMAL" },
-        )?;
-        writer.busy_timeout(std::time::Duration::from_secs(10))?;
-        // 64 MiB of page cache per connection: indexes stay in memory.
-        writer.pragma_update(None, "cache_size", -65_536)?;
-        writer.pragma_update(None, "mmap_size", MMAP_BYTES)?;
-        // Checkpoint every 64 MiB of WAL instead of every 4 MiB: hot index
-        // pages are copied into the database once per checkpoint, not once
-        // per few batches. The writer does it, right after a commit: a
-        // checkpoint from another thread while ingest goes on never copies
-        // the whole log, so the log is never started over and grows (to
-        // a gigabyte, measured), and every read then searches a longer log.
-        writer.pragma_update(None, "wal_autocheckpoint", 16_384)?;
-        writer.pragma_update(None, "journal_size_limit", 128_i64 << 20)?;
-        // Room for the fact inserts of every size next to the other statements.
-        writer.set_prepared_statement_cache_capacity(64);
+        configure_writer(&writer, options.sync_full)?;
         migrate(&writer)?;
         writer.execute_batch(SCHEMA)?;
-        writer.execute_batch(fact_ids::VALUES_TABLE)?;
+        // Trees are always synced: a chain leaves the pending queue (in
+        // `custody.db`) only once its tree is on disk, so that no power
+        // loss can leave a chain neither assembled nor queued. It is one
+        // sync per pass of up to 2,000 chains.
+        let chains_writer = Connection::open(&chains_path)?;
+        configure_writer(&chains_writer, true)?;
+        chains_writer.execute_batch(CHAINS_SCHEMA)?;
+        chains_writer.execute_batch(fact_ids::VALUES_TABLE)?;
+        attach(&writer, &chains_path, "chains_db")?;
+        move_chains(&writer)?;
+        attach(&chains_writer, &path, "events")?;
         let numbers = chain_numbers::recover(&mut writer)?;
         let reader = Connection::open(&path)?;
         reader.busy_timeout(std::time::Duration::from_secs(10))?;
-        reader.pragma_update(None, "cache_size", -65_536)?;
-        // Every commit of the writer empties the reader's page cache, so
-        // without a mapping each read pays a `pread` and a copy per page.
-        reader.pragma_update(None, "mmap_size", MMAP_BYTES)?;
+        attach(&reader, &chains_path, "chains_db")?;
+        for schema in ["main", "chains_db"] {
+            reader.pragma_update(Some(schema), "cache_size", -65_536)?;
+            // Every commit of a writer empties the reader's page cache of
+            // that file, so without a mapping each read pays a `pread` and
+            // a copy per page.
+            reader.pragma_update(Some(schema), "mmap_size", MMAP_BYTES)?;
+        }
         Ok(SqliteStore {
             writer: Mutex::new(writer),
+            chains_writer: Mutex::new(chains_writer),
             reader: Mutex::new(reader),
             path,
             hop_queue: Mutex::new(HopQueue::default()),
             chain_seqs: Mutex::new(IdMap::default()),
             numbers: Mutex::new(numbers),
             fact_ids: Mutex::new(FactIds::default()),
-            sync_full: options.sync_full,
-            sync_relaxed: std::sync::atomic::AtomicBool::new(false),
+            assembled: Mutex::new(Vec::new()),
         })
     }
 
-    /// The database file.
+    /// The events' database file (`custody.db`; the chains' file,
+    /// `chains.db`, is next to it).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -251,6 +257,89 @@ impl SqliteStore {
     pub(crate) fn flush_chain_numbers_every(&self, n: usize) {
         lock(&self.numbers).flush_every(n);
     }
+}
+
+/// Settings of a connection that writes: WAL, syncing every commit when
+/// `sync_full`, a large page cache, checkpoints every 64 MiB of log.
+fn configure_writer(conn: &Connection, sync_full: bool) -> Result<(), StoreError> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        if sync_full { "FULL" } else { "NORMAL" },
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // 64 MiB of page cache per connection: indexes stay in memory.
+    conn.pragma_update(None, "cache_size", -65_536)?;
+    conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
+    // Checkpoint every 64 MiB of WAL instead of every 4 MiB: hot index
+    // pages are copied into the database once per checkpoint, not once
+    // per few batches. The writer does it, right after a commit: a
+    // checkpoint from another thread while ingest goes on never copies
+    // the whole log, so the log is never started over and grows (to
+    // a gigabyte, measured), and every read then searches a longer log.
+    conn.pragma_update(None, "wal_autocheckpoint", 16_384)?;
+    conn.pragma_update(None, "journal_size_limit", 128_i64 << 20)?;
+    // Room for the fact inserts of every size next to the other statements.
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+/// Attaches the database file `path` to `conn` as `name`.
+fn attach(conn: &Connection, path: &Path, name: &str) -> Result<(), StoreError> {
+    let path = path
+        .to_str()
+        .ok_or_else(|| std::io::Error::other(format!("{} is not UTF-8", path.display())))?;
+    conn.execute(&format!("ATTACH DATABASE ?1 AS {name}"), [path])?;
+    Ok(())
+}
+
+/// Chains, their facts and fact values were kept in `custody.db`; they move
+/// to `chains.db` (attached to `conn` as `chains_db`) as they are. Copied
+/// first and dropped after, in two transactions: a crash in between leaves
+/// both copies, and the next open copies again over the first.
+fn move_chains(conn: &Connection) -> Result<(), StoreError> {
+    let present = |table: &str| -> Result<bool, StoreError> {
+        let n: i64 = conn.query_row(
+            "SELECT count(*) FROM main.sqlite_schema WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    };
+    let tables = [
+        (
+            "chains",
+            "INSERT OR REPLACE INTO chains_db.chains
+                 (chain_seq, coverage, first_ns, last_ns, summary, shape)
+             SELECT chain_seq, coverage, first_ns, last_ns, summary, shape FROM main.chains;",
+        ),
+        (
+            "fact_values",
+            "INSERT OR IGNORE INTO chains_db.fact_values (id, kind, value)
+             SELECT id, kind, value FROM main.fact_values;",
+        ),
+        (
+            "chain_facts",
+            "INSERT OR IGNORE INTO chains_db.chain_facts (fact, last_ns, chain_seq)
+             SELECT fact, last_ns, chain_seq FROM main.chain_facts;",
+        ),
+    ];
+    let mut copy = String::from("BEGIN;");
+    let mut drop = String::from("BEGIN;");
+    for (table, sql) in tables {
+        if present(table)? {
+            copy.push_str(sql);
+            drop.push_str(&format!("DROP TABLE main.{table};"));
+        }
+    }
+    if drop.len() == "BEGIN;".len() {
+        return Ok(());
+    }
+    tracing::info!("store: moving chains to chains.db (one-time migration)");
+    conn.execute_batch(&format!("{copy}COMMIT;"))?;
+    conn.execute_batch(&format!("{drop}COMMIT;"))?;
+    Ok(())
 }
 
 /// Moves a store written by an earlier layout to this one: chains kept
@@ -458,10 +547,15 @@ impl Store for SqliteStore {
             }
             std::mem::take(&mut q.waiting)
         };
-        let written = self.restore_sync(&conn).and_then(|()| {
+        let assembled = std::mem::take(&mut *lock(&self.assembled));
+        let written = {
             let mut seqs = lock(&self.chain_seqs);
-            write_hop_batches(&mut conn, &group, &mut seqs, &self.numbers)
-        });
+            write_hop_batches(&mut conn, &group, &assembled, &mut seqs, &self.numbers)
+        };
+        if written.is_err() {
+            // Taken off the queue by a later commit.
+            lock(&self.assembled).extend(assembled);
+        }
         let mut q = lock(&self.hop_queue);
         let mut mine = None;
         match written {
@@ -486,6 +580,10 @@ impl Store for SqliteStore {
         }
         drop(q);
         drop(conn);
+        // Chains stored while this commit ran, unless the next one takes them.
+        if lock(&self.hop_queue).waiting.is_empty() {
+            self.flush_assembled();
+        }
         mine.unwrap_or_else(|| Err(StoreError::Group("batch not in its group".into())))
     }
 
@@ -671,36 +769,44 @@ impl Store for SqliteStore {
         superseded: &[String],
         assembled: &[(String, u64)],
     ) -> Result<Vec<Option<Coverage>>, StoreError> {
-        // Encoded before the writer is taken: ingest waits on it.
+        // Encoded before the writer is taken.
         let rows = trees
             .iter()
             .map(|t| (encode_summary(&t.summary), encode_shape(&shape(t))))
             .collect::<Vec<_>>();
-        let mut conn = lock(&self.writer);
-        let seqs = lock(&self.chain_seqs);
-        let mut fact_ids = lock(&self.fact_ids);
-        // Trees are derived data: this commit is not synced by itself (the
-        // next synced commit of hops syncs it too). Losing it to a power
-        // cut loses its deletions from the pending queue with it, so the
-        // chains are assembled again.
-        if self.sync_full {
-            self.sync_relaxed.store(true, Ordering::Relaxed);
-            conn.execute_batch("PRAGMA synchronous = NORMAL")?;
-        }
-        let result = write_chains(
-            &mut conn,
-            &seqs,
-            &self.numbers,
-            &mut fact_ids,
-            &ChainWrite {
-                trees,
-                rows: &rows,
-                superseded,
-                assembled,
-            },
-        );
-        self.restore_sync(&conn)?;
-        result
+        // Numbers the events' writer has cached, copied out so that it is
+        // not held up while the trees are written.
+        let known: IdMap<String, i64> = {
+            let seqs = lock(&self.chain_seqs);
+            trees
+                .iter()
+                .map(|t| &t.summary.chain_id)
+                .chain(superseded)
+                .chain(assembled.iter().map(|(id, _)| id))
+                .filter_map(|id| seqs.get(id).map(|seq| (id.clone(), *seq)))
+                .collect()
+        };
+        let (before, done) = {
+            let mut conn = lock(&self.chains_writer);
+            let mut fact_ids = lock(&self.fact_ids);
+            write_chains(
+                &mut conn,
+                &known,
+                &self.numbers,
+                &mut fact_ids,
+                &ChainWrite {
+                    trees,
+                    rows: &rows,
+                    superseded,
+                    assembled,
+                },
+            )?
+        };
+        // The trees are on disk: their chains leave the pending queue with
+        // the next commit of hops, or now if the events' writer is free.
+        lock(&self.assembled).extend(done);
+        self.flush_assembled();
+        Ok(before)
     }
 
     fn pending_generations(&self, chain_ids: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
@@ -1073,10 +1179,14 @@ impl Store for SqliteStore {
 
     fn size_bytes(&self) -> Result<u64, StoreError> {
         let conn = lock(&self.reader);
-        let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-        let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-        let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        Ok(u64_of((pages - free) * size))
+        let mut bytes = 0;
+        for schema in ["main", "chains_db"] {
+            let pragma = |name: &str| -> Result<i64, StoreError> {
+                Ok(conn.query_row(&format!("PRAGMA {schema}.{name}"), [], |r| r.get(0))?)
+            };
+            bytes += (pragma("page_count")? - pragma("freelist_count")?) * pragma("page_size")?;
+        }
+        Ok(u64_of(bytes))
     }
 
     fn hop_count(&self) -> Result<u64, StoreError> {
@@ -1091,6 +1201,7 @@ impl Store for SqliteStore {
 fn write_hop_batches(
     conn: &mut Connection,
     group: &[(u64, Vec<HopRow>)],
+    assembled: &[Assembled],
     seqs: &mut IdMap<String, i64>,
     numbers: &Mutex<ChainNumbers>,
 ) -> Result<Vec<PutOutcome>, StoreError> {
@@ -1102,6 +1213,7 @@ fn write_hop_batches(
     // Numbers given to new chains by this transaction.
     let mut given: Vec<(&str, i64)> = Vec::new();
     let tx = conn.transaction()?;
+    clear_pending(&tx, assembled)?;
     {
         let mut stmt = tx.prepare_cached(
             "INSERT OR IGNORE INTO hops (event_id, chain_seq, workload, start_ns, end_ns, context, conn, body)
@@ -1218,14 +1330,15 @@ struct ChainWrite<'a> {
 }
 
 /// Writes assembled trees in one transaction; the stored coverage class of
-/// each tree's chain before (`None` if new).
+/// each tree's chain before (`None` if new), and the `(number, pending
+/// generation)` of each assembled chain, for [`clear_pending`].
 fn write_chains(
     conn: &mut Connection,
-    seqs: &IdMap<String, i64>,
+    known: &IdMap<String, i64>,
     numbers: &Mutex<ChainNumbers>,
     fact_ids: &mut FactIds,
     pass: &ChainWrite<'_>,
-) -> Result<Vec<Option<Coverage>>, StoreError> {
+) -> Result<(Vec<Option<Coverage>>, Vec<Assembled>), StoreError> {
     let ChainWrite {
         trees,
         rows,
@@ -1234,24 +1347,22 @@ fn write_chains(
     } = *pass;
     let mut before = Vec::with_capacity(trees.len());
     let mut given = fact_ids::Given::default();
+    let mut done = Vec::with_capacity(assembled.len());
     let tx = conn.transaction()?;
 
     {
         let mut number = tx.prepare_cached("SELECT seq FROM chain_ids WHERE chain_id = ?1")?;
         let mut seq_of = |id: &str| -> Result<Option<i64>, StoreError> {
-            match seqs.get(id).copied().or_else(|| lock(numbers).get(id)) {
+            match known.get(id).copied().or_else(|| lock(numbers).get(id)) {
                 Some(seq) => Ok(Some(seq)),
                 None => Ok(number.query_row([id], |r| r.get(0)).optional()?),
             }
         };
-        let mut done =
-            tx.prepare_cached("DELETE FROM pending WHERE chain_seq = ?1 AND generation = ?2")?;
         for (id, generation) in assembled {
             if let Some(seq) = seq_of(id)? {
-                done.execute(params![seq, i64_of(*generation)])?;
+                done.push((seq, i64_of(*generation)));
             }
         }
-        drop(done);
         let mut old = tx
             .prepare_cached("SELECT coverage, last_ns, summary FROM chains WHERE chain_seq = ?1")?;
         let mut del_chain = tx.prepare_cached("DELETE FROM chains WHERE chain_seq = ?1")?;
@@ -1310,7 +1421,23 @@ fn write_chains(
     }
     tx.commit()?;
     fact_ids.extend(given);
-    Ok(before)
+    Ok((before, done))
+}
+
+/// A chain whose tree is stored: its number and the pending generation it
+/// was assembled at.
+type Assembled = (i64, i64);
+
+/// Takes chains whose trees are stored off the pending queue, each only if
+/// no hops arrived for it since it was read for assembly (its generation is
+/// unchanged); a chain with new hops stays queued.
+fn clear_pending(conn: &Connection, done: &[Assembled]) -> rusqlite::Result<()> {
+    let mut del =
+        conn.prepare_cached("DELETE FROM pending WHERE chain_seq = ?1 AND generation = ?2")?;
+    for (seq, generation) in done {
+        del.execute([seq, generation])?;
+    }
+    Ok(())
 }
 
 /// Fact rows written by one statement at most.
@@ -1405,35 +1532,60 @@ fn delete_facts(
 }
 
 impl SqliteStore {
-    /// The writer, syncing its commits as configured.
+    /// The events' writer.
     fn writer(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
-        let conn = lock(&self.writer);
-        self.restore_sync(&conn)?;
-        Ok(conn)
+        Ok(lock(&self.writer))
     }
 
-    /// Syncs commits again if a chains write failed to restore it: an
-    /// acknowledged hop is always synced under `sync: full`.
-    fn restore_sync(&self, conn: &Connection) -> Result<(), StoreError> {
-        if self.sync_relaxed.load(Ordering::Relaxed) {
-            conn.execute_batch("PRAGMA synchronous = FULL")?;
-            self.sync_relaxed.store(false, Ordering::Relaxed);
+    /// Takes chains whose trees are stored off the pending queue, unless
+    /// the events' writer is busy: a tree store never waits behind commits
+    /// of hops for this. Whoever holds the writer then either takes them in
+    /// its own commit (`put_hops` does, first thing) or calls this after
+    /// letting go, so none is left behind while the store is in use; one
+    /// left by a failure stays pending and is assembled again.
+    fn flush_assembled(&self) {
+        if lock(&self.assembled).is_empty() {
+            return;
         }
-        Ok(())
+        let mut conn = match self.writer.try_lock() {
+            Ok(conn) => conn,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        let done = std::mem::take(&mut *lock(&self.assembled));
+        if done.is_empty() {
+            return;
+        }
+        let cleared = conn.transaction().and_then(|tx| {
+            clear_pending(&tx, &done)?;
+            tx.commit()
+        });
+        if let Err(error) = cleared {
+            tracing::warn!(%error, chains = done.len(), "store: assembled chains stay pending for now");
+            lock(&self.assembled).extend(done);
+        }
     }
 
     fn delete_before(&self, cutoff: u64) -> Result<RetentionOutcome, StoreError> {
+        // Both writers, always in this order (`put_chains` never holds one
+        // while it waits for the other).
         let mut conn = self.writer()?;
         // Numbers of chains whose hops are all gone are deleted below.
         lock(&self.chain_seqs).clear();
         // The index is written whole first, so that it alone says which
         // numbers are still in use.
         flush_chain_numbers(&mut conn, &self.numbers)?;
-        let mut fact_ids = lock(&self.fact_ids);
-        let outcome = delete_before(&mut conn, &fact_ids, cutoff);
-        // Values no chain uses any more were deleted with them.
-        fact_ids.clear();
-        outcome
+        let chains = {
+            let mut chains_conn = lock(&self.chains_writer);
+            let mut fact_ids = lock(&self.fact_ids);
+            let deleted = delete_chains_before(&mut chains_conn, &fact_ids, cutoff);
+            // Values no chain uses any more were deleted with them.
+            fact_ids.clear();
+            deleted?
+        };
+        let mut out = delete_events_before(&mut conn, cutoff)?;
+        out.chains = chains;
+        Ok(out)
     }
 
     /// The number of chain `chain_id`, if it has one.
@@ -1479,16 +1631,16 @@ impl Drop for SqliteStore {
     }
 }
 
-fn delete_before(
+/// Deletes chains last seen before `cutoff`, with their facts and the fact
+/// values no chain uses any more; how many chains.
+fn delete_chains_before(
     conn: &mut Connection,
     fact_ids: &FactIds,
     cutoff: u64,
-) -> Result<RetentionOutcome, StoreError> {
+) -> Result<u64, StoreError> {
     let cutoff = i64_of(cutoff);
     let mut given = fact_ids::Given::default();
     let tx = conn.transaction()?;
-    let hops = tx.execute("DELETE FROM hops WHERE start_ns < ?1", [cutoff])?;
-    let flows = tx.execute("DELETE FROM flows WHERE at_ns < ?1", [cutoff])?;
     // Chains in slices, oldest first, each with its facts.
     let mut chains = 0;
     loop {
@@ -1530,12 +1682,26 @@ fn delete_before(
         }
     }
     fact_ids::delete_unused(&tx)?;
+    tx.commit()?;
+    Ok(chains as u64)
+}
+
+/// Deletes hops and flows from before `cutoff`, and the chain numbers
+/// nothing uses any more (after the chains were deleted).
+fn delete_events_before(
+    conn: &mut Connection,
+    cutoff: u64,
+) -> Result<RetentionOutcome, StoreError> {
+    let cutoff = i64_of(cutoff);
+    let tx = conn.transaction()?;
+    let hops = tx.execute("DELETE FROM hops WHERE start_ns < ?1", [cutoff])?;
+    let flows = tx.execute("DELETE FROM flows WHERE at_ns < ?1", [cutoff])?;
     // Chains are numbered in order of first sight: numbers below the
     // smallest one still used by a hop, a chain or the queue name nothing.
     tx.execute(
         "DELETE FROM chain_ids WHERE seq < (SELECT min(m) FROM (
              SELECT coalesce(min(chain_seq), 9223372036854775807) AS m FROM hops
-             UNION ALL SELECT coalesce(min(chain_seq), 9223372036854775807) FROM chains
+             UNION ALL SELECT coalesce(min(chain_seq), 9223372036854775807) FROM chains_db.chains
              UNION ALL SELECT coalesce(min(chain_seq), 9223372036854775807) FROM pending))",
         [],
     )?;
@@ -1543,6 +1709,6 @@ fn delete_before(
     Ok(RetentionOutcome {
         hops: hops as u64,
         flows: flows as u64,
-        chains: chains as u64,
+        chains: 0,
     })
 }

@@ -137,6 +137,42 @@ both!(
     a_chain_reported_again_after_retention_is_stored_whole,
 );
 
+/// Both files of a closed store in one connection: `custody.db`, with
+/// `chains.db` attached (table names resolve in either).
+fn raw_db(dir: &std::path::Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(dir.join("custody.db")).unwrap();
+    conn.execute(
+        "ATTACH DATABASE ?1 AS chains_db",
+        [dir.join("chains.db").to_str().unwrap()],
+    )
+    .unwrap();
+    conn
+}
+
+/// Puts a closed store back in the single-file layout of earlier versions:
+/// chains, their facts and fact values in `custody.db`, no `chains.db`.
+fn single_file_layout(dir: &std::path::Path) {
+    raw_db(dir)
+        .execute_batch(
+            "CREATE TABLE main.chains (chain_seq INTEGER PRIMARY KEY, coverage TEXT NOT NULL,
+                 first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL, summary TEXT NOT NULL,
+                 shape TEXT NOT NULL);
+             CREATE INDEX main.chains_time ON chains (last_ns);
+             CREATE INDEX main.chains_coverage ON chains (coverage, last_ns);
+             CREATE TABLE main.chain_facts (fact INTEGER NOT NULL, last_ns INTEGER NOT NULL,
+                 chain_seq INTEGER NOT NULL, PRIMARY KEY (fact, last_ns, chain_seq)) WITHOUT ROWID;
+             CREATE TABLE main.fact_values (id INTEGER PRIMARY KEY, kind TEXT NOT NULL,
+                 value TEXT NOT NULL, UNIQUE (kind, value));
+             INSERT INTO main.chains SELECT * FROM chains_db.chains;
+             INSERT INTO main.chain_facts SELECT * FROM chains_db.chain_facts;
+             INSERT INTO main.fact_values SELECT * FROM chains_db.fact_values;",
+        )
+        .unwrap();
+    for file in ["chains.db", "chains.db-wal", "chains.db-shm"] {
+        let _ = std::fs::remove_file(dir.join(file));
+    }
+}
+
 fn open(dir: &std::path::Path) -> SqliteStore {
     SqliteStore::open(&SqliteOptions {
         data_dir: dir.to_path_buf(),
@@ -554,6 +590,7 @@ fn sqlite_chains_of_the_earlier_layout_are_assembled_again() {
         assert!(store.pending_chains(10).unwrap().is_empty());
     }
     // The chain tables as the earlier layout wrote them (whole trees as JSON).
+    single_file_layout(dir.path());
     rusqlite::Connection::open(dir.path().join("custody.db"))
         .unwrap()
         .execute_batch(
@@ -593,7 +630,7 @@ fn sqlite_chains_stored_as_json_are_read_and_replaced() {
             .put_chains(std::slice::from_ref(&tree), &[], &[])
             .unwrap();
     }
-    let db = || rusqlite::Connection::open(dir.path().join("custody.db")).unwrap();
+    let db = || raw_db(dir.path());
     let stored_as = || -> String {
         db().query_row(
             "SELECT typeof(summary) || ' ' || typeof(shape) FROM chains",
@@ -641,7 +678,7 @@ fn sqlite_chains_stored_as_json_are_read_and_replaced() {
 
 /// Fact rows of one chain carrying another time than `last_ns`.
 fn fact_rows_not_at(dir: &std::path::Path, chain: &str, last_ns: i64) -> i64 {
-    let conn = rusqlite::Connection::open(dir.join("custody.db")).unwrap();
+    let conn = raw_db(dir);
     let Some(seq) = raw_chain_seq(&conn, chain) else {
         return 0;
     };
@@ -953,6 +990,7 @@ fn sqlite_chains_keyed_by_id_are_rekeyed_by_number_and_kept() {
     }
     // The earlier layout: chains, their facts and the queue keyed by chain
     // id, with an index of facts by chain id.
+    single_file_layout(dir.path());
     rusqlite::Connection::open(dir.path().join("custody.db"))
         .unwrap()
         .execute_batch(
@@ -980,12 +1018,8 @@ fn sqlite_chains_keyed_by_id_are_rekeyed_by_number_and_kept() {
         )
         .unwrap();
     let store = open(dir.path());
-    let schema = |sql: &str| -> i64 {
-        rusqlite::Connection::open(dir.path().join("custody.db"))
-            .unwrap()
-            .query_row(sql, [], |r| r.get(0))
-            .unwrap()
-    };
+    let schema =
+        |sql: &str| -> i64 { raw_db(dir.path()).query_row(sql, [], |r| r.get(0)).unwrap() };
     assert_eq!(
         schema("SELECT count(*) FROM sqlite_schema WHERE name = 'chain_facts_chain'"),
         0
@@ -1078,6 +1112,66 @@ fn sqlite_parent_index_by_start_is_replaced_by_one_by_end() {
 }
 
 #[test]
+fn sqlite_chains_move_to_their_own_file_once_even_if_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let hops = [
+        hop("a", C1, "1111111111111111", "", 100),
+        hop("b", C1, "2222222222222222", "1111111111111111", 101),
+    ];
+    let tree = assemble(&hops, &[]).remove(0);
+    {
+        let store = open(dir.path());
+        store.put_hops(&hops).unwrap();
+        store
+            .put_chains(std::slice::from_ref(&tree), &[], &[])
+            .unwrap();
+    }
+    let in_events = |dir: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(dir.join("custody.db"))
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema
+                 WHERE name IN ('chains', 'chain_facts', 'fact_values')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(in_events(dir.path()), 0);
+    let rows = |dir: &std::path::Path| -> (i64, i64, i64) {
+        raw_db(dir)
+            .query_row(
+                "SELECT (SELECT count(*) FROM chains_db.chains),
+                        (SELECT count(*) FROM chains_db.chain_facts),
+                        (SELECT count(*) FROM chains_db.fact_values)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+    };
+    let before = rows(dir.path());
+    assert!(before.0 == 1 && before.1 > 0 && before.2 > 0);
+    // A move cut short after the copy: the single-file tables are still in
+    // `custody.db`, and `chains.db` already holds them.
+    let copy = tempfile::tempdir().unwrap();
+    for file in ["custody.db", "chains.db"] {
+        std::fs::copy(dir.path().join(file), copy.path().join(file)).unwrap();
+    }
+    single_file_layout(dir.path());
+    std::fs::copy(copy.path().join("chains.db"), dir.path().join("chains.db")).unwrap();
+    assert_eq!(in_events(dir.path()), 3);
+    let store = open(dir.path());
+    assert_eq!(in_events(dir.path()), 0);
+    assert_eq!(rows(dir.path()), before, "copied once, not twice");
+    assert_eq!(store.chain(C1).unwrap(), Some(tree.clone()));
+    let by_alice = ChainQuery {
+        initiator: Some("alice".into()),
+        ..ChainQuery::default()
+    };
+    assert_eq!(store.chains(&by_alice).unwrap(), vec![tree.summary]);
+}
+
+#[test]
 fn sqlite_facts_keyed_by_value_are_numbered_and_kept() {
     let dir = tempfile::tempdir().unwrap();
     let hops = [hop("a", C1, "1111111111111111", "", 100)];
@@ -1089,7 +1183,8 @@ fn sqlite_facts_keyed_by_value_are_numbered_and_kept() {
         store.put_chains(&assemble(&hops, &[]), &[], &[]).unwrap();
         store.put_chains(&assemble(&other, &[]), &[], &[]).unwrap();
     }
-    let db = || rusqlite::Connection::open(dir.path().join("custody.db")).unwrap();
+    single_file_layout(dir.path());
+    let db = || raw_db(dir.path());
     let count = |sql: &str| -> i64 { db().query_row(sql, [], |r| r.get(0)).unwrap() };
     let rows = count("SELECT count(*) FROM chain_facts");
     assert!(rows > 0);
