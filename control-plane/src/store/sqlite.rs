@@ -19,6 +19,7 @@ use rusqlite::{Connection, OptionalExtension as _, params, params_from_iter};
 
 mod chain_numbers;
 mod fact_ids;
+mod longest;
 
 use chain_numbers::ChainNumbers;
 use fact_ids::FactIds;
@@ -160,6 +161,9 @@ pub struct SqliteStore {
     /// Chain numbers not yet in the chain-id index; given and written with
     /// the writer held, read by every lookup by chain id.
     numbers: Mutex<ChainNumbers>,
+    /// The longest request stored for each workload (nanoseconds), raised
+    /// by the events' writer before it commits; see `sqlite/longest.rs`.
+    longest: Mutex<IdMap<String, i64>>,
     /// Numbers of fact values; only used and changed with the writer held.
     fact_ids: Mutex<FactIds>,
     /// Chains whose trees are stored, with the pending generation they
@@ -211,6 +215,7 @@ impl SqliteStore {
         configure_writer(&writer, options.sync_full)?;
         migrate(&writer)?;
         writer.execute_batch(SCHEMA)?;
+        let longest = longest::open(&writer)?;
         // Trees are always synced: a chain leaves the pending queue (in
         // `custody.db`) only once its tree is on disk, so that no power
         // loss can leave a chain neither assembled nor queued. It is one
@@ -242,6 +247,7 @@ impl SqliteStore {
             chain_seqs: Mutex::new(IdMap::default()),
             numbers: Mutex::new(numbers),
             fact_ids: Mutex::new(FactIds::default()),
+            longest: Mutex::new(longest),
             assembled: Mutex::new(Vec::new()),
         })
     }
@@ -550,7 +556,11 @@ impl Store for SqliteStore {
         let assembled = std::mem::take(&mut *lock(&self.assembled));
         let written = {
             let mut seqs = lock(&self.chain_seqs);
-            write_hop_batches(&mut conn, &group, &assembled, &mut seqs, &self.numbers)
+            let stores = HopStores {
+                numbers: &self.numbers,
+                longest: &self.longest,
+            };
+            write_hop_batches(&mut conn, &group, &assembled, &mut seqs, &stores)
         };
         if written.is_err() {
             // Taken off the queue by a later commit.
@@ -682,29 +692,47 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         };
         let ended_by = spans.iter().map(|s| s.1).min().unwrap_or(0);
+        // A parent lasts at most `max_request_nanos`, and no longer than
+        // the longest request of its workload stored
+        // (`sqlite/longest.rs`), so it started at most that long before
+        // the first span and ended at most that long after the last one
+        // started: both its start and its end lie in windows that wide.
+        let Some(longest) = lock(&self.longest).get(workload).copied() else {
+            return Ok(Vec::new());
+        };
+        let max_request_nanos = max_request_nanos.min(u64_of(longest));
         let conn = lock(&self.reader);
-        // A parent lasts at most `max_request_nanos`, so it ended at most
-        // that long after the last span started: both its start and its
-        // end lie in windows that wide. The index goes by end, the side
-        // of the spans that holds only hops ingested after them when
-        // hops arrive in time order.
-        let mut stmt = conn.prepare_cached(
-            "SELECT start_ns, end_ns, body FROM hops WHERE workload = ?1
-             AND end_ns BETWEEN ?2 AND ?3 AND start_ns BETWEEN ?4 AND ?5 AND context = 1",
-        )?;
-        let mut rows = stmt.query(params![
-            workload,
-            i64_of(ended_by),
-            i64_of(last.0.saturating_add(max_request_nanos)),
-            i64_of(first.0.saturating_sub(max_request_nanos)),
-            i64_of(last.0),
-        ])?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
-            // Only the hops that contain a span are decoded.
-            if contains_any(spans, u64_of(row.get(0)?), u64_of(row.get(1)?)) {
-                let body = row.get_ref(2)?.as_blob().map_err(rusqlite::Error::from)?;
-                out.push(HopEvent::decode(body)?);
+        // Both reads see one snapshot.
+        let tx = conn.unchecked_transaction()?;
+        // The candidates' times from the index alone (no row is read), then
+        // the bodies of those that contain a span: most candidates do not.
+        let containing: Vec<i64> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT rowid, start_ns, end_ns FROM hops WHERE workload = ?1
+                 AND end_ns BETWEEN ?2 AND ?3 AND start_ns BETWEEN ?4 AND ?5 AND context = 1",
+            )?;
+            let mut rows = stmt.query(params![
+                workload,
+                i64_of(ended_by),
+                i64_of(last.0.saturating_add(max_request_nanos)),
+                i64_of(first.0.saturating_sub(max_request_nanos)),
+                i64_of(last.0),
+            ])?;
+            let mut ids = Vec::new();
+            while let Some(row) = rows.next()? {
+                if contains_any(spans, u64_of(row.get(1)?), u64_of(row.get(2)?)) {
+                    ids.push(row.get(0)?);
+                }
+            }
+            ids
+        };
+        let mut body = tx.prepare_cached("SELECT body FROM hops WHERE rowid = ?1")?;
+        let mut out = Vec::with_capacity(containing.len());
+        for id in containing {
+            let mut rows = body.query([id])?;
+            if let Some(row) = rows.next()? {
+                let bytes = row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
+                out.push(HopEvent::decode(bytes)?);
             }
         }
         Ok(out)
@@ -1196,6 +1224,12 @@ impl Store for SqliteStore {
     }
 }
 
+/// What the events' writer keeps in memory next to the hops it writes.
+struct HopStores<'a> {
+    numbers: &'a Mutex<ChainNumbers>,
+    longest: &'a Mutex<IdMap<String, i64>>,
+}
+
 /// Writes queued hop batches in one transaction; one outcome per batch, in
 /// order, valid once this returns `Ok` (the transaction is committed).
 fn write_hop_batches(
@@ -1203,8 +1237,9 @@ fn write_hop_batches(
     group: &[(u64, Vec<HopRow>)],
     assembled: &[Assembled],
     seqs: &mut IdMap<String, i64>,
-    numbers: &Mutex<ChainNumbers>,
+    stores: &HopStores<'_>,
 ) -> Result<Vec<PutOutcome>, StoreError> {
+    let numbers = stores.numbers;
     let mut outcomes = Vec::with_capacity(group.len());
     // Numbers of the chains with hops stored by this transaction.
     let mut chains: BTreeSet<i64> = BTreeSet::new();
@@ -1280,6 +1315,11 @@ fn write_hop_batches(
             pending.execute([seq])?;
         }
     }
+    longest::raise(
+        &tx,
+        &mut lock(stores.longest),
+        group.iter().flat_map(|(_, rows)| rows),
+    )?;
     // Known before the hops are visible, so no reader finds a hop whose
     // chain it cannot name; forgotten if the commit fails.
     let flush = {

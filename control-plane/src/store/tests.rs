@@ -1082,6 +1082,115 @@ fn sqlite_chains_keyed_by_id_are_rekeyed_by_number_and_kept() {
 }
 
 #[test]
+fn sqlite_parents_are_searched_as_far_back_as_the_longest_request_stored() {
+    const MS: u64 = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let web = "spiffe://td/ns/shop/sa/web";
+    // Requests of `web`, 1-1,500 ms long, one every 7 ms over 10 s, in
+    // batches; the longest request grows from batch to batch.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let requests: Vec<HopEvent> = (0..1_500u64)
+        .map(|i| {
+            let mut h = hop(
+                &format!("r{i}"),
+                &format!("{i:032x}"),
+                "1111111111111111",
+                "",
+                0,
+            );
+            h.start_unix_nanos = 100_000 * MS + i * 7 * MS;
+            h.duration_nanos = (1 + next() % (i + 1).min(1_500)) * MS;
+            h
+        })
+        .collect();
+    let store = open(dir.path());
+    for batch in requests.chunks(100) {
+        store.put_hops(batch).unwrap();
+    }
+    let spans: Vec<(u64, u64)> = (0..40u64)
+        .map(|k| {
+            let start = 100_000 * MS + k * 263 * MS + 3;
+            (start, start + 1 + next() % (2 * MS))
+        })
+        .collect();
+    let max_request = 10_000 * MS;
+    // What containment alone says, over every stored request.
+    let expected = |spans: &[(u64, u64)]| -> Vec<String> {
+        let (first, last) = (spans[0].0, spans[spans.len() - 1].0);
+        let mut ids: Vec<String> = requests
+            .iter()
+            .filter(|h| {
+                let end = h.start_unix_nanos + h.duration_nanos;
+                h.start_unix_nanos + max_request >= first
+                    && end <= last + max_request
+                    && spans
+                        .iter()
+                        .any(|s| h.start_unix_nanos <= s.0 && end >= s.1)
+            })
+            .map(|h| h.event_id.clone())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let found = |store: &SqliteStore, spans: &[(u64, u64)]| -> Vec<String> {
+        let mut ids: Vec<String> = store
+            .hops_containing(web, spans, max_request)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.event_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut searched = 0;
+    for window in spans.windows(3) {
+        let want = expected(window);
+        searched += want.len();
+        assert_eq!(found(&store, window), want);
+    }
+    assert!(
+        searched > 100,
+        "the spans have parents to find ({searched})"
+    );
+    drop(store);
+    let longest = |dir: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(dir.join("custody.db"))
+            .unwrap()
+            .query_row(
+                "SELECT longest_ns FROM workload_longest WHERE workload = ?1",
+                [web],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    let stored = requests.iter().map(|h| h.duration_nanos).max().unwrap();
+    assert_eq!(u64::try_from(longest(dir.path())).unwrap(), stored);
+    // A store from before the table: filled from the hops when opened.
+    rusqlite::Connection::open(dir.path().join("custody.db"))
+        .unwrap()
+        .execute_batch("DROP TABLE workload_longest;")
+        .unwrap();
+    let store = open(dir.path());
+    assert_eq!(u64::try_from(longest(dir.path())).unwrap(), stored);
+    for window in spans.windows(3) {
+        assert_eq!(found(&store, window), expected(window));
+    }
+    // Another workload has no stored request: nothing to search.
+    assert!(
+        store
+            .hops_containing("spiffe://td/ns/shop/sa/orders", &spans[..1], max_request)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
 fn sqlite_parent_index_by_start_is_replaced_by_one_by_end() {
     let dir = tempfile::tempdir().unwrap();
     let parent = hop("a", C1, "1111111111111111", "", 100);
