@@ -1,6 +1,8 @@
-//! The embedded store: SQLite in WAL mode, one writer connection and one
-//! reader connection, events kept as protobuf blobs next to the columns the
-//! queries filter on, chain facts in one indexed table.
+//! The embedded store: SQLite in WAL mode, two files each with a writer
+//! connection of its own (`custody.db`: events, chain numbers, the pending
+//! queue, policy; `chains.db`: assembled chains and their facts) and one
+//! reader connection that sees both, events kept as protobuf blobs next to
+//! the columns the queries filter on, chain facts in one indexed table.
 //!
 //! Hop batches are group-committed: each caller encodes its rows, queues
 //! them, and waits for the writer; whoever takes the writer writes every
