@@ -28,7 +28,8 @@
 //! has a connection per sidecar; the batches are made before the clock
 //! starts, as sidecars on other machines would make them) and timed, `sync: full`
 //! (`CUSTODY_BENCH_SYNC=normal` to compare). Prints ingest-only and
-//! ingest-with-assembly rates, the process CPU time (user + system, the
+//! ingest-with-assembly rates, how long batches waited for their
+//! acknowledgement (p50 to the longest), the process CPU time (user + system, the
 //! benchmark's clients included) per hop over that timed part, then p50/p99
 //! of `GET /v1/chains/{id}` and of a filtered `GET /v1/chains` over every
 //! stored chain. CPU per hop is the figure to compare on a shared machine:
@@ -386,16 +387,22 @@ fn run(store: &str, server_cpu: Option<&dyn Fn() -> Duration>) -> Figures {
                 let mut client = v1::ingest_client::IngestClient::with_interceptor(channel, Bearer)
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20);
+                let mut waited = Vec::with_capacity(batches.len());
                 for batch in batches {
                     let sent = batch.hops.len();
+                    let asked = Instant::now();
                     let ack = client.report_hops(batch).await.unwrap().into_inner();
+                    waited.push(asked.elapsed());
                     assert_eq!(ack.accepted as usize, sent);
                 }
+                waited
             }));
         }
+        let mut acks = Vec::new();
         for t in tasks {
-            t.await.unwrap();
+            acks.extend(t.await.unwrap());
         }
+        acks.sort();
         let ingested = started.elapsed();
         wait_assembled(&server, 0).await;
         let assembled = started.elapsed();
@@ -412,6 +419,13 @@ fn run(store: &str, server_cpu: Option<&dyn Fn() -> Duration>) -> Figures {
             "ingest (acknowledged, durable): {:.1} s, {:.0} hops/s",
             ingested.as_secs_f64(),
             total as f64 / ingested.as_secs_f64()
+        );
+        println!(
+            "acknowledgement of a batch: p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
+            percentile(&acks, 0.5).as_secs_f64() * 1e3,
+            percentile(&acks, 0.99).as_secs_f64() * 1e3,
+            percentile(&acks, 0.999).as_secs_f64() * 1e3,
+            acks.last().unwrap().as_secs_f64() * 1e3
         );
         println!(
             "ingest with assembly (all chains assembled): {:.1} s, {:.0} hops/s",

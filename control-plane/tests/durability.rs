@@ -54,7 +54,9 @@ async fn acknowledged_events_survive_sigkill_on_postgres() {
         custody_testkit::Postgres::start().expect("PostgreSQL (scripts/install-deps installs it)");
     let count = survive_sigkill(dir.path(), &postgres_store(dir.path(), &pg)).await;
     assert!(
-        !dir.path().join("custody.db").exists() && !dir.path().join("chains.db").exists(),
+        ["custody.db", "chains.db", "ids.db"]
+            .iter()
+            .all(|f| !dir.path().join(f).exists()),
         "nothing stored in SQLite"
     );
     let store = open_postgres(dir.path(), &pg);

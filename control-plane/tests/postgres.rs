@@ -65,7 +65,9 @@ async fn chains_ingested_on_postgres_survive_a_restart() {
     assert_eq!(before, chain_ids);
     server.kill();
     assert!(
-        !dir.path().join("custody.db").exists() && !dir.path().join("chains.db").exists(),
+        ["custody.db", "chains.db", "ids.db"]
+            .iter()
+            .all(|f| !dir.path().join(f).exists()),
         "nothing stored in SQLite"
     );
 

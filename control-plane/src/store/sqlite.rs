@@ -1,8 +1,10 @@
-//! The embedded store: SQLite in WAL mode, two files each with a writer
-//! connection of its own (`custody.db`: events, chain numbers, the pending
-//! queue, policy; `chains.db`: assembled chains and their facts) and one
-//! reader connection that sees both, events kept as protobuf blobs next to
-//! the columns the queries filter on, chain facts in one indexed table.
+//! The embedded store: SQLite in WAL mode, three files (`custody.db`:
+//! events, the pending queue, policy; `chains.db`: assembled chains and
+//! their facts; `ids.db`: the index from chain id to chain number), the
+//! first two each with a writer connection of its own, which also writes
+//! `ids.db`, and one reader connection that sees all three; events kept as
+//! protobuf blobs next to the columns the queries filter on, chain facts
+//! in one indexed table.
 //!
 //! Hop batches are group-committed: each caller encodes its rows, queues
 //! them, and waits for the writer; whoever takes the writer writes every
@@ -38,10 +40,6 @@ use super::{
 use crate::assembly::{ChainSummary, ChainTree, Coverage, Join, connection_key, node};
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS chain_ids (
-    seq INTEGER PRIMARY KEY,
-    chain_id TEXT NOT NULL UNIQUE
-);
 CREATE TABLE IF NOT EXISTS hops (
     event_id TEXT NOT NULL,
     chain_seq INTEGER NOT NULL,
@@ -107,6 +105,16 @@ CREATE TABLE IF NOT EXISTS signing_keys (
 );
 ";
 
+/// The chain-id file (`ids.db`): the index from chain id to number, in a
+/// file of its own so that writing a sorted batch of new ids (up to a
+/// second at millions of chains) holds up neither commits of hops nor of
+/// trees; see `sqlite/chain_numbers.rs`.
+const IDS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS chain_ids (
+    seq INTEGER PRIMARY KEY,
+    chain_id TEXT NOT NULL UNIQUE
+);";
+
 /// The chains' file (`chains.db`): assembled trees and the facts they are
 /// found by, written by a writer of their own so that storing a pass of
 /// trees never holds up a commit of hops, nor the other way round.
@@ -149,12 +157,13 @@ pub struct SqliteOptions {
 
 /// The embedded SQLite store.
 pub struct SqliteStore {
-    /// Writes `custody.db`: events, chain numbers, the pending queue,
-    /// policy; reads `chains.db` (attached) only for retention.
+    /// Writes `custody.db`: events, the pending queue, policy; reads and
+    /// (at open, for retention, or when assembly stalls) writes `ids.db`;
+    /// reads `chains.db` only for retention.
     writer: Mutex<Connection>,
-    /// Writes `chains.db`; reads chain numbers from `custody.db` (attached).
+    /// Writes `chains.db`, and new chain ids to `ids.db` after a pass.
     chains_writer: Mutex<Connection>,
-    /// Reads both files.
+    /// Reads all three files.
     reader: Mutex<Connection>,
     path: PathBuf,
     hop_queue: Mutex<HopQueue>,
@@ -205,6 +214,7 @@ impl SqliteStore {
         std::fs::create_dir_all(&options.data_dir)?;
         let path = options.data_dir.join("custody.db");
         let chains_path = options.data_dir.join("chains.db");
+        let ids_path = options.data_dir.join("ids.db");
         let mut writer = Connection::open(&path)?;
         // An ingest acknowledgement means "durable": in WAL mode `FULL`
         // syncs the log at every commit, so an acknowledged batch survives
@@ -226,14 +236,29 @@ impl SqliteStore {
         configure_writer(&chains_writer, true)?;
         chains_writer.execute_batch(CHAINS_SCHEMA)?;
         chains_writer.execute_batch(fact_ids::VALUES_TABLE)?;
+        {
+            // Created here; written through the other connections. Its
+            // writes need no sync of their own: ids lost with the end of
+            // its log are read back from the hops (`chain_numbers::recover`).
+            let ids = Connection::open(&ids_path)?;
+            configure_writer(&ids, false)?;
+            ids.execute_batch(IDS_SCHEMA)?;
+        }
         attach(&writer, &chains_path, "chains_db")?;
-        move_chains(&writer)?;
-        attach(&chains_writer, &path, "events")?;
+        attach(&writer, &ids_path, "ids_db")?;
+        move_tables(&writer, "chains_db", &CHAIN_TABLES)?;
+        move_tables(&writer, "ids_db", &ID_TABLES)?;
+        attach(&chains_writer, &ids_path, "ids_db")?;
+        for conn in [&writer, &chains_writer] {
+            conn.pragma_update(Some("ids_db"), "synchronous", "NORMAL")?;
+            conn.pragma_update(Some("ids_db"), "cache_size", -65_536)?;
+        }
         let numbers = chain_numbers::recover(&mut writer)?;
         let reader = Connection::open(&path)?;
         reader.busy_timeout(std::time::Duration::from_secs(10))?;
         attach(&reader, &chains_path, "chains_db")?;
-        for schema in ["main", "chains_db"] {
+        attach(&reader, &ids_path, "ids_db")?;
+        for schema in ["main", "chains_db", "ids_db"] {
             reader.pragma_update(Some(schema), "cache_size", -65_536)?;
             // Every commit of a writer empties the reader's page cache of
             // that file, so without a mapping each read pays a `pread` and
@@ -254,8 +279,8 @@ impl SqliteStore {
         })
     }
 
-    /// The events' database file (`custody.db`; the chains' file,
-    /// `chains.db`, is next to it).
+    /// The events' database file (`custody.db`; `chains.db` and `ids.db`
+    /// are next to it).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -303,48 +328,61 @@ fn attach(conn: &Connection, path: &Path, name: &str) -> Result<(), StoreError> 
 }
 
 /// Chains, their facts and fact values were kept in `custody.db`; they move
-/// to `chains.db` (attached to `conn` as `chains_db`) as they are. Copied
-/// first and dropped after, in two transactions: a crash in between leaves
-/// both copies, and the next open copies again over the first.
-fn move_chains(conn: &Connection) -> Result<(), StoreError> {
-    let present = |table: &str| -> Result<bool, StoreError> {
-        let n: i64 = conn.query_row(
+/// to `chains.db` as they are.
+const CHAIN_TABLES: [(&str, &str); 3] = [
+    (
+        "chains",
+        "INSERT OR REPLACE INTO chains_db.chains
+             (chain_seq, coverage, first_ns, last_ns, summary, shape)
+         SELECT chain_seq, coverage, first_ns, last_ns, summary, shape FROM main.chains;",
+    ),
+    (
+        "fact_values",
+        "INSERT OR IGNORE INTO chains_db.fact_values (id, kind, value)
+         SELECT id, kind, value FROM main.fact_values;",
+    ),
+    (
+        "chain_facts",
+        "INSERT OR IGNORE INTO chains_db.chain_facts (fact, last_ns, chain_seq)
+         SELECT fact, last_ns, chain_seq FROM main.chain_facts;",
+    ),
+];
+
+/// The chain-id index was kept in `custody.db`; it moves to `ids.db`.
+const ID_TABLES: [(&str, &str); 1] = [(
+    "chain_ids",
+    "INSERT OR IGNORE INTO ids_db.chain_ids (seq, chain_id)
+     SELECT seq, chain_id FROM main.chain_ids;",
+)];
+
+/// Moves the `tables` still in `custody.db` (`main`) to the file attached
+/// to `conn` as `to`, each by its copy statement. Copied first and dropped
+/// after, in two transactions: a crash in between leaves both copies, and
+/// the next open copies again over the first.
+fn move_tables(conn: &Connection, to: &str, tables: &[(&str, &str)]) -> Result<(), StoreError> {
+    let mut copy = String::from("BEGIN;");
+    let mut drop = String::from("BEGIN;");
+    let mut moved = Vec::new();
+    for (table, sql) in tables {
+        let present: i64 = conn.query_row(
             "SELECT count(*) FROM main.sqlite_schema WHERE type = 'table' AND name = ?1",
             [table],
             |r| r.get(0),
         )?;
-        Ok(n > 0)
-    };
-    let tables = [
-        (
-            "chains",
-            "INSERT OR REPLACE INTO chains_db.chains
-                 (chain_seq, coverage, first_ns, last_ns, summary, shape)
-             SELECT chain_seq, coverage, first_ns, last_ns, summary, shape FROM main.chains;",
-        ),
-        (
-            "fact_values",
-            "INSERT OR IGNORE INTO chains_db.fact_values (id, kind, value)
-             SELECT id, kind, value FROM main.fact_values;",
-        ),
-        (
-            "chain_facts",
-            "INSERT OR IGNORE INTO chains_db.chain_facts (fact, last_ns, chain_seq)
-             SELECT fact, last_ns, chain_seq FROM main.chain_facts;",
-        ),
-    ];
-    let mut copy = String::from("BEGIN;");
-    let mut drop = String::from("BEGIN;");
-    for (table, sql) in tables {
-        if present(table)? {
+        if present > 0 {
             copy.push_str(sql);
             drop.push_str(&format!("DROP TABLE main.{table};"));
+            moved.push(*table);
         }
     }
-    if drop.len() == "BEGIN;".len() {
+    if moved.is_empty() {
         return Ok(());
     }
-    tracing::info!("store: moving chains to chains.db (one-time migration)");
+    tracing::info!(
+        ?moved,
+        to,
+        "store: moving tables to their own file (one-time migration)"
+    );
     conn.execute_batch(&format!("{copy}COMMIT;"))?;
     conn.execute_batch(&format!("{drop}COMMIT;"))?;
     Ok(())
@@ -836,6 +874,9 @@ impl Store for SqliteStore {
         // the next commit of hops, or now if the events' writer is free.
         lock(&self.assembled).extend(done);
         self.flush_assembled();
+        if lock(&self.numbers).due() {
+            self.write_chain_ids();
+        }
         Ok(before)
     }
 
@@ -1327,24 +1368,24 @@ fn write_hop_batches(
     let flush = {
         let mut numbers = lock(numbers);
         numbers.extend(given.iter().copied());
-        numbers.due()
+        numbers.overdue()
     };
     let started = std::time::Instant::now();
     let (committed, flushed) = if flush {
         let sorted = lock(numbers).sorted();
         let done = chain_numbers::write(&tx, &sorted).and_then(|()| Ok(tx.commit()?));
-        (done, sorted.len())
+        (done, sorted)
     } else {
-        (tx.commit().map_err(StoreError::from), 0)
+        (tx.commit().map_err(StoreError::from), Vec::new())
     };
     match committed {
         Ok(()) if flush => {
-            lock(numbers).flushed();
+            lock(numbers).flushed(&flushed);
             // The batches of this commit waited for it: worth seeing.
-            tracing::debug!(
-                chains = flushed,
+            tracing::info!(
+                chains = flushed.len(),
                 took_ms = started.elapsed().as_millis(),
-                "store: new chain ids written to the index"
+                "store: new chain ids written to the index by a commit of hops (assembly is behind)"
             );
         }
         Ok(()) => {}
@@ -1574,6 +1615,39 @@ fn delete_facts(
 }
 
 impl SqliteStore {
+    /// Writes the chain ids numbered since the last write to the index
+    /// (`ids.db`), through the chains' writer: a pass of trees waits for
+    /// it, no commit of hops does. Lookups find the ids in memory until
+    /// they are forgotten there, which waits for the events' writer: a
+    /// transaction of hops that read the index before this commit must not
+    /// miss an id in both places and give the chain a second number. A
+    /// failure leaves them in memory for the next time.
+    fn write_chain_ids(&self) {
+        let started = std::time::Instant::now();
+        let sorted = lock(&self.numbers).sorted();
+        let written = {
+            let mut conn = lock(&self.chains_writer);
+            conn.transaction().map_err(StoreError::from).and_then(|tx| {
+                chain_numbers::write(&tx, &sorted)?;
+                Ok(tx.commit()?)
+            })
+        };
+        match written {
+            Ok(()) => {
+                let _events = lock(&self.writer);
+                lock(&self.numbers).flushed(&sorted);
+                tracing::debug!(
+                    chains = sorted.len(),
+                    took_ms = started.elapsed().as_millis(),
+                    "store: new chain ids written to the index"
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, chains = sorted.len(), "store: new chain ids not written to the index yet");
+            }
+        }
+    }
+
     /// The events' writer.
     fn writer(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
         Ok(lock(&self.writer))
@@ -1655,7 +1729,7 @@ fn flush_chain_numbers(
     let tx = conn.transaction()?;
     chain_numbers::write(&tx, &sorted)?;
     tx.commit()?;
-    lock(numbers).flushed();
+    lock(numbers).flushed(&sorted);
     Ok(())
 }
 

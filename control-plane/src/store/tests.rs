@@ -137,20 +137,23 @@ both!(
     a_chain_reported_again_after_retention_is_stored_whole,
 );
 
-/// Both files of a closed store in one connection: `custody.db`, with
-/// `chains.db` attached (table names resolve in either).
+/// The files of a store in one connection: `custody.db`, with `chains.db`
+/// and `ids.db` attached (table names resolve in any).
 fn raw_db(dir: &std::path::Path) -> rusqlite::Connection {
     let conn = rusqlite::Connection::open(dir.join("custody.db")).unwrap();
-    conn.execute(
-        "ATTACH DATABASE ?1 AS chains_db",
-        [dir.join("chains.db").to_str().unwrap()],
-    )
-    .unwrap();
+    for (file, name) in [("chains.db", "chains_db"), ("ids.db", "ids_db")] {
+        conn.execute(
+            &format!("ATTACH DATABASE ?1 AS {name}"),
+            [dir.join(file).to_str().unwrap()],
+        )
+        .unwrap();
+    }
     conn
 }
 
 /// Puts a closed store back in the single-file layout of earlier versions:
-/// chains, their facts and fact values in `custody.db`, no `chains.db`.
+/// chains, their facts, fact values and chain ids in `custody.db`, no
+/// `chains.db` or `ids.db`.
 fn single_file_layout(dir: &std::path::Path) {
     raw_db(dir)
         .execute_batch(
@@ -163,12 +166,22 @@ fn single_file_layout(dir: &std::path::Path) {
                  chain_seq INTEGER NOT NULL, PRIMARY KEY (fact, last_ns, chain_seq)) WITHOUT ROWID;
              CREATE TABLE main.fact_values (id INTEGER PRIMARY KEY, kind TEXT NOT NULL,
                  value TEXT NOT NULL, UNIQUE (kind, value));
+             CREATE TABLE main.chain_ids (seq INTEGER PRIMARY KEY,
+                 chain_id TEXT NOT NULL UNIQUE);
              INSERT INTO main.chains SELECT * FROM chains_db.chains;
              INSERT INTO main.chain_facts SELECT * FROM chains_db.chain_facts;
-             INSERT INTO main.fact_values SELECT * FROM chains_db.fact_values;",
+             INSERT INTO main.fact_values SELECT * FROM chains_db.fact_values;
+             INSERT INTO main.chain_ids SELECT * FROM ids_db.chain_ids;",
         )
         .unwrap();
-    for file in ["chains.db", "chains.db-wal", "chains.db-shm"] {
+    for file in [
+        "chains.db",
+        "chains.db-wal",
+        "chains.db-shm",
+        "ids.db",
+        "ids.db-wal",
+        "ids.db-shm",
+    ] {
         let _ = std::fs::remove_file(dir.join(file));
     }
 }
@@ -719,8 +732,7 @@ fn raw_chain_seq(conn: &rusqlite::Connection, chain: &str) -> Option<i64> {
 
 /// Rows of the chain-id index, read from the database file.
 fn indexed_chain_ids(dir: &std::path::Path) -> i64 {
-    rusqlite::Connection::open(dir.join("custody.db"))
-        .unwrap()
+    raw_db(dir)
         .query_row("SELECT count(*) FROM chain_ids", [], |r| r.get(0))
         .unwrap()
 }
@@ -767,10 +779,13 @@ fn sqlite_new_chain_ids_are_indexed_in_batches_and_found_before() {
         .unwrap();
     assert_eq!(indexed_chain_ids(dir.path()), 0);
     assert_eq!(store.chain_hop_counts(&ids[..1]).unwrap(), vec![3]);
-    // The third new chain writes all three, each under its own number.
+    // A third new chain makes them due: the next pass of trees writes
+    // them, each under its own number; no commit of hops does.
     store
         .put_hops(&[hop("e", c3, "5555555555555555", "", 300)])
         .unwrap();
+    assert_eq!(indexed_chain_ids(dir.path()), 0);
+    store.put_chains(&[], &[], &[]).unwrap();
     assert_eq!(indexed_chain_ids(dir.path()), 3);
     assert_eq!(
         event_ids(store.hops_of_chains(&ids[..1]).unwrap()),
@@ -785,6 +800,30 @@ fn sqlite_new_chain_ids_are_indexed_in_batches_and_found_before() {
         store.pending_chains(10).unwrap(),
         vec![C1.to_owned(), c3.to_owned()]
     );
+    // With no pass to write them (assembly stalled), a commit of hops
+    // writes them once twice as many wait: memory stays bounded.
+    let more: Vec<HopEvent> = (0..6u64)
+        .map(|i| {
+            let span = format!("{:016x}", 0x100 + i);
+            hop(
+                &format!("m{i}"),
+                &format!("{:032x}", 0x100 + i),
+                &span,
+                "",
+                400 + i,
+            )
+        })
+        .collect();
+    store.put_hops(&more[..5]).unwrap();
+    assert_eq!(indexed_chain_ids(dir.path()), 3);
+    store.put_hops(&more[5..]).unwrap();
+    assert_eq!(indexed_chain_ids(dir.path()), 9);
+    // A late hop of an indexed chain joins it.
+    store
+        .put_hops(&[hop("late", C2, "6666666666666666", "3333333333333333", 201)])
+        .unwrap();
+    assert_eq!(store.chain_hop_counts(&ids[1..]).unwrap(), vec![2]);
+    assert_eq!(indexed_chain_ids(dir.path()), 9);
 }
 
 #[test]
@@ -1240,7 +1279,7 @@ fn sqlite_chains_move_to_their_own_file_once_even_if_interrupted() {
             .unwrap()
             .query_row(
                 "SELECT count(*) FROM sqlite_schema
-                 WHERE name IN ('chains', 'chain_facts', 'fact_values')",
+                 WHERE name IN ('chains', 'chain_facts', 'fact_values', 'chain_ids')",
                 [],
                 |r| r.get(0),
             )
@@ -1268,7 +1307,7 @@ fn sqlite_chains_move_to_their_own_file_once_even_if_interrupted() {
     }
     single_file_layout(dir.path());
     std::fs::copy(copy.path().join("chains.db"), dir.path().join("chains.db")).unwrap();
-    assert_eq!(in_events(dir.path()), 3);
+    assert_eq!(in_events(dir.path()), 4);
     let store = open(dir.path());
     assert_eq!(in_events(dir.path()), 0);
     assert_eq!(rows(dir.path()), before, "copied once, not twice");

@@ -9,6 +9,11 @@
 //! the index in one sorted batch every [`FLUSH_AT`] chains, so each page is
 //! written about once per batch. Every lookup by id asks here first.
 //!
+//! The index has a file of its own (`ids.db`), and the batch is written by
+//! the chains' writer after a pass of trees: at millions of chains it takes
+//! up to a second, which no acknowledgement of hops waits for. Only if
+//! twice as many wait (assembly stalled) does a commit of hops write them.
+//!
 //! Nothing is lost in a crash: a hop's row carries its chain's number and
 //! its body the chain's id, so numbers above the highest one in the index
 //! are read back from the hops when the store is opened
@@ -26,8 +31,8 @@ use crate::store::StoreError;
 type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// New chains numbered between two writes of the index. Each costs about
-/// 100 bytes of memory, and at most this many chains' hops are read back
-/// when the store is opened after a crash.
+/// 100 bytes of memory, and at most twice this many chains' hops are read
+/// back when the store is opened after a crash.
 pub(super) const FLUSH_AT: usize = 100_000;
 
 /// Numbers given and not yet in the index, and the next number to give.
@@ -81,9 +86,17 @@ impl ChainNumbers {
         }
     }
 
-    /// Whether the index should be written with the next commit.
+    /// Whether the index should be written: by the chains' writer after
+    /// its next pass, so that no commit of hops waits for it.
     pub(super) fn due(&self) -> bool {
         self.unflushed.len() >= self.flush_at
+    }
+
+    /// Whether the index is so far behind (no pass wrote it: assembly
+    /// stalled) that the next commit of hops writes it, so that memory
+    /// stays bounded.
+    pub(super) fn overdue(&self) -> bool {
+        self.unflushed.len() >= self.flush_at.saturating_mul(2)
     }
 
     /// Every unflushed number, sorted by chain id: what [`write`] takes.
@@ -98,10 +111,17 @@ impl ChainNumbers {
         out
     }
 
-    /// The numbers [`write`] wrote are committed (the writer was held
-    /// since [`ChainNumbers::sorted`], so no other number was given).
-    pub(super) fn flushed(&mut self) {
-        self.unflushed = IdMap::default();
+    /// The numbers [`write`] wrote are committed: lookups find them in
+    /// the index from now on. Numbers given since [`ChainNumbers::sorted`]
+    /// stay.
+    pub(super) fn flushed(&mut self, written: &[(String, i64)]) {
+        for (id, _) in written {
+            self.unflushed.remove(id);
+        }
+        if self.unflushed.is_empty() {
+            // Give back the memory of a large batch.
+            self.unflushed = IdMap::default();
+        }
     }
 
     /// Flushes after `n` new chains instead of [`FLUSH_AT`].
@@ -111,9 +131,12 @@ impl ChainNumbers {
     }
 }
 
-/// Writes `sorted` numbers to the index in the caller's transaction.
+/// Writes `sorted` numbers to the index in the caller's transaction; a
+/// number already written (by the other writer, from the same memory) is
+/// left as it is.
 pub(super) fn write(tx: &Connection, sorted: &[(String, i64)]) -> Result<(), StoreError> {
-    let mut add = tx.prepare_cached("INSERT INTO chain_ids (seq, chain_id) VALUES (?1, ?2)")?;
+    let mut add =
+        tx.prepare_cached("INSERT OR IGNORE INTO chain_ids (seq, chain_id) VALUES (?1, ?2)")?;
     for (id, seq) in sorted {
         add.execute(rusqlite::params![seq, id])?;
     }
