@@ -1251,7 +1251,7 @@ impl Store for SqliteStore {
     fn size_bytes(&self) -> Result<u64, StoreError> {
         let conn = lock(&self.reader);
         let mut bytes = 0;
-        for schema in ["main", "chains_db"] {
+        for schema in ["main", "chains_db", "ids_db"] {
             let pragma = |name: &str| -> Result<i64, StoreError> {
                 Ok(conn.query_row(&format!("PRAGMA {schema}.{name}"), [], |r| r.get(0))?)
             };

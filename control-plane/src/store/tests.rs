@@ -1260,6 +1260,29 @@ fn sqlite_parent_index_by_start_is_replaced_by_one_by_end() {
 }
 
 #[test]
+fn sqlite_size_counts_every_file_of_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.flush_chain_numbers_every(1);
+    let hops = [hop("a", C1, "1111111111111111", "", 100)];
+    store.put_hops(&hops).unwrap();
+    store.put_chains(&assemble(&hops, &[]), &[], &[]).unwrap();
+    assert_eq!(indexed_chain_ids(dir.path()), 1);
+    let conn = raw_db(dir.path());
+    let used = |schema: &str| -> u64 {
+        let pragma = |name: &str| -> i64 {
+            conn.query_row(&format!("PRAGMA {schema}.{name}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        u64::try_from((pragma("page_count") - pragma("freelist_count")) * pragma("page_size"))
+            .unwrap()
+    };
+    let files: Vec<u64> = ["main", "chains_db", "ids_db"].map(used).to_vec();
+    assert!(files.iter().all(|b| *b > 0), "{files:?}");
+    assert_eq!(store.size_bytes().unwrap(), files.iter().sum::<u64>());
+}
+
+#[test]
 fn sqlite_chains_move_to_their_own_file_once_even_if_interrupted() {
     let dir = tempfile::tempdir().unwrap();
     let hops = [
