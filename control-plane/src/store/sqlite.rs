@@ -638,7 +638,7 @@ impl Store for SqliteStore {
     }
 
     fn put_flows(&self, flows: &[FlowEvent]) -> Result<PutOutcome, StoreError> {
-        let mut conn = self.writer()?;
+        let mut conn = lock(&self.writer);
         let tx = conn.transaction()?;
         let mut out = PutOutcome::default();
         {
@@ -1066,7 +1066,7 @@ impl Store for SqliteStore {
 
     fn commit_policy(&self, state: &PolicyState, audit: &AuditEntry) -> Result<u64, StoreError> {
         let json = serde_json::to_string(state)?;
-        let mut conn = self.writer()?;
+        let mut conn = lock(&self.writer);
         let tx = conn.transaction()?;
         tx.execute(
             "INSERT OR REPLACE INTO policy_current (id, version, state) VALUES (1, ?1, ?2)",
@@ -1143,7 +1143,7 @@ impl Store for SqliteStore {
     }
 
     fn record_ack(&self, ack: &ClientVersion) -> Result<(), StoreError> {
-        let conn = self.writer()?;
+        let conn = lock(&self.writer);
         conn.execute(
             "INSERT OR REPLACE INTO client_versions (client, kind, version, apply_ns, acked_ns, latency_ns, error)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -1182,7 +1182,7 @@ impl Store for SqliteStore {
     }
 
     fn put_signing_key(&self, key: &IssuedKey) -> Result<(), StoreError> {
-        let conn = self.writer()?;
+        let conn = lock(&self.writer);
         conn.execute(
             "INSERT OR REPLACE INTO signing_keys (key_id, public, workload, not_before, not_after)
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -1648,11 +1648,6 @@ impl SqliteStore {
         }
     }
 
-    /// The events' writer.
-    fn writer(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
-        Ok(lock(&self.writer))
-    }
-
     /// Takes chains whose trees are stored off the pending queue, unless
     /// the events' writer is busy: a tree store never waits behind commits
     /// of hops for this. Whoever holds the writer then either takes them in
@@ -1685,7 +1680,7 @@ impl SqliteStore {
     fn delete_before(&self, cutoff: u64) -> Result<RetentionOutcome, StoreError> {
         // Both writers, always in this order (`put_chains` never holds one
         // while it waits for the other).
-        let mut conn = self.writer()?;
+        let mut conn = lock(&self.writer);
         // Numbers of chains whose hops are all gone are deleted below.
         lock(&self.chain_seqs).clear();
         // The index is written whole first, so that it alone says which

@@ -186,6 +186,36 @@ fn single_file_layout(dir: &std::path::Path) {
     }
 }
 
+/// Stores a two-hop chain of `C1` with its tree and closes the store; the tree.
+fn closed_store_with_a_two_hop_chain(dir: &std::path::Path) -> ChainTree {
+    let hops = [
+        hop("a", C1, "1111111111111111", "", 100),
+        hop("b", C1, "2222222222222222", "1111111111111111", 101),
+    ];
+    let tree = assemble(&hops, &[]).remove(0);
+    let store = open(dir);
+    store.put_hops(&hops).unwrap();
+    store
+        .put_chains(std::slice::from_ref(&tree), &[], &[])
+        .unwrap();
+    tree
+}
+
+/// Stores a later child hop of `root`'s chain and the chain assembled
+/// again with it; the new trees.
+fn reassemble_with_a_later_hop(store: &SqliteStore, root: &HopEvent) -> Vec<ChainTree> {
+    let mut later = root.clone();
+    later.event_id = "b".into();
+    later.span_id = "2222222222222222".into();
+    later.parent_span_id = "1111111111111111".into();
+    later.start_unix_nanos = 500;
+    let both = [root.clone(), later];
+    store.put_hops(&both).unwrap();
+    let trees = assemble(&both, &[]);
+    store.put_chains(&trees, &[], &[]).unwrap();
+    trees
+}
+
 fn open(dir: &std::path::Path) -> SqliteStore {
     SqliteStore::open(&SqliteOptions {
         data_dir: dir.to_path_buf(),
@@ -631,18 +661,7 @@ fn sqlite_chains_of_the_earlier_layout_are_assembled_again() {
 #[test]
 fn sqlite_chains_stored_as_json_are_read_and_replaced() {
     let dir = tempfile::tempdir().unwrap();
-    let hops = [
-        hop("a", C1, "1111111111111111", "", 100),
-        hop("b", C1, "2222222222222222", "1111111111111111", 101),
-    ];
-    let tree = assemble(&hops, &[]).remove(0);
-    {
-        let store = open(dir.path());
-        store.put_hops(&hops).unwrap();
-        store
-            .put_chains(std::slice::from_ref(&tree), &[], &[])
-            .unwrap();
-    }
+    let tree = closed_store_with_a_two_hop_chain(dir.path());
     let db = || raw_db(dir.path());
     let stored_as = || -> String {
         db().query_row(
@@ -1099,15 +1118,7 @@ fn sqlite_chains_keyed_by_id_are_rekeyed_by_number_and_kept() {
     };
     assert_eq!(ids(by_alice.clone()), vec![C1]);
     // Facts are still replaced when the chain is assembled again.
-    let mut later = hops[0].clone();
-    later.event_id = "b".into();
-    later.span_id = "2222222222222222".into();
-    later.parent_span_id = "1111111111111111".into();
-    later.start_unix_nanos = 500;
-    let both = [hops[0].clone(), later];
-    store.put_hops(&both).unwrap();
-    let trees = assemble(&both, &[]);
-    store.put_chains(&trees, &[], &[]).unwrap();
+    let trees = reassemble_with_a_later_hop(&store, &hops[0]);
     assert_eq!(
         ids(ChainQuery {
             since: Some(505),
@@ -1285,18 +1296,7 @@ fn sqlite_size_counts_every_file_of_the_store() {
 #[test]
 fn sqlite_chains_move_to_their_own_file_once_even_if_interrupted() {
     let dir = tempfile::tempdir().unwrap();
-    let hops = [
-        hop("a", C1, "1111111111111111", "", 100),
-        hop("b", C1, "2222222222222222", "1111111111111111", 101),
-    ];
-    let tree = assemble(&hops, &[]).remove(0);
-    {
-        let store = open(dir.path());
-        store.put_hops(&hops).unwrap();
-        store
-            .put_chains(std::slice::from_ref(&tree), &[], &[])
-            .unwrap();
-    }
+    let tree = closed_store_with_a_two_hop_chain(dir.path());
     let in_events = |dir: &std::path::Path| -> i64 {
         rusqlite::Connection::open(dir.join("custody.db"))
             .unwrap()
@@ -1393,15 +1393,7 @@ fn sqlite_facts_keyed_by_value_are_numbered_and_kept() {
     assert_eq!(ids(by_alice.clone()), vec![C1, C2]);
     // A value numbered before the move is found by its number afterwards:
     // re-assembly replaces the chain's facts instead of adding to them.
-    let mut later = hops[0].clone();
-    later.event_id = "b".into();
-    later.span_id = "2222222222222222".into();
-    later.parent_span_id = "1111111111111111".into();
-    later.start_unix_nanos = 500;
-    let both = [hops[0].clone(), later];
-    store.put_hops(&both).unwrap();
-    let trees = assemble(&both, &[]);
-    store.put_chains(&trees, &[], &[]).unwrap();
+    let trees = reassemble_with_a_later_hop(&store, &hops[0]);
     let last = i64::try_from(trees[0].summary.last_unix_nanos).unwrap();
     assert!(fact_rows_not_at(dir.path(), C1, -1) > 0);
     assert_eq!(fact_rows_not_at(dir.path(), C1, last), 0, "no stale facts");
