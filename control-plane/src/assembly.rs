@@ -372,32 +372,81 @@ fn tuple_key(t: &v1::FiveTuple) -> TupleKey<'_> {
 /// A chosen evidence join: parent hop index, evidence, confidence.
 type Link = (usize, Evidence, f32);
 
+/// A workload as hops name it: trust domain, namespace, service account
+/// (no pod). Compared in place, so that looking hops up by workload
+/// allocates nothing; every id without a trust domain is the same
+/// (empty) workload, as its URI is empty.
+type WorkloadKey<'a> = (&'a str, &'a str, &'a str);
+
+fn workload_key(id: Option<&v1::WorkloadId>) -> WorkloadKey<'_> {
+    match id {
+        Some(w) if !w.trust_domain.is_empty() => (
+            w.trust_domain.as_str(),
+            w.namespace.as_str(),
+            w.service_account.as_str(),
+        ),
+        _ => ("", "", ""),
+    }
+}
+
+/// The contextful inbound hops of one workload, by start time, with the
+/// longest of them: the hops that contain an interval are found without
+/// looking at every hop of the workload.
+#[derive(Default)]
+struct Inbound {
+    /// Hop positions, sorted by start.
+    by_start: Vec<usize>,
+    /// The longest duration among them.
+    longest: u64,
+}
+
+impl Inbound {
+    /// The hops whose `[start, end]` contains `h`'s.
+    fn containing<'h>(
+        &'h self,
+        hops: &'h [&HopEvent],
+        h: &'h HopEvent,
+    ) -> impl Iterator<Item = usize> + 'h {
+        // Only hops that start at or before `h` and at most `longest`
+        // before it can contain it.
+        let upto = self
+            .by_start
+            .partition_point(|&j| hops[j].start_unix_nanos <= h.start_unix_nanos);
+        let earliest = h.start_unix_nanos.saturating_sub(self.longest);
+        let from = self.by_start[..upto].partition_point(|&j| hops[j].start_unix_nanos < earliest);
+        self.by_start[from..upto]
+            .iter()
+            .copied()
+            .filter(move |&j| end(hops[j]) >= end(h))
+    }
+}
+
 /// Lookups over the contextful hops, built once per assembly.
 struct Index<'a> {
-    /// Workload URI of every hop.
-    workloads: Vec<String>,
-    /// Contextful inbound hops.
-    inbound: Vec<usize>,
+    /// Contextful inbound hops by workload.
+    inbound: HashMap<WorkloadKey<'a>, Inbound>,
     /// Contextful outbound hops by connection.
     outbound: HashMap<TupleKey<'a>, Vec<usize>>,
     /// Workloads named by node-agent flows, by connection.
-    flows: HashMap<TupleKey<'a>, BTreeSet<String>>,
+    flows: HashMap<TupleKey<'a>, BTreeSet<WorkloadKey<'a>>>,
 }
 
 impl<'a> Index<'a> {
     fn new(hops: &[&'a HopEvent], flows: &'a [FlowEvent], contextful: &BTreeSet<&str>) -> Self {
-        let workloads: Vec<String> = hops
-            .iter()
-            .map(|h| workload_uri(h.workload.as_ref()))
-            .collect();
-        let mut inbound = Vec::new();
+        let mut inbound: HashMap<WorkloadKey<'a>, Inbound> = HashMap::default();
         let mut outbound: HashMap<TupleKey<'a>, Vec<usize>> = HashMap::default();
         for (i, h) in hops.iter().enumerate() {
             if !contextful.contains(h.chain_id.as_str()) {
                 continue;
             }
             match direction(h) {
-                v1::Direction::Inbound => inbound.push(i),
+                v1::Direction::Inbound => {
+                    let of = inbound
+                        .entry(workload_key(h.workload.as_ref()))
+                        .or_default();
+                    of.by_start.push(i);
+                    of.longest = of.longest.max(h.duration_nanos);
+                }
                 v1::Direction::Outbound => {
                     if let Some(c) = &h.connection {
                         outbound.entry(tuple_key(c)).or_default().push(i);
@@ -406,17 +455,20 @@ impl<'a> Index<'a> {
                 v1::Direction::Unspecified => {}
             }
         }
-        let mut flow_map: HashMap<TupleKey<'a>, BTreeSet<String>> = HashMap::default();
+        for of in inbound.values_mut() {
+            of.by_start
+                .sort_unstable_by_key(|&j| hops[j].start_unix_nanos);
+        }
+        let mut flow_map: HashMap<TupleKey<'a>, BTreeSet<WorkloadKey<'a>>> = HashMap::default();
         for f in flows {
             if let Some(c) = &f.connection {
-                let w = workload_uri(f.workload.as_ref());
-                if !w.is_empty() {
+                let w = workload_key(f.workload.as_ref());
+                if !w.0.is_empty() {
                     flow_map.entry(tuple_key(c)).or_default().insert(w);
                 }
             }
         }
         Index {
-            workloads,
             inbound,
             outbound,
             flows: flow_map,
@@ -424,15 +476,8 @@ impl<'a> Index<'a> {
     }
 }
 
-fn find_link(
-    hops: &[&HopEvent],
-    index: &Index<'_>,
-    by_workload: &HashMap<&str, Vec<usize>>,
-    root: usize,
-) -> Option<Link> {
+fn find_link(hops: &[&HopEvent], index: &Index<'_>, root: usize) -> Option<Link> {
     let h = hops[root];
-    let contains =
-        |outer: &HopEvent| outer.start_unix_nanos <= h.start_unix_nanos && end(outer) >= end(h);
     if let Some(conn) = &h.connection {
         let key = tuple_key(conn);
         if let Some(c) = index.outbound.get(&key)
@@ -445,10 +490,8 @@ fn find_link(
         {
             let c: Vec<usize> = callers
                 .iter()
-                .filter_map(|w| by_workload.get(w.as_str()))
-                .flatten()
-                .copied()
-                .filter(|&j| contains(hops[j]))
+                .filter_map(|w| index.inbound.get(w))
+                .flat_map(|of| of.containing(hops, h))
                 .collect();
             if let Some(link) = choose(hops, &c, Evidence::FlowContainment, FLOW_CONFIDENCE) {
                 return Some(link);
@@ -456,15 +499,12 @@ fn find_link(
         }
     }
     if direction(h) == v1::Direction::Outbound {
-        let me = index.workloads[root].as_str();
-        let c: Vec<usize> = by_workload
-            .get(me)
+        let c: Vec<usize> = index
+            .inbound
+            .get(&workload_key(h.workload.as_ref()))
             .into_iter()
-            .flatten()
-            .copied()
-            .filter(|&j| {
-                pod_compatible(hops[j].workload.as_ref(), h.workload.as_ref()) && contains(hops[j])
-            })
+            .flat_map(|of| of.containing(hops, h))
+            .filter(|&j| pod_compatible(hops[j].workload.as_ref(), h.workload.as_ref()))
             .collect();
         return choose(hops, &c, Evidence::TimeContainment, CONTAINMENT_CONFIDENCE);
     }
@@ -500,19 +540,12 @@ pub fn assemble<'a>(
     let mut joined: BTreeMap<&str, Link> = BTreeMap::new();
     if groups.len() > contextful.len() {
         let index = Index::new(&hops, flows, &contextful);
-        let mut by_workload: HashMap<&str, Vec<usize>> = HashMap::default();
-        for &i in &index.inbound {
-            by_workload
-                .entry(index.workloads[i].as_str())
-                .or_default()
-                .push(i);
-        }
         for (id, members) in &groups {
             if contextful.contains(id) {
                 continue;
             }
             let root = group_root(&hops, members);
-            if let Some(link) = find_link(&hops, &index, &by_workload, root) {
+            if let Some(link) = find_link(&hops, &index, root) {
                 joined.insert(id, link);
             }
         }
@@ -759,23 +792,44 @@ fn own_join(h: &HopEvent) -> Join {
     }
 }
 
-fn name_of<T: std::fmt::Debug>(value: Option<T>) -> String {
+/// A protobuf enum named in the API: its proto name without the enum's
+/// prefix, in lower case (`DIRECTION_INBOUND` is `inbound`).
+trait ApiName: Copy {
+    /// The prefix every value's proto name starts with.
+    const PREFIX: &'static str;
+    /// The value's proto name.
+    fn proto_name(self) -> &'static str;
+}
+
+macro_rules! api_names {
+    ($($enum:ident => $prefix:literal),* $(,)?) => {$(
+        impl ApiName for v1::$enum {
+            const PREFIX: &'static str = $prefix;
+            fn proto_name(self) -> &'static str {
+                self.as_str_name()
+            }
+        }
+    )*};
+}
+
+api_names! {
+    Direction => "DIRECTION_",
+    Protocol => "PROTOCOL_",
+    AttributionMethod => "ATTRIBUTION_METHOD_",
+    ContextOutcome => "CONTEXT_OUTCOME_",
+    Verdict => "VERDICT_",
+    InitiatorKind => "INITIATOR_KIND_",
+    TransportSecurity => "TRANSPORT_SECURITY_",
+}
+
+fn name_of<T: ApiName>(value: Option<T>) -> String {
     value.map_or_else(
         || "unspecified".to_owned(),
         |v| {
-            let raw = format!("{v:?}");
-            let mut out = String::with_capacity(raw.len() + 4);
-            for (i, c) in raw.chars().enumerate() {
-                if c.is_ascii_uppercase() {
-                    if i > 0 {
-                        out.push('_');
-                    }
-                    out.push(c.to_ascii_lowercase());
-                } else {
-                    out.push(c);
-                }
-            }
-            out
+            let name = v.proto_name();
+            name.strip_prefix(T::PREFIX)
+                .unwrap_or(name)
+                .to_ascii_lowercase()
         },
     )
 }

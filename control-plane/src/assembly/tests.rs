@@ -472,3 +472,80 @@ fn a_delegation_further_down_the_chain_is_the_chains_actor_history() {
         actors(&["assistant"])
     );
 }
+
+#[test]
+fn api_names_are_the_variant_names_in_snake_case() {
+    fn snake(debug: String) -> String {
+        let mut out = String::new();
+        for (i, c) in debug.chars().enumerate() {
+            if c.is_ascii_uppercase() {
+                if i > 0 {
+                    out.push('_');
+                }
+                out.push(c.to_ascii_lowercase());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+    fn check<T: ApiName + std::fmt::Debug + TryFrom<i32>>() -> usize {
+        let values: Vec<T> = (0..32).filter_map(|n| T::try_from(n).ok()).collect();
+        for v in &values {
+            assert_eq!(name_of(Some(*v)), snake(format!("{v:?}")), "{v:?}");
+        }
+        values.len()
+    }
+    let named = check::<v1::Direction>()
+        + check::<v1::Protocol>()
+        + check::<v1::AttributionMethod>()
+        + check::<v1::ContextOutcome>()
+        + check::<v1::Verdict>()
+        + check::<v1::InitiatorKind>()
+        + check::<v1::TransportSecurity>();
+    assert!(named >= 35, "every value checked: {named}");
+    assert_eq!(name_of::<v1::Direction>(None), "unspecified");
+    assert_eq!(name_of(Some(v1::AttributionMethod::PeerOnly)), "peer_only");
+}
+
+#[test]
+fn inbound_hops_containing_an_interval_are_those_a_scan_finds() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let hops: Vec<HopEvent> = (0..400)
+        .map(|i| HopEvent {
+            event_id: format!("e{i}"),
+            start_unix_nanos: rng.gen_range(0..10_000),
+            // Mostly short requests, a few very long ones.
+            duration_nanos: if i % 50 == 0 {
+                rng.gen_range(0..9_000)
+            } else {
+                rng.gen_range(0..200)
+            },
+            ..HopEvent::default()
+        })
+        .collect();
+    let refs: Vec<&HopEvent> = hops.iter().collect();
+    let mut inbound = Inbound::default();
+    for (i, h) in refs.iter().enumerate().skip(100) {
+        inbound.by_start.push(i);
+        inbound.longest = inbound.longest.max(h.duration_nanos);
+    }
+    inbound
+        .by_start
+        .sort_unstable_by_key(|&j| refs[j].start_unix_nanos);
+    let mut found_some = 0;
+    for h in &refs[..100] {
+        let mut fast: Vec<usize> = inbound.containing(&refs, h).collect();
+        let mut scan: Vec<usize> = (100..refs.len())
+            .filter(|&j| refs[j].start_unix_nanos <= h.start_unix_nanos && end(refs[j]) >= end(h))
+            .collect();
+        fast.sort_unstable();
+        scan.sort_unstable();
+        assert_eq!(fast, scan, "{h:?}");
+        found_some += usize::from(!scan.is_empty());
+    }
+    assert!(
+        found_some > 10,
+        "the intervals overlap enough to test: {found_some}"
+    );
+}
