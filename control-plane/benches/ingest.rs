@@ -231,6 +231,19 @@ fn postgres_cpu(pg: &custody_testkit::Postgres) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// Assembly passes so far and the seconds they took, for each stage
+/// (`assemble`, then `store`), from `custody_assembly_pass_seconds`.
+fn passes(server: &custody_control::server::Running) -> [(u64, f64); 2] {
+    let text = server.shared.metrics.encode();
+    let value = |name: &str, stage: &str| -> f64 {
+        let prefix = format!("custody_assembly_pass_seconds_{name}{{stage=\"{stage}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    };
+    ["assemble", "store"].map(|stage| (value("count", stage) as u64, value("sum", stage)))
+}
+
 /// What one run measured, for the ratios.
 struct Figures {
     hops_per_sec: f64,
@@ -372,6 +385,7 @@ fn run(store: &str, server_cpu: Option<&dyn Fn() -> Duration>) -> Figures {
             let hops: Vec<_> = (from..to).flat_map(|n| chain(n, base_time)).collect();
             sends[(b % clients) as usize].push(v1::HopBatch { hops });
         }
+        let passes_started = passes(&server);
         let started = Instant::now();
         let cpu_started = process_cpu();
         let server_cpu_started = server_cpu.map(|f| f());
@@ -437,6 +451,16 @@ fn run(store: &str, server_cpu: Option<&dyn Fn() -> Duration>) -> Figures {
             cpu.as_secs_f64(),
             cpu.as_secs_f64() * 1e6 / total as f64,
             cpu.as_secs_f64() / assembled.as_secs_f64()
+        );
+        let [(n, assemble), (_, store)] = {
+            let [a, b] = passes(&server);
+            let [a0, b0] = passes_started;
+            [(a.0 - a0.0, a.1 - a0.1), (b.0 - b0.0, b.1 - b0.1)]
+        };
+        println!(
+            "assembly passes: {n}, working out {assemble:.1} s ({:.1} ms each), storing trees {store:.1} s ({:.1} ms each)",
+            assemble * 1e3 / n.max(1) as f64,
+            store * 1e3 / n.max(1) as f64,
         );
         if let Some(pg) = server_cpu {
             println!(

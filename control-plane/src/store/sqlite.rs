@@ -137,8 +137,21 @@ CREATE TABLE IF NOT EXISTS chain_facts (
 ) WITHOUT ROWID;
 ";
 
-/// A writer's page cache (`cache_size` in KiB, negative): 8 MiB.
-const WRITER_CACHE_KIB: i64 = -8_192;
+/// The events' writer's page cache (`cache_size`, negative: KiB): 8 MiB.
+/// It appends: what it changes is the right-hand edges of the tables and
+/// indexes and the pages of the log not yet checkpointed (the rest is
+/// read through the mapping). Bigger costs more: B-tree rebalancing parks
+/// a page at a number past 1 GiB, and every commit to a smaller file then
+/// scans the whole cache to drop it (`pcache1TruncateUnsafe`, 3% of the
+/// CPU time of ingest at 64 MiB, with a commit per few batches).
+const EVENTS_CACHE_KIB: i64 = -8_192;
+
+/// The chains' writer's page cache: 64 MiB. A pass of trees adds fact
+/// rows all over the fact index (a principal's rows are together, and a
+/// pass names a thousand principals); in a smaller cache they spill to
+/// the log before the commit. It commits once per pass, so the scan above
+/// costs little.
+const CHAINS_CACHE_KIB: i64 = -65_536;
 
 /// The database file is mapped up to this size (1 GiB); beyond it, pages
 /// are read with `pread`.
@@ -170,7 +183,8 @@ pub struct SqliteStore {
     reader: Mutex<Connection>,
     path: PathBuf,
     hop_queue: Mutex<HopQueue>,
-    /// Recently used chain numbers; only used and changed with the writer held.
+    /// Recently used chain numbers; changed only with the events' writer
+    /// held, read by tree stores too (never locked across a commit).
     chain_seqs: Mutex<IdMap<String, i64>>,
     /// Chain numbers not yet in the chain-id index; given and written with
     /// the writer held, read by every lookup by chain id.
@@ -227,7 +241,7 @@ impl SqliteStore {
         // is an explicit choice (`sync: normal`), never the default. The
         // sync costs little here: each commit covers a whole batch, and
         // profiles put `fsync` at 1-2% of the CPU time of ingest.
-        configure_writer(&writer, options.sync_full)?;
+        configure_writer(&writer, options.sync_full, EVENTS_CACHE_KIB)?;
         migrate(&writer)?;
         writer.execute_batch(SCHEMA)?;
         let longest = longest::open(&writer)?;
@@ -236,7 +250,7 @@ impl SqliteStore {
         // loss can leave a chain neither assembled nor queued. It is one
         // sync per pass of up to 2,000 chains.
         let chains_writer = Connection::open(&chains_path)?;
-        configure_writer(&chains_writer, true)?;
+        configure_writer(&chains_writer, true, CHAINS_CACHE_KIB)?;
         chains_writer.execute_batch(CHAINS_SCHEMA)?;
         chains_writer.execute_batch(fact_ids::VALUES_TABLE)?;
         {
@@ -244,7 +258,7 @@ impl SqliteStore {
             // writes need no sync of their own: ids lost with the end of
             // its log are read back from the hops (`chain_numbers::recover`).
             let ids = Connection::open(&ids_path)?;
-            configure_writer(&ids, false)?;
+            configure_writer(&ids, false, EVENTS_CACHE_KIB)?;
             ids.execute_batch(IDS_SCHEMA)?;
         }
         attach(&writer, &chains_path, "chains_db")?;
@@ -296,8 +310,8 @@ impl SqliteStore {
 }
 
 /// Settings of a connection that writes: WAL, syncing every commit when
-/// `sync_full`, a page cache of its own, checkpoints every 64 MiB of log.
-fn configure_writer(conn: &Connection, sync_full: bool) -> Result<(), StoreError> {
+/// `sync_full`, a page cache of `cache_kib`, checkpoints every 64 MiB of log.
+fn configure_writer(conn: &Connection, sync_full: bool, cache_kib: i64) -> Result<(), StoreError> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(
         None,
@@ -305,13 +319,7 @@ fn configure_writer(conn: &Connection, sync_full: bool) -> Result<(), StoreError
         if sync_full { "FULL" } else { "NORMAL" },
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    // A writer's own page cache holds what it changes: the right-hand
-    // edges of the tables and indexes it appends to and the pages of the
-    // log not yet checkpointed (the rest is read through the mapping).
-    // Bigger costs more: B-tree rebalancing parks a page at a number past
-    // 1 GiB, and each commit of a smaller file then scans the whole cache
-    // to drop it (`pcache1TruncateUnsafe`, 3% of ingest at 64 MiB).
-    conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
+    conn.pragma_update(None, "cache_size", cache_kib)?;
     conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
     // Checkpoint every 64 MiB of WAL instead of every 4 MiB: hot index
     // pages are copied into the database once per checkpoint, not once
@@ -603,12 +611,11 @@ impl Store for SqliteStore {
         };
         let assembled = std::mem::take(&mut *lock(&self.assembled));
         let written = {
-            let mut seqs = lock(&self.chain_seqs);
             let stores = HopStores {
                 numbers: &self.numbers,
                 longest: &self.longest,
             };
-            write_hop_batches(&mut conn, &group, &assembled, &mut seqs, &stores)
+            write_hop_batches(&mut conn, &group, &assembled, &self.chain_seqs, &stores)
         };
         if written.is_err() {
             // Taken off the queue by a later commit.
@@ -1287,7 +1294,7 @@ fn write_hop_batches(
     conn: &mut Connection,
     group: &[(u64, Vec<HopRow>)],
     assembled: &[Assembled],
-    seqs: &mut IdMap<String, i64>,
+    seqs: &Mutex<IdMap<String, i64>>,
     stores: &HopStores<'_>,
 ) -> Result<Vec<PutOutcome>, StoreError> {
     let numbers = stores.numbers;
@@ -1314,8 +1321,11 @@ fn write_hop_batches(
             let mut batch_chains: BTreeSet<&str> = BTreeSet::new();
             for row in rows {
                 let id = row.chain_id.as_str();
-                let seq = match seqs.get(id).or_else(|| numbered.get(id)) {
-                    Some(seq) => *seq,
+                // Locked per row, not for the whole commit: a tree store
+                // copies numbers out of it meanwhile.
+                let cached = lock(seqs).get(id).copied();
+                let seq = match cached.or_else(|| numbered.get(id).copied()) {
+                    Some(seq) => seq,
                     None => {
                         let known = lock(numbers).get(id);
                         let seq = match known {
@@ -1402,6 +1412,7 @@ fn write_hop_batches(
             return Err(e);
         }
     }
+    let mut seqs = lock(seqs);
     if seqs.len() + numbered.len() > CHAIN_SEQ_CACHE {
         seqs.clear();
     }
