@@ -213,6 +213,9 @@ impl Assembler {
     /// assembly reads only hops, which ingest alone writes, and the stores
     /// of successive passes run in order.
     pub fn prepare(&self) -> Result<Option<Prepared>, StoreError> {
+        if let Err(error) = self.store.upkeep() {
+            tracing::warn!(%error, "store upkeep failed; tried again before the next pass");
+        }
         let (ids, handed) = self.dirty.take(BATCH);
         if ids.is_empty() {
             return Ok(None);

@@ -299,6 +299,13 @@ pub trait Store: Send + Sync {
         superseded: &[String],
         assembled: &[(String, u64)],
     ) -> Result<Vec<Option<Coverage>>, StoreError>;
+    /// Work the store keeps off the paths of ingest and of storing trees
+    /// (SQLite: writing new chain ids to their index). The assembler calls
+    /// it before each pass, on its own thread; a failure is logged there
+    /// and the work is tried again before the next pass.
+    fn upkeep(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Chains with hops stored since their last assembly (at most `limit`).
     fn pending_chains(&self, limit: u32) -> Result<Vec<String>, StoreError>;
     /// The pending generation of these chains (it grows with every batch

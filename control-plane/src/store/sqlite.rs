@@ -177,8 +177,11 @@ pub struct SqliteStore {
     /// (at open, for retention, or when assembly stalls) writes `ids.db`;
     /// reads `chains.db` only for retention.
     writer: Mutex<Connection>,
-    /// Writes `chains.db`, and new chain ids to `ids.db` after a pass.
+    /// Writes `chains.db`; reads `ids.db`.
     chains_writer: Mutex<Connection>,
+    /// Writes new chain ids to `ids.db` in batches, on the assembler's
+    /// thread before a pass ([`Store::upkeep`]).
+    ids_writer: Mutex<Connection>,
     /// Reads all three files.
     reader: Mutex<Connection>,
     path: PathBuf,
@@ -253,14 +256,12 @@ impl SqliteStore {
         configure_writer(&chains_writer, true, CHAINS_CACHE_KIB)?;
         chains_writer.execute_batch(CHAINS_SCHEMA)?;
         chains_writer.execute_batch(fact_ids::VALUES_TABLE)?;
-        {
-            // Created here; written through the other connections. Its
-            // writes need no sync of their own: ids lost with the end of
-            // its log are read back from the hops (`chain_numbers::recover`).
-            let ids = Connection::open(&ids_path)?;
-            configure_writer(&ids, false, EVENTS_CACHE_KIB)?;
-            ids.execute_batch(IDS_SCHEMA)?;
-        }
+        // Its writes need no sync of their own: ids lost with the end of
+        // its log are read back from the hops (`chain_numbers::recover`).
+        // A batch lands on most pages of the index: the larger cache.
+        let ids_writer = Connection::open(&ids_path)?;
+        configure_writer(&ids_writer, false, CHAINS_CACHE_KIB)?;
+        ids_writer.execute_batch(IDS_SCHEMA)?;
         attach(&writer, &chains_path, "chains_db")?;
         attach(&writer, &ids_path, "ids_db")?;
         move_tables(&writer, "chains_db", &CHAIN_TABLES)?;
@@ -285,6 +286,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer: Mutex::new(writer),
             chains_writer: Mutex::new(chains_writer),
+            ids_writer: Mutex::new(ids_writer),
             reader: Mutex::new(reader),
             path,
             hop_queue: Mutex::new(HopQueue::default()),
@@ -889,10 +891,14 @@ impl Store for SqliteStore {
         // the next commit of hops, or now if the events' writer is free.
         lock(&self.assembled).extend(done);
         self.flush_assembled();
-        if lock(&self.numbers).due() {
-            self.write_chain_ids();
-        }
         Ok(before)
+    }
+
+    fn upkeep(&self) -> Result<(), StoreError> {
+        if lock(&self.numbers).due() {
+            self.write_chain_ids()?;
+        }
+        Ok(())
     }
 
     fn pending_generations(&self, chain_ids: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
@@ -1635,36 +1641,32 @@ fn delete_facts(
 
 impl SqliteStore {
     /// Writes the chain ids numbered since the last write to the index
-    /// (`ids.db`), through the chains' writer: a pass of trees waits for
-    /// it, no commit of hops does. Lookups find the ids in memory until
-    /// they are forgotten there, which waits for the events' writer: a
-    /// transaction of hops that read the index before this commit must not
-    /// miss an id in both places and give the chain a second number. A
-    /// failure leaves them in memory for the next time.
-    fn write_chain_ids(&self) {
+    /// (`ids.db`) through its own writer: neither a commit of hops nor a
+    /// pass of trees waits for it. Lookups find the ids in memory until
+    /// they are forgotten there, which waits for both other writers: a
+    /// transaction of hops or of trees that read the index before this
+    /// commit must not miss an id in both places (and give the chain a
+    /// second number, or leave its tree unstored). A failure leaves them
+    /// in memory for the next time.
+    fn write_chain_ids(&self) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         let sorted = lock(&self.numbers).sorted();
-        let written = {
-            let mut conn = lock(&self.chains_writer);
-            conn.transaction().map_err(StoreError::from).and_then(|tx| {
-                chain_numbers::write(&tx, &sorted)?;
-                Ok(tx.commit()?)
-            })
-        };
-        match written {
-            Ok(()) => {
-                let _events = lock(&self.writer);
-                lock(&self.numbers).flushed(&sorted);
-                tracing::debug!(
-                    chains = sorted.len(),
-                    took_ms = started.elapsed().as_millis(),
-                    "store: new chain ids written to the index"
-                );
-            }
-            Err(error) => {
-                tracing::warn!(%error, chains = sorted.len(), "store: new chain ids not written to the index yet");
-            }
+        {
+            let mut conn = lock(&self.ids_writer);
+            let tx = conn.transaction()?;
+            chain_numbers::write(&tx, &sorted)?;
+            tx.commit()?;
         }
+        // In this order, as everywhere both are taken.
+        let _events = lock(&self.writer);
+        let _chains = lock(&self.chains_writer);
+        lock(&self.numbers).flushed(&sorted);
+        tracing::debug!(
+            chains = sorted.len(),
+            took_ms = started.elapsed().as_millis(),
+            "store: new chain ids written to the index"
+        );
+        Ok(())
     }
 
     /// Takes chains whose trees are stored off the pending queue, unless

@@ -798,13 +798,16 @@ fn sqlite_new_chain_ids_are_indexed_in_batches_and_found_before() {
         .unwrap();
     assert_eq!(indexed_chain_ids(dir.path()), 0);
     assert_eq!(store.chain_hop_counts(&ids[..1]).unwrap(), vec![3]);
-    // A third new chain makes them due: the next pass of trees writes
-    // them, each under its own number; no commit of hops does.
+    // A third new chain makes them due: the upkeep before the next pass
+    // writes them, each under its own number; neither a commit of hops nor
+    // a store of trees does.
     store
         .put_hops(&[hop("e", c3, "5555555555555555", "", 300)])
         .unwrap();
     assert_eq!(indexed_chain_ids(dir.path()), 0);
     store.put_chains(&[], &[], &[]).unwrap();
+    assert_eq!(indexed_chain_ids(dir.path()), 0);
+    store.upkeep().unwrap();
     assert_eq!(indexed_chain_ids(dir.path()), 3);
     assert_eq!(
         event_ids(store.hops_of_chains(&ids[..1]).unwrap()),
@@ -1278,6 +1281,7 @@ fn sqlite_size_counts_every_file_of_the_store() {
     let hops = [hop("a", C1, "1111111111111111", "", 100)];
     store.put_hops(&hops).unwrap();
     store.put_chains(&assemble(&hops, &[]), &[], &[]).unwrap();
+    store.upkeep().unwrap();
     assert_eq!(indexed_chain_ids(dir.path()), 1);
     let conn = raw_db(dir.path());
     let used = |schema: &str| -> u64 {

@@ -9,10 +9,12 @@
 //! the index in one sorted batch every [`FLUSH_AT`] chains, so each page is
 //! written about once per batch. Every lookup by id asks here first.
 //!
-//! The index has a file of its own (`ids.db`), and the batch is written by
-//! the chains' writer after a pass of trees: at millions of chains it takes
-//! up to a second, which no acknowledgement of hops waits for. Only if
-//! twice as many wait (assembly stalled) does a commit of hops write them.
+//! The index has a file of its own (`ids.db`) and a writer of its own, and
+//! the batch is written on the assembler's thread before a pass
+//! (`Store::upkeep`): at millions of chains it takes up to a second, which
+//! neither an acknowledgement of hops nor a store of trees waits for. Only
+//! if twice as many wait (assembly stalled) does a commit of hops write
+//! them.
 //!
 //! Nothing is lost in a crash: a hop's row carries its chain's number and
 //! its body the chain's id, so numbers above the highest one in the index
@@ -86,8 +88,8 @@ impl ChainNumbers {
         }
     }
 
-    /// Whether the index should be written: by the chains' writer after
-    /// its next pass, so that no commit of hops waits for it.
+    /// Whether the index should be written: by the upkeep before the next
+    /// pass of assembly, so that no commit of hops waits for it.
     pub(super) fn due(&self) -> bool {
         self.unflushed.len() >= self.flush_at
     }
