@@ -40,8 +40,11 @@ use crate::store::{Store, StoreError};
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
-/// Chains assembled per pass at most.
-pub const BATCH: usize = 2_000;
+/// Chains assembled per pass at most. Larger passes share a pass's fixed
+/// costs (a synced commit of trees, the neighbour searches) among more
+/// chains: 4,000 against 2,000 took 5% less CPU per ingested hop; 500
+/// took more.
+pub const BATCH: usize = 4_000;
 /// Neighbour windows wider than this are not searched (nanoseconds).
 pub const MAX_WINDOW_NANOS: u64 = 600_000_000_000;
 /// Slack around a chain's interval when looking for neighbours.

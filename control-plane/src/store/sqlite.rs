@@ -251,7 +251,7 @@ impl SqliteStore {
         // Trees are always synced: a chain leaves the pending queue (in
         // `custody.db`) only once its tree is on disk, so that no power
         // loss can leave a chain neither assembled nor queued. It is one
-        // sync per pass of up to 2,000 chains.
+        // sync per pass of up to 4,000 chains.
         let chains_writer = Connection::open(&chains_path)?;
         configure_writer(&chains_writer, true, CHAINS_CACHE_KIB)?;
         chains_writer.execute_batch(CHAINS_SCHEMA)?;
