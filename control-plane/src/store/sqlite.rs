@@ -1657,10 +1657,24 @@ impl SqliteStore {
             chain_numbers::write(&tx, &sorted)?;
             tx.commit()?;
         }
-        // In this order, as everywhere both are taken.
-        let _events = lock(&self.writer);
-        let _chains = lock(&self.chains_writer);
-        lock(&self.numbers).flushed(&sorted);
+        // Both writers, taken in the usual order, but the events' writer is
+        // not held while a store of trees finishes: commits of hops would
+        // wait behind it.
+        loop {
+            let events = lock(&self.writer);
+            let chains = match self.chains_writer.try_lock() {
+                Ok(chains) => chains,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    drop(events);
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    continue;
+                }
+            };
+            lock(&self.numbers).flushed(&sorted);
+            drop((chains, events));
+            break;
+        }
         tracing::debug!(
             chains = sorted.len(),
             took_ms = started.elapsed().as_millis(),
