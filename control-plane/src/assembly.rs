@@ -519,17 +519,19 @@ pub fn assemble<'a>(
     hops: impl IntoIterator<Item = &'a HopEvent>,
     flows: &[FlowEvent],
 ) -> Vec<ChainTree> {
-    // Deduplicate by event id, deterministically.
-    let mut unique: BTreeMap<&str, &HopEvent> = BTreeMap::new();
-    for hop in hops {
-        unique.entry(hop.event_id.as_str()).or_insert(hop);
-    }
-    let hops: Vec<&HopEvent> = unique.into_values().collect();
+    // Deduplicate by event id, deterministically: the first of each id
+    // (a stable sort keeps them in the order given).
+    let mut hops: Vec<&HopEvent> = hops.into_iter().collect();
+    hops.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+    hops.dedup_by(|later, first| later.event_id == first.event_id);
 
-    let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (i, hop) in hops.iter().enumerate() {
-        groups.entry(hop.chain_id.as_str()).or_default().push(i);
-    }
+    // Sorted once, then built in bulk: cheaper than an insert per hop.
+    let mut by_chain: Vec<usize> = (0..hops.len()).collect();
+    by_chain.sort_by(|&a, &b| hops[a].chain_id.cmp(&hops[b].chain_id));
+    let groups: BTreeMap<&str, Vec<usize>> = by_chain
+        .chunk_by(|&a, &b| hops[a].chain_id == hops[b].chain_id)
+        .map(|members| (hops[members[0]].chain_id.as_str(), members.to_vec()))
+        .collect();
     let contextful: BTreeSet<&str> = groups
         .iter()
         .filter(|(_, members)| members.iter().any(|&i| has_context(hops[i])))
@@ -717,11 +719,14 @@ fn build_tree(
         }
     }
     let mut nodes = Vec::with_capacity(members.len());
+    // The hop of each node, in the same order.
+    let mut order = Vec::with_capacity(members.len());
     let mut seen = BTreeSet::new();
     let walk = |start: usize,
                 up: Option<usize>,
                 depth: u32,
                 nodes: &mut Vec<HopNode>,
+                order: &mut Vec<usize>,
                 seen: &mut BTreeSet<usize>| {
         let mut stack = vec![(start, up, depth)];
         while let Some((i, p, depth)) = stack.pop() {
@@ -749,6 +754,7 @@ fn build_tree(
                 depth,
                 join,
             ));
+            order.push(i);
             if let Some(kids) = children.get(&i) {
                 for &k in kids.iter().rev() {
                     stack.push((k, Some(i), depth + 1));
@@ -757,16 +763,16 @@ fn build_tree(
         }
     };
     if let Some(r) = root {
-        walk(r, None, 0, &mut nodes, &mut seen);
+        walk(r, None, 0, &mut nodes, &mut order, &mut seen);
     }
     // Members caught in a parent cycle hang under the root as gaps.
     for &i in &sorted {
         if !seen.contains(&i) {
             let depth = u32::from(root.is_some());
-            walk(i, root, depth, &mut nodes, &mut seen);
+            walk(i, root, depth, &mut nodes, &mut order, &mut seen);
         }
     }
-    let summary = summarize(hops, chain_id, &nodes, members, joined_chains, contextful);
+    let summary = summarize(hops, chain_id, &nodes, &order, joined_chains, contextful);
     ChainTree {
         summary,
         hops: nodes,
@@ -907,18 +913,15 @@ fn push_unique(list: &mut Vec<String>, value: &str) {
     }
 }
 
+/// The summary of the tree `nodes`, whose hops are `hops[order[k]]`.
 fn summarize(
     hops: &[&HopEvent],
     chain_id: &str,
     nodes: &[HopNode],
-    members: &[usize],
+    order: &[usize],
     joined_chains: Vec<String>,
     contextful: bool,
 ) -> ChainSummary {
-    let by_id: HashMap<&str, &HopEvent> = members
-        .iter()
-        .map(|&i| (hops[i].event_id.as_str(), hops[i]))
-        .collect();
     let mut services = Vec::new();
     let mut tools = Vec::new();
     let mut identities = BTreeSet::new();
@@ -928,16 +931,10 @@ fn summarize(
     let mut confidence: f32 = 1.0;
     let mut coverage_joined = false;
     let mut coverage_gap = false;
-    for n in nodes {
+    for (n, &h) in nodes.iter().zip(order) {
         push_unique(&mut services, &n.workload);
         if n.direction == "inbound" {
             push_unique(&mut tools, &n.operation);
-        }
-        if !n.workload.is_empty() {
-            identities.insert(IdentityUse {
-                kind: "workload".into(),
-                value: n.workload.clone(),
-            });
         }
         if let Some(db) = &n.database
             && !db.user.is_empty()
@@ -961,9 +958,7 @@ fn summarize(
         {
             destinations.push(e.clone());
         }
-        if let Some(i) = by_id
-            .get(n.event_id.as_str())
-            .and_then(|h| h.initiator.as_ref())
+        if let Some(i) = hops[h].initiator.as_ref()
             && !i.subject.is_empty()
         {
             match &mut initiator {
@@ -995,6 +990,11 @@ fn summarize(
             _ => coverage_joined = true,
         }
     }
+    // The workloads crossed are the services, each once.
+    identities.extend(services.iter().map(|w| IdentityUse {
+        kind: "workload".into(),
+        value: w.clone(),
+    }));
     let coverage = if !contextful || initiator.is_none() {
         Coverage::Orphan
     } else if coverage_gap || confidence < CONFIDENT {
